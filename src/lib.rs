@@ -1,0 +1,17 @@
+//! uringtgt: a user-space iSCSI target (RFC 7143) serving SCSI disks (SPC-4/SBC-3)
+//! from per-core io_uring reactors.
+//!
+//! Where things live:
+//! - [`protocol`]: iSCSI PDUs, text keys, login negotiation, digests.
+//! - [`scsi`]: CDB decoding, command execution for a disk LUN, sense data, LUN tables.
+//! - [`backing`]: the stores behind a LUN (O_DIRECT image files, RAM).
+//! - [`reactor`]: per-core threads, each owning an io_uring, its connections and buffers.
+//! - [`target`]: the listener, reactor start-up and the shared target state.
+//! - [`config`]: the YAML configuration and its defaults.
+
+pub mod backing;
+pub mod config;
+pub mod protocol;
+pub mod reactor;
+pub mod scsi;
+pub mod target;

@@ -1,0 +1,6 @@
+//! iSCSI (RFC 7143): PDUs, text keys, login negotiation, digests.
+
+pub mod digest;
+pub mod login;
+pub mod pdu;
+pub mod text;

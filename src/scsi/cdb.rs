@@ -1,0 +1,1 @@
+//! CDB decoding. Placeholder: the SCSI work replaces this file.
