@@ -236,7 +236,7 @@ mod tests {
     use super::*;
 
     fn image(len: u64) -> (tempfile::TempDir, PathBuf) {
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("a.img");
         File::create(&p).unwrap().set_len(len).unwrap();
         (dir, p)
