@@ -23,17 +23,9 @@ impl FileStore {
     /// Opens `path` with `O_DIRECT` when the filesystem allows it for 512-byte offsets, and
     /// buffered otherwise (tmpfs, or storage that needs larger direct-I/O alignment).
     pub fn open(path: &Path, read_only: bool) -> Result<Self, BackingError> {
-        let err = |op, source| BackingError::Open {
-            path: path.to_owned(),
-            op,
-            source,
-        };
+        let err = |op, source| BackingError::Open { path: path.to_owned(), op, source };
         let open = |flags: i32| {
-            OpenOptions::new()
-                .read(true)
-                .write(!read_only)
-                .custom_flags(flags | libc::O_CLOEXEC)
-                .open(path)
+            OpenOptions::new().read(true).write(!read_only).custom_flags(flags | libc::O_CLOEXEC).open(path)
         };
         let (mut file, mut direct) = match open(libc::O_DIRECT) {
             Ok(f) => (f, true),
@@ -57,19 +49,9 @@ impl FileStore {
         let is_block = meta.file_type().is_block_device();
         let size = if is_block { block_device_size(&file).map_err(|e| err("BLKGETSIZE64", e))? } else { meta.len() };
         if size == 0 || size % u64::from(SECTOR) != 0 {
-            return Err(BackingError::BadSize {
-                path: path.to_owned(),
-                size,
-                block_size: SECTOR,
-            });
+            return Err(BackingError::BadSize { path: path.to_owned(), size, block_size: SECTOR });
         }
-        Ok(Self {
-            file,
-            path: path.to_owned(),
-            size,
-            direct,
-            is_block,
-        })
+        Ok(Self { file, path: path.to_owned(), size, direct, is_block })
     }
 
     pub fn size(&self) -> u64 {
@@ -94,12 +76,7 @@ impl FileStore {
     }
 
     fn io_err(op: &'static str, offset: u64, len: usize) -> impl FnOnce(io::Error) -> BackingError {
-        move |source| BackingError::Io {
-            op,
-            offset,
-            len: len as u64,
-            source,
-        }
+        move |source| BackingError::Io { op, offset, len: len as u64, source }
     }
 
     /// Synchronous read for the slow path; bounces through an aligned buffer under O_DIRECT.
@@ -109,9 +86,7 @@ impl FileStore {
         }
         let (start, bounce_len) = self.bounce_window(offset, buf.len());
         let mut bounce = AlignedBuf::new(bounce_len);
-        self.file
-            .read_exact_at(&mut bounce[..bounce_len], start)
-            .map_err(Self::io_err("read", offset, buf.len()))?;
+        self.file.read_exact_at(&mut bounce[..bounce_len], start).map_err(Self::io_err("read", offset, buf.len()))?;
         let skip = (offset - start) as usize;
         buf.copy_from_slice(&bounce[skip..skip + buf.len()]);
         Ok(())
@@ -183,7 +158,11 @@ impl FileStore {
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(chunk.len() as u64) as usize;
-            self.file.write_all_at(&chunk[..n], offset + done).map_err(Self::io_err("discard", offset, len as usize))?;
+            self.file.write_all_at(&chunk[..n], offset + done).map_err(Self::io_err(
+                "discard",
+                offset,
+                len as usize,
+            ))?;
             done += n as u64;
         }
         Ok(())
@@ -212,15 +191,8 @@ fn dio_offset_align(file: &File) -> io::Result<u32> {
     // SAFETY: statx is plain data; all-zero is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: the empty path with AT_EMPTY_PATH refers to the descriptor; stx is writable.
-    let rc = unsafe {
-        libc::statx(
-            file.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            libc::STATX_DIOALIGN,
-            &mut stx,
-        )
-    };
+    let rc =
+        unsafe { libc::statx(file.as_raw_fd(), c"".as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx) };
     if rc != 0 {
         let e = io::Error::last_os_error();
         return if e.raw_os_error() == Some(libc::ENOSYS) { Ok(SECTOR) } else { Err(e) };

@@ -22,10 +22,8 @@ unsafe impl Sync for MemStore {}
 
 impl MemStore {
     pub fn new(size: u64) -> Result<Self, BackingError> {
-        let len = usize::try_from(size).map_err(|_| BackingError::Alloc {
-            size,
-            source: io::Error::from(io::ErrorKind::OutOfMemory),
-        })?;
+        let len = usize::try_from(size)
+            .map_err(|_| BackingError::Alloc { size, source: io::Error::from(io::ErrorKind::OutOfMemory) })?;
         // SAFETY: an anonymous private mapping with no address hint has no preconditions;
         // MAP_NORESERVE keeps large untouched stores from counting against memory.
         let raw = unsafe {
@@ -39,10 +37,7 @@ impl MemStore {
             )
         };
         if raw == libc::MAP_FAILED {
-            return Err(BackingError::Alloc {
-                size,
-                source: io::Error::last_os_error(),
-            });
+            return Err(BackingError::Alloc { size, source: io::Error::last_os_error() });
         }
         let ptr = NonNull::new(raw.cast::<u8>()).expect("mmap returned null");
         Ok(Self { ptr, size })

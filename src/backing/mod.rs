@@ -21,26 +21,13 @@ use std::path::{Path, PathBuf};
 pub enum BackingError {
     /// Opening or inspecting the image file failed.
     #[error("{path}: {op}: {source}")]
-    Open {
-        path: PathBuf,
-        op: &'static str,
-        source: io::Error,
-    },
+    Open { path: PathBuf, op: &'static str, source: io::Error },
     /// The store's size is not usable as a disk.
     #[error("{path}: size {size} bytes is not a non-zero multiple of the {block_size}-byte block size")]
-    BadSize {
-        path: PathBuf,
-        size: u64,
-        block_size: u32,
-    },
+    BadSize { path: PathBuf, size: u64, block_size: u32 },
     /// A read, write, flush or discard failed.
     #[error("{op} at byte {offset} (+{len}): {source}")]
-    Io {
-        op: &'static str,
-        offset: u64,
-        len: u64,
-        source: io::Error,
-    },
+    Io { op: &'static str, offset: u64, len: u64, source: io::Error },
     /// Allocating RAM for a `mem` store failed.
     #[error("cannot allocate {size} bytes for a RAM store: {source}")]
     Alloc { size: u64, source: io::Error },

@@ -38,7 +38,14 @@ pub struct Lun {
 
 impl Lun {
     /// Builds a LUN; `target_iqn` and `name` seed its stable serial and NAA identifier.
-    pub fn new(id: u64, name: &str, path: Option<PathBuf>, backing: Backing, read_only: bool, target_iqn: &str) -> Self {
+    pub fn new(
+        id: u64,
+        name: &str,
+        path: Option<PathBuf>,
+        backing: Backing,
+        read_only: bool,
+        target_iqn: &str,
+    ) -> Self {
         let is_block = matches!(&backing, Backing::File(f) if f.is_block());
         let h = fnv1a64(format!("{target_iqn}\0{name}").as_bytes());
         Self {
