@@ -1,1 +1,468 @@
-//! Placeholder.
+//! Per-core reactors: each thread owns one io_uring, its connections and its buffers.
+//!
+//! One loop iteration: submit what is queued, gather completions, let each connection advance
+//! its state machine, then queue what the connections produced (receives, sends, backing I/O).
+//! Every operation is identified by its `user_data`: an op kind, a connection slot and a task
+//! slot. A connection's memory (receive buffer, send headers, task buffers) stays owned until
+//! every operation referencing it has completed, even after the peer is gone.
+
+mod bufpool;
+pub mod conn;
+mod task;
+mod tx;
+
+pub use bufpool::BufPool;
+
+use crate::scsi::LunTable;
+use crate::target::Shared;
+use conn::{Conn, ConnEnv, IoKind, IoReq};
+use crossbeam_channel::Receiver;
+use io_uring::{opcode, types, IoUring};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How a reactor waits for work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PollMode {
+    /// Spin briefly after activity, then sleep in `io_uring_enter`: ~0% CPU when idle.
+    #[default]
+    Adaptive,
+    /// Never sleep: a full core for the lowest latency (SPDK's classic mode).
+    Busy,
+}
+
+/// Messages to a reactor from other threads.
+pub enum Msg {
+    /// A new connection to adopt, with its unique token.
+    Conn(TcpStream, SocketAddr, u64),
+    /// Close the connection with this token (session reinstatement elsewhere).
+    Close(u64),
+    /// Close every connection and exit.
+    Stop,
+}
+
+/// Submission queue entries per ring.
+const RING_ENTRIES: u32 = 1024;
+/// Data-In scratch: large enough for REPORT LUNS of every possible LUN.
+const SCRATCH: usize = 256 * 1024;
+/// How long an adaptive reactor keeps spinning after its last completion.
+const SPIN: Duration = Duration::from_micros(50);
+
+mod op {
+    pub const RECV: u64 = 1;
+    pub const SEND: u64 = 2;
+    pub const IO: u64 = 3;
+    pub const WAKE: u64 = 4;
+    pub const TICK: u64 = 5;
+    pub const CANCEL: u64 = 6;
+
+    pub fn encode(kind: u64, conn: u32, task: u16) -> u64 {
+        kind | (u64::from(task) << 8) | (u64::from(conn) << 24)
+    }
+
+    pub fn decode(ud: u64) -> (u64, u32, u16) {
+        (ud & 0xFF, (ud >> 24) as u32, ((ud >> 8) & 0xFFFF) as u16)
+    }
+}
+
+/// Errors setting up a reactor.
+#[derive(Debug, thiserror::Error)]
+pub enum ReactorError {
+    /// The kernel refused the io_uring (too old, or io_uring disabled by sysctl).
+    #[error("cannot create an io_uring: {0}")]
+    Ring(std::io::Error),
+    /// An operation the data path needs is not supported by this kernel.
+    #[error("this kernel's io_uring lacks {0}")]
+    MissingOp(&'static str),
+    #[error("cannot create an eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// The waker of a reactor: an eventfd its ring always has a read posted on.
+pub struct Waker(OwnedFd);
+
+impl Waker {
+    pub fn new() -> Result<Self, ReactorError> {
+        // SAFETY: eventfd has no memory preconditions; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(ReactorError::EventFd(std::io::Error::last_os_error()));
+        }
+        // SAFETY: fd is a fresh descriptor we own.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+struct Slot {
+    conn: Box<Conn>,
+    touched: bool,
+}
+
+pub struct Reactor {
+    id: usize,
+    // Field order fixes drop order: the ring goes first, before the memory its (already
+    // completed or cancelled) operations pointed at.
+    ring: IoUring,
+    conns: Vec<Option<Slot>>,
+    free_slots: Vec<u32>,
+    touched: Vec<u32>,
+    pool: BufPool,
+    scratch: Box<[u8]>,
+    io: Vec<IoReq>,
+    released: Vec<u16>,
+    cqes: Vec<(u64, i32)>,
+    shared: Arc<Shared>,
+    rx: Receiver<Msg>,
+    waker: Arc<Waker>,
+    wake_buf: Box<u64>,
+    tick_ts: Box<types::Timespec>,
+    /// Wake read and tick timeout are posted (they reference wake_buf / tick_ts).
+    aux_inflight: u32,
+    luns: Arc<LunTable>,
+    lun_gen: u64,
+    poll: PollMode,
+    stopping: bool,
+}
+
+impl Reactor {
+    pub fn new(
+        id: usize,
+        shared: Arc<Shared>,
+        rx: Receiver<Msg>,
+        waker: Arc<Waker>,
+        poll: PollMode,
+    ) -> Result<Self, ReactorError> {
+        let ring = IoUring::builder()
+            .setup_single_issuer()
+            .setup_coop_taskrun()
+            .build(RING_ENTRIES)
+            .or_else(|_| IoUring::new(RING_ENTRIES))
+            .map_err(ReactorError::Ring)?;
+        let mut probe = io_uring::Probe::new();
+        ring.submitter().register_probe(&mut probe).map_err(ReactorError::Ring)?;
+        for (code, name) in [
+            (opcode::Recv::CODE, "RECV"),
+            (opcode::SendMsg::CODE, "SENDMSG"),
+            (opcode::Read::CODE, "READ"),
+            (opcode::Write::CODE, "WRITE"),
+            (opcode::Fsync::CODE, "FSYNC"),
+            (opcode::Timeout::CODE, "TIMEOUT"),
+            (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
+        ] {
+            if !probe.is_supported(code) {
+                return Err(ReactorError::MissingOp(name));
+            }
+        }
+        let (luns, lun_gen) = shared.lun_table();
+        Ok(Self {
+            id,
+            ring,
+            conns: Vec::new(),
+            free_slots: Vec::new(),
+            touched: Vec::with_capacity(256),
+            pool: BufPool::new(),
+            scratch: vec![0u8; SCRATCH].into_boxed_slice(),
+            io: Vec::with_capacity(RING_ENTRIES as usize),
+            released: Vec::with_capacity(64),
+            cqes: Vec::with_capacity(RING_ENTRIES as usize * 2),
+            shared,
+            rx,
+            waker,
+            wake_buf: Box::new(0),
+            tick_ts: Box::new(types::Timespec::new().sec(1)),
+            aux_inflight: 0,
+            luns,
+            lun_gen,
+            poll,
+            stopping: false,
+        })
+    }
+
+    fn push(&mut self, sqe: io_uring::squeue::Entry) {
+        // SAFETY: every entry built here points at memory owned by the reactor or by a
+        // connection/task that outlives the operation (see the module doc).
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            // Queue full: hand what is there to the kernel and retry.
+            if let Err(e) = self.ring.submit() {
+                log::error!("reactor {}: io_uring submit failed: {e}", self.id);
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let e = opcode::Read::new(types::Fd(self.waker.0.as_raw_fd()), (&mut *self.wake_buf as *mut u64).cast(), 8)
+            .build()
+            .user_data(op::encode(op::WAKE, 0, 0));
+        self.push(e);
+        self.aux_inflight += 1;
+    }
+
+    fn arm_tick(&mut self) {
+        let e = opcode::Timeout::new(&*self.tick_ts).build().user_data(op::encode(op::TICK, 0, 0));
+        self.push(e);
+        self.aux_inflight += 1;
+    }
+
+    /// Runs until told to stop and every connection is gone.
+    pub fn run(mut self) {
+        self.arm_wake();
+        self.arm_tick();
+        let mut last_activity = Instant::now();
+        loop {
+            let idle_for = last_activity.elapsed();
+            let wait = self.poll == PollMode::Adaptive && idle_for > SPIN;
+            let res = if wait { self.ring.submit_and_wait(1) } else { self.ring.submit() };
+            if let Err(e) = res {
+                if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
+                    log::error!("reactor {}: io_uring_enter failed: {e}", self.id);
+                }
+            }
+            self.cqes.clear();
+            self.cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            if !self.cqes.is_empty() {
+                last_activity = Instant::now();
+            }
+            let cqes = std::mem::take(&mut self.cqes);
+            for &(ud, res) in &cqes {
+                self.complete(ud, res);
+            }
+            self.cqes = cqes;
+            self.refresh_luns();
+            self.after_events();
+            if self.stopping && self.conns.iter().all(Option::is_none) && self.aux_inflight == 0 {
+                break;
+            }
+        }
+        log::debug!("reactor {} stopped", self.id);
+    }
+
+    fn env<'a>(
+        luns: &'a Arc<LunTable>,
+        pool: &'a mut BufPool,
+        scratch: &'a mut [u8],
+        io: &'a mut Vec<IoReq>,
+        shared: &'a Shared,
+        reactor: usize,
+    ) -> ConnEnv<'a> {
+        ConnEnv { luns, pool, scratch, io, shared, reactor, now: Instant::now() }
+    }
+
+    fn complete(&mut self, ud: u64, res: i32) {
+        let (kind, idx, task) = op::decode(ud);
+        match kind {
+            op::WAKE => {
+                self.aux_inflight -= 1;
+                self.drain_messages();
+                if !self.stopping {
+                    self.arm_wake();
+                }
+                return;
+            }
+            op::TICK => {
+                self.aux_inflight -= 1;
+                let now = Instant::now();
+                for slot in self.conns.iter_mut().flatten() {
+                    slot.conn.tick(now);
+                }
+                self.touch_all();
+                if !self.stopping {
+                    self.arm_tick();
+                }
+                return;
+            }
+            op::CANCEL => return,
+            _ => {}
+        }
+        let Some(Some(slot)) = self.conns.get_mut(idx as usize) else {
+            panic!("completion {ud:#x} for a free connection slot");
+        };
+        let conn = &mut slot.conn;
+        conn.ops_inflight -= 1;
+        if !slot.touched {
+            slot.touched = true;
+            self.touched.push(idx);
+        }
+        let mut env = Self::env(&self.luns, &mut self.pool, &mut self.scratch, &mut self.io, &self.shared, self.id);
+        match kind {
+            op::RECV => {
+                conn.recv_posted = false;
+                if res > 0 && !conn.closing {
+                    conn.on_recv(res as usize, &mut env);
+                } else if res <= 0 {
+                    let why = if res == 0 {
+                        "peer closed".to_string()
+                    } else {
+                        std::io::Error::from_raw_os_error(-res).to_string()
+                    };
+                    conn.close(&why);
+                }
+            }
+            op::SEND => {
+                self.released.clear();
+                let released = &mut self.released;
+                if res < 0 {
+                    conn.tx.complete(0, |_| {});
+                    conn.close(&std::io::Error::from_raw_os_error(-res).to_string());
+                } else {
+                    conn.tx.complete(res as usize, |s| released.push(s));
+                }
+                for &s in released.iter() {
+                    conn.release_sent(s, env.pool);
+                }
+            }
+            op::IO => conn.io_done(task, res, &mut env),
+            _ => panic!("unknown operation in completion {ud:#x}"),
+        }
+        self.submit_io(idx);
+    }
+
+    fn touch_all(&mut self) {
+        for (i, slot) in self.conns.iter_mut().enumerate() {
+            if let Some(slot) = slot {
+                if !slot.touched {
+                    slot.touched = true;
+                    self.touched.push(i as u32);
+                }
+            }
+        }
+    }
+
+    fn drain_messages(&mut self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                Msg::Conn(stream, peer, token) => {
+                    if self.stopping {
+                        continue;
+                    }
+                    let conn = Box::new(Conn::new(stream, peer, token, &self.shared, Instant::now()));
+                    let idx = self.free_slots.pop().unwrap_or_else(|| {
+                        self.conns.push(None);
+                        (self.conns.len() - 1) as u32
+                    });
+                    self.conns[idx as usize] = Some(Slot { conn, touched: true });
+                    self.touched.push(idx);
+                }
+                Msg::Close(token) => {
+                    for slot in self.conns.iter_mut().flatten() {
+                        if slot.conn.token == token {
+                            slot.conn.close("session reinstated by a new login");
+                        }
+                    }
+                    self.touch_all();
+                }
+                Msg::Stop => {
+                    self.stopping = true;
+                    for slot in self.conns.iter_mut().flatten() {
+                        slot.conn.close("target stopping");
+                    }
+                    self.touch_all();
+                    // The wake read and the tick reference reactor memory: cancel them.
+                    for kind in [op::WAKE, op::TICK] {
+                        let e = opcode::AsyncCancel::new(op::encode(kind, 0, 0)).build().user_data(op::encode(
+                            op::CANCEL,
+                            0,
+                            0,
+                        ));
+                        self.push(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn refresh_luns(&mut self) {
+        if self.shared.lun_generation() == self.lun_gen {
+            return;
+        }
+        (self.luns, self.lun_gen) = self.shared.lun_table();
+        for slot in self.conns.iter_mut().flatten() {
+            slot.conn.luns_changed();
+        }
+    }
+
+    /// Posts receives and sends for every connection touched in this iteration, submits the
+    /// backing I/O they asked for, and frees connections that are done.
+    fn after_events(&mut self) {
+        let touched = std::mem::take(&mut self.touched);
+        for &idx in &touched {
+            let Some(slot) = self.conns[idx as usize].as_mut() else { continue };
+            slot.touched = false;
+            let conn = &mut slot.conn;
+            if conn.wants_close() {
+                conn.close("logout or failed login");
+            }
+            if conn.closing {
+                if conn.ops_inflight == 0 {
+                    let mut slot = self.conns[idx as usize].take().expect("checked");
+                    let mut env =
+                        Self::env(&self.luns, &mut self.pool, &mut self.scratch, &mut self.io, &self.shared, self.id);
+                    slot.conn.teardown(&mut env);
+                    self.free_slots.push(idx);
+                }
+                continue;
+            }
+            let fd = types::Fd(conn.fd());
+            let mut sqes: [Option<io_uring::squeue::Entry>; 2] = [None, None];
+            if !conn.recv_posted {
+                let (ptr, len) = conn.rx_space();
+                sqes[0] = Some(opcode::Recv::new(fd, ptr, len as u32).build().user_data(op::encode(op::RECV, idx, 0)));
+                conn.recv_posted = true;
+                conn.ops_inflight += 1;
+            }
+            if let Some(msg) = conn.tx.prepare() {
+                sqes[1] =
+                    Some(opcode::SendMsg::new(fd, msg).flags(libc::MSG_NOSIGNAL as u32).build().user_data(op::encode(
+                        op::SEND,
+                        idx,
+                        0,
+                    )));
+                conn.ops_inflight += 1;
+            }
+            for e in sqes.into_iter().flatten() {
+                self.push(e);
+            }
+        }
+        self.touched = touched;
+        self.touched.clear();
+        if self.stopping {
+            // Connections closed while stopping must still be reaped.
+            for i in 0..self.conns.len() {
+                if let Some(slot) = self.conns[i].as_mut() {
+                    if !slot.touched {
+                        slot.touched = true;
+                        self.touched.push(i as u32);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Submits the backing I/O a connection asked for while handling one event.
+    fn submit_io(&mut self, conn_idx: u32) {
+        let reqs = std::mem::take(&mut self.io);
+        for r in &reqs {
+            let fd = types::Fd(r.fd);
+            let ud = op::encode(op::IO, conn_idx, r.task);
+            let e = match r.kind {
+                IoKind::Read => opcode::Read::new(fd, r.buf, r.len).offset(r.offset).build(),
+                IoKind::Write { dsync } => opcode::Write::new(fd, r.buf, r.len)
+                    .offset(r.offset)
+                    .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
+                    .build(),
+                IoKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            };
+            self.push(e.user_data(ud));
+        }
+        self.io = reqs;
+        self.io.clear();
+    }
+}

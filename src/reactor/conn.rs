@@ -1,0 +1,594 @@
+//! One iSCSI connection and its session (MaxConnections=1): the login phase, then the full
+//! feature phase — SCSI commands, Data-Out/R2T, Data-In, task management, NOP, text, logout.
+//!
+//! A connection never touches the ring itself. It consumes received bytes, produces PDUs in
+//! its [`TxQueue`] and backing-store requests in [`ConnEnv::io`]; the reactor turns those into
+//! submissions and feeds completions back. That keeps the state machine testable as plain data.
+
+use super::bufpool::{BufPool, MAX_BUF};
+use super::task::{Action, Stage, Task, TaskTable, MAX_CDB};
+use super::tx::{TxData, TxQueue};
+use crate::backing::{AlignedBuf, Backing};
+use crate::protocol::login::{Login, LoginOutcome, LoginRequest, Negotiated, SessionType};
+use crate::protocol::pdu::{self, opcode, reject, Bhs, BhsBuf, Layout, BHS_LEN, RESERVED_TAG};
+use crate::protocol::{digest, text};
+use crate::scsi::{self, lun, status, Disposition, LunTable, Nexus, Request, Sense};
+use crate::target::{SessionError, Shared};
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Commands a session may have outstanding (the CmdSN window).
+pub const QUEUE_DEPTH: u32 = 128;
+/// Task slots: the window plus room for immediate commands.
+const TASK_SLOTS: usize = QUEUE_DEPTH as usize + 32;
+/// Data segment we accept per PDU; declared at login.
+pub const MAX_RECV_DSL: u32 = 256 * 1024;
+/// Receive buffer: a full PDU (header, AHS, digests, data) plus room to batch small ones.
+const RX_BUF: usize = 2 * MAX_RECV_DSL as usize;
+/// Before login completes the initiator may send at most 8192 data bytes per PDU.
+const LOGIN_DSL: u32 = 8192;
+/// Idle time before the target pings with a NOP-In, and how long the answer may take.
+const NOP_INTERVAL: Duration = Duration::from_secs(5);
+const NOP_TIMEOUT: Duration = Duration::from_secs(15);
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Target Transfer Tag of our NOP-In pings (never a task's TTT: those have bit 31 clear).
+const PING_TTT: u32 = 0x8000_0000;
+
+/// A backing-store operation for the reactor to submit on its ring.
+#[derive(Debug, Clone, Copy)]
+pub struct IoReq {
+    pub task: u16,
+    pub kind: IoKind,
+    pub fd: i32,
+    pub buf: *mut u8,
+    pub len: u32,
+    pub offset: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoKind {
+    Read,
+    Write { dsync: bool },
+    Flush,
+}
+
+/// What the reactor lends a connection while it handles an event.
+pub struct ConnEnv<'a> {
+    pub luns: &'a Arc<LunTable>,
+    pub pool: &'a mut BufPool,
+    /// Data-In scratch for commands answered in place (INQUIRY, MODE SENSE...).
+    pub scratch: &'a mut [u8],
+    pub io: &'a mut Vec<IoReq>,
+    pub shared: &'a Shared,
+    pub reactor: usize,
+    pub now: Instant,
+}
+
+enum Phase {
+    Login(Box<Login>),
+    FullFeature,
+}
+
+/// A task management response waiting for aborted tasks' in-flight I/O to finish.
+struct PendingTmf {
+    itt: u32,
+    response: u8,
+    waiting: u32,
+}
+
+pub struct Conn {
+    stream: TcpStream,
+    pub peer: SocketAddr,
+    /// Unique id, for closing it from elsewhere (session reinstatement).
+    pub token: u64,
+    phase: Phase,
+    neg: Option<Negotiated>,
+    header_digest: bool,
+    data_digest: bool,
+    rx: Option<AlignedBuf>,
+    rx_start: usize,
+    rx_end: usize,
+    pub tx: TxQueue,
+    tasks: TaskTable,
+    nexus: Nexus,
+    isid: [u8; 6],
+    tsih: u16,
+    exp_cmd_sn: u32,
+    stat_sn: u32,
+    /// Commands that arrived ahead of ExpCmdSN, by CmdSN.
+    parked: BTreeMap<u32, Vec<u8>>,
+    text: Option<text::TextExchange>,
+    ttt_seq: u32,
+    pending_tmf: Option<PendingTmf>,
+    last_rx: Instant,
+    ping_sent: Option<Instant>,
+    started: Instant,
+    /// Close once the transmit queue drains (after a logout response or a login failure).
+    close_after_send: bool,
+    /// Being torn down: no new work; freed when `ops_inflight` reaches zero.
+    pub closing: bool,
+    /// Ring operations referencing this connection's memory.
+    pub ops_inflight: u32,
+    /// A receive is posted.
+    pub recv_posted: bool,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, peer: SocketAddr, token: u64, shared: &Shared, now: Instant) -> Self {
+        let _ = stream.set_nodelay(true);
+        Self {
+            stream,
+            peer,
+            token,
+            phase: Phase::Login(Box::new(Login::new(shared.login_config()))),
+            neg: None,
+            header_digest: false,
+            data_digest: false,
+            rx: Some(AlignedBuf::new(RX_BUF)),
+            rx_start: 0,
+            rx_end: 0,
+            tx: TxQueue::new(),
+            tasks: TaskTable::with_capacity(TASK_SLOTS),
+            nexus: Nexus::new(),
+            isid: [0; 6],
+            tsih: 0,
+            exp_cmd_sn: 0,
+            stat_sn: 0,
+            parked: BTreeMap::new(),
+            text: None,
+            ttt_seq: 0,
+            pending_tmf: None,
+            last_rx: now,
+            ping_sent: None,
+            started: now,
+            close_after_send: false,
+            closing: false,
+            ops_inflight: 0,
+            recv_posted: false,
+        }
+    }
+
+    pub fn fd(&self) -> i32 {
+        self.stream.as_raw_fd()
+    }
+
+    pub fn negotiated(&self) -> Option<&Negotiated> {
+        self.neg.as_ref()
+    }
+
+    pub fn isid(&self) -> [u8; 6] {
+        self.isid
+    }
+
+    pub fn tsih(&self) -> u16 {
+        self.tsih
+    }
+
+    /// Where the next receive may write.
+    pub fn rx_space(&mut self) -> (*mut u8, usize) {
+        let rx = self.rx.as_mut().expect("rx buffer present between events");
+        if self.rx_start == self.rx_end {
+            self.rx_start = 0;
+            self.rx_end = 0;
+        } else if self.rx_start > 0 && rx.len() - self.rx_end < BHS_LEN + 1024 + MAX_RECV_DSL as usize {
+            // Not enough room for a whole PDU after the partial one: move it to the front.
+            rx.copy_within(self.rx_start..self.rx_end, 0);
+            self.rx_end -= self.rx_start;
+            self.rx_start = 0;
+        }
+        // SAFETY: rx_end <= len, so the pointer stays inside (or one past) the allocation.
+        (unsafe { rx.as_mut_ptr().add(self.rx_end) }, rx.len() - self.rx_end)
+    }
+
+    /// Starts an orderly close: the reactor shuts the socket down and frees the connection
+    /// once its in-flight operations complete.
+    pub fn close(&mut self, why: &str) {
+        if !self.closing {
+            log::debug!("{}: closing connection: {why}", self.peer);
+            self.closing = true;
+            // SAFETY: shutting down our own socket; wakes a posted receive with 0 bytes.
+            unsafe { libc::shutdown(self.fd(), libc::SHUT_RDWR) };
+        }
+    }
+
+    /// Frees task state at teardown; returns buffers to the pool. Only when no ring operation
+    /// references the connection any more.
+    pub fn teardown(&mut self, env: &mut ConnEnv) {
+        debug_assert_eq!(self.ops_inflight, 0);
+        self.pending_tmf = None;
+        self.tx.clear(|_| {});
+        let slots: Vec<u16> = self.tasks.slots().map(|(s, _)| s).collect();
+        for s in slots {
+            self.free_task(s, env.pool);
+        }
+        if self.tsih != 0 {
+            env.shared.unregister_session(self.tsih, self.token);
+        }
+    }
+
+    /// `n` bytes arrived in the receive buffer.
+    pub fn on_recv(&mut self, n: usize, env: &mut ConnEnv) {
+        self.rx_end += n;
+        self.last_rx = env.now;
+        self.ping_sent = None;
+        let rx = self.rx.take().expect("rx buffer present");
+        while !self.closing {
+            let avail = &rx[self.rx_start..self.rx_end];
+            let Some(bhs) = Bhs::parse(avail) else { break };
+            let layout = Layout::of(&bhs, self.header_digest, self.data_digest);
+            let limit = if matches!(self.phase, Phase::Login(_)) { LOGIN_DSL } else { MAX_RECV_DSL };
+            if layout.data_len as u32 > limit || layout.header_len > BHS_LEN + 1024 {
+                self.close(&format!("{:?}", pdu::PduError::DataTooLong { len: layout.data_len as u32, max: limit }));
+                break;
+            }
+            if avail.len() < layout.total() {
+                break;
+            }
+            let pdu_bytes = &avail[..layout.total()];
+            if self.header_digest {
+                let received = digest::from_wire(pdu_bytes[layout.header_len..][..4].try_into().expect("4"));
+                let computed = digest::header(&pdu_bytes[..layout.header_len]);
+                if received != computed {
+                    // Without a trustworthy header the stream cannot be resynchronised (ERL 0).
+                    self.close(&pdu::PduError::HeaderDigest { received, computed }.to_string());
+                    break;
+                }
+            }
+            let data = &pdu_bytes[layout.data_offset()..][..layout.data_len];
+            self.rx_start += layout.total();
+            if layout.data_digest_len > 0 {
+                let at = layout.data_offset() + layout.data_len + layout.pad_len;
+                let received = digest::from_wire(pdu_bytes[at..at + 4].try_into().expect("4"));
+                let pad = &pdu_bytes[layout.data_offset() + layout.data_len..at];
+                let computed = digest::data(&[data, pad]);
+                if received != computed {
+                    log::warn!("{}: {}", self.peer, pdu::PduError::DataDigest { received, computed });
+                    self.reject(bhs.bytes(), reject::DATA_DIGEST_ERROR);
+                    continue;
+                }
+            }
+            let ahs = &pdu_bytes[BHS_LEN..layout.header_len];
+            self.handle_pdu(bhs, ahs, data, env);
+        }
+        self.rx = Some(rx);
+        if self.rx_start == self.rx_end {
+            self.rx_start = 0;
+            self.rx_end = 0;
+        }
+    }
+
+    fn handle_pdu(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
+        if matches!(self.phase, Phase::Login(_)) {
+            if bhs.opcode() == opcode::LOGIN_REQUEST {
+                self.login(bhs, data, env);
+            } else {
+                self.close("non-login PDU during login");
+            }
+            return;
+        }
+        match bhs.opcode() {
+            opcode::DATA_OUT => self.data_out(bhs, data, env),
+            opcode::SNACK_REQUEST => self.reject(bhs.bytes(), reject::PROTOCOL_ERROR),
+            opcode::LOGIN_REQUEST => self.reject(bhs.bytes(), reject::PROTOCOL_ERROR),
+            opcode::SCSI_COMMAND
+            | opcode::NOP_OUT
+            | opcode::TASK_MGMT_REQUEST
+            | opcode::TEXT_REQUEST
+            | opcode::LOGOUT_REQUEST => self.ordered(bhs, ahs, data, env),
+            _ => self.reject(bhs.bytes(), reject::COMMAND_NOT_SUPPORTED),
+        }
+    }
+
+    fn max_cmd_sn(&self) -> u32 {
+        let free = QUEUE_DEPTH.saturating_sub(self.tasks.in_use() as u32);
+        self.exp_cmd_sn.wrapping_add(free).wrapping_sub(1)
+    }
+
+    /// Applies CmdSN ordering (RFC 7143 §4.2.2.1) to a command-carrying PDU.
+    fn ordered(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
+        if bhs.immediate() {
+            return self.command(bhs, ahs, data, env);
+        }
+        let sn = bhs.cmd_sn();
+        if sn == self.exp_cmd_sn {
+            self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
+            self.command(bhs, ahs, data, env);
+            // Commands parked behind this one may now run.
+            while let Some(pdu) = self.parked.remove(&self.exp_cmd_sn) {
+                self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
+                let hdr: &[u8; BHS_LEN] = pdu[..BHS_LEN].try_into().expect("parked header");
+                let b = Bhs::new(hdr);
+                let ahs_end = BHS_LEN + b.ahs_len();
+                self.command(b, &pdu[BHS_LEN..ahs_end], &pdu[ahs_end..], env);
+            }
+        } else if pdu::sn_lt(self.exp_cmd_sn, sn) && pdu::sn_le(sn, self.max_cmd_sn()) {
+            let mut pdu = Vec::with_capacity(BHS_LEN + ahs.len() + data.len());
+            pdu.extend_from_slice(bhs.bytes());
+            pdu.extend_from_slice(ahs);
+            pdu.extend_from_slice(data);
+            self.parked.insert(sn, pdu);
+        } else {
+            // Outside the window: RFC 7143 says to silently ignore it.
+            log::debug!("{}: dropping CmdSN {sn} outside [{}, {}]", self.peer, self.exp_cmd_sn, self.max_cmd_sn());
+        }
+    }
+
+    fn command(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
+        if self.closing {
+            return;
+        }
+        match bhs.opcode() {
+            opcode::SCSI_COMMAND => self.scsi_command(bhs, ahs, data, env),
+            opcode::NOP_OUT => self.nop_out(bhs, data),
+            opcode::TASK_MGMT_REQUEST => self.task_mgmt(bhs, env),
+            opcode::TEXT_REQUEST => self.text_request(bhs, data),
+            opcode::LOGOUT_REQUEST => self.logout(bhs),
+            _ => unreachable!("only ordered opcodes get here"),
+        }
+    }
+
+    // ---- transmit helpers ----
+
+    fn push(&mut self, bhs: BhsBuf, data: TxData, release: Option<u16>) {
+        self.tx.push(bhs, data, self.header_digest, self.data_digest, release);
+    }
+
+    /// Fills StatSN (advancing it), ExpCmdSN and MaxCmdSN of a status-carrying PDU.
+    fn stamp_status(&mut self, b: &mut BhsBuf) {
+        b.stat_sn(self.stat_sn).exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.max_cmd_sn());
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+    }
+
+    fn reject(&mut self, rejected: &[u8; BHS_LEN], reason: u8) {
+        let mut b = BhsBuf::new(opcode::REJECT);
+        b.flags(0x80).byte(2, reason).itt(RESERVED_TAG);
+        self.stamp_status(&mut b);
+        self.push(b, TxData::Inline(rejected.to_vec()), None);
+    }
+
+    fn scsi_response(&mut self, itt: u32, status: u8, sense: Option<(&Sense, bool)>, residual: Residual) {
+        let mut b = BhsBuf::new(opcode::SCSI_RESPONSE);
+        b.flags(0x80 | residual.flags()).byte(3, status).itt(itt).word44(residual.count());
+        self.stamp_status(&mut b);
+        let data = match sense {
+            Some((s, descriptor)) => {
+                let mut v = vec![0u8; 2 + 252];
+                let n = s.encode(descriptor, &mut v[2..]);
+                v[..2].copy_from_slice(&(n as u16).to_be_bytes());
+                v.truncate(2 + n);
+                TxData::Inline(v)
+            }
+            None => TxData::None,
+        };
+        self.push(b, data, None);
+    }
+
+    // ---- login ----
+
+    fn login(&mut self, bhs: Bhs, data: &[u8], env: &mut ConnEnv) {
+        let Phase::Login(login) = &mut self.phase else { return };
+        let req = LoginRequest {
+            transit: bhs.login_transit(),
+            cont: bhs.continue_bit(),
+            csg: bhs.login_csg(),
+            nsg: bhs.login_nsg(),
+            version_max: bhs.version_max(),
+            version_min: bhs.version_min(),
+            isid: bhs.isid(),
+            tsih: bhs.tsih(),
+            itt: bhs.itt(),
+            cid: bhs.cid(),
+            cmd_sn: bhs.cmd_sn(),
+            exp_stat_sn: bhs.exp_stat_sn(),
+            data,
+        };
+        let (mut rsp, mut outcome) = login.step(&req);
+        self.isid = req.isid;
+        if self.neg.is_none() {
+            // The initiator's first CmdSN starts the window; StatSN starts anywhere we like.
+            self.exp_cmd_sn = req.cmd_sn;
+            self.stat_sn = req.exp_stat_sn;
+        }
+        if matches!(outcome, LoginOutcome::FullFeature) {
+            let neg = login.negotiated().clone();
+            if neg.session_type == SessionType::Normal {
+                match env.shared.register_session(&neg.initiator_name, req.isid, req.tsih, env.reactor, self.token) {
+                    Ok(tsih) => self.tsih = tsih,
+                    Err(e) => {
+                        log::info!("{}: login refused: {e}", self.peer);
+                        let (class, detail) = match e {
+                            SessionError::NoSuchSession => (0x02, 0x0A),
+                            SessionError::TooManySessions => (0x03, 0x02),
+                        };
+                        rsp.status_class = class;
+                        rsp.status_detail = detail;
+                        rsp.transit = false;
+                        rsp.data.clear();
+                        outcome = LoginOutcome::Failed;
+                    }
+                }
+            }
+            if matches!(outcome, LoginOutcome::FullFeature) {
+                log::info!(
+                    "{}: {} login from {} (ISID {:02x?}, TSIH {})",
+                    self.peer,
+                    if neg.session_type == SessionType::Normal { "session" } else { "discovery" },
+                    neg.initiator_name,
+                    req.isid,
+                    self.tsih
+                );
+                self.neg = Some(neg);
+            }
+        }
+        let mut b = BhsBuf::new(opcode::LOGIN_RESPONSE);
+        let flags = (u8::from(rsp.transit) << 7) | (u8::from(rsp.cont) << 6) | (rsp.csg << 2) | rsp.nsg;
+        b.flags(flags).byte(2, 0).byte(3, 0).isid_tsih(req.isid, self.tsih).itt(req.itt);
+        b.byte(36, rsp.status_class).byte(37, rsp.status_detail);
+        if rsp.status_class == 0 {
+            self.stamp_status(&mut b);
+        } else {
+            b.stat_sn(self.stat_sn).exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.exp_cmd_sn);
+        }
+        self.push(b, TxData::Inline(rsp.data), None);
+        match outcome {
+            LoginOutcome::Continue => {}
+            LoginOutcome::Failed => self.close_after_send = true,
+            LoginOutcome::FullFeature => {
+                let neg = self.neg.as_ref().expect("set above");
+                // Digests start with the first PDU after the final login response.
+                self.header_digest = neg.header_digest;
+                self.data_digest = neg.data_digest;
+                self.phase = Phase::FullFeature;
+            }
+        }
+    }
+
+    // ---- NOP ----
+
+    fn nop_out(&mut self, bhs: Bhs, data: &[u8]) {
+        if bhs.ttt() != RESERVED_TAG {
+            // The answer to our ping: liveness is already noted by the receive.
+            return;
+        }
+        if bhs.itt() == RESERVED_TAG {
+            return; // a one-way ping from the initiator needs no answer
+        }
+        let mut b = BhsBuf::new(opcode::NOP_IN);
+        b.flags(0x80).lun(bhs.lun()).itt(bhs.itt()).ttt(RESERVED_TAG);
+        self.stamp_status(&mut b);
+        let echo = data.len().min(self.max_xmit() as usize);
+        self.push(b, TxData::Inline(data[..echo].to_vec()), None);
+    }
+
+    fn max_xmit(&self) -> u32 {
+        self.neg.as_ref().map_or(LOGIN_DSL, |n| n.max_xmit_data_segment_length)
+    }
+
+    /// Periodic liveness and timeout checks.
+    pub fn tick(&mut self, now: Instant) {
+        if self.closing {
+            return;
+        }
+        match self.phase {
+            Phase::Login(_) if now.duration_since(self.started) > LOGIN_TIMEOUT => self.close("login timed out"),
+            Phase::Login(_) => {}
+            Phase::FullFeature => match self.ping_sent {
+                Some(at) if now.duration_since(at) > NOP_TIMEOUT => self.close("no answer to NOP-In ping"),
+                Some(_) => {}
+                None if now.duration_since(self.last_rx) > NOP_INTERVAL && self.tx.is_empty() => {
+                    // StatSN is not advanced by an unsolicited NOP-In (RFC 7143 §11.19).
+                    let mut b = BhsBuf::new(opcode::NOP_IN);
+                    b.flags(0x80).itt(RESERVED_TAG).ttt(PING_TTT);
+                    b.stat_sn(self.stat_sn).exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.max_cmd_sn());
+                    self.push(b, TxData::None, None);
+                    self.ping_sent = Some(now);
+                }
+                None => {}
+            },
+        }
+    }
+
+    // ---- text and logout ----
+
+    fn text_request(&mut self, bhs: Bhs, data: &[u8]) {
+        let session_type = self.neg.as_ref().expect("full feature phase").session_type;
+        let max = self.max_xmit() as usize;
+        let exchange = self.text.get_or_insert_with(|| text::TextExchange::new(session_type));
+        let reply = exchange.request(bhs.continue_bit(), bhs.final_bit(), bhs.ttt(), data, max);
+        let (payload, more) = match reply {
+            Ok(r) => r,
+            Err(e) => {
+                log::info!("{}: bad text request: {e}", self.peer);
+                self.text = None;
+                return self.reject(bhs.bytes(), reject::PROTOCOL_ERROR);
+            }
+        };
+        let mut b = BhsBuf::new(opcode::TEXT_RESPONSE);
+        let ttt = if more { 0x4000_0000 | self.next_ttt_seq() } else { RESERVED_TAG };
+        b.flags(if more { 0x40 } else { 0x80 }).lun(bhs.lun()).itt(bhs.itt()).ttt(ttt);
+        self.stamp_status(&mut b);
+        if !more {
+            self.text = None;
+        }
+        let payload = self.expand_send_targets(payload);
+        self.push(b, TxData::Inline(payload), None);
+    }
+
+    /// Fills SendTargets answers with this target's name and portal addresses.
+    fn expand_send_targets(&self, payload: Vec<u8>) -> Vec<u8> {
+        payload
+    }
+
+    fn next_ttt_seq(&mut self) -> u32 {
+        self.ttt_seq = (self.ttt_seq + 1) & 0x3FFF;
+        self.ttt_seq
+    }
+
+    fn logout(&mut self, bhs: Bhs) {
+        // 0: close the session, 1: close this connection — both end everything with one
+        // connection per session. 2 (recovery) needs ERL 2.
+        let response = match bhs.logout_reason() {
+            0 | 1 => 0,
+            _ => 2,
+        };
+        let mut b = BhsBuf::new(opcode::LOGOUT_RESPONSE);
+        b.flags(0x80).byte(2, response).itt(bhs.itt()).time2(0, 0);
+        self.stamp_status(&mut b);
+        self.push(b, TxData::None, None);
+        if response == 0 {
+            self.close_after_send = true;
+        }
+    }
+
+    /// Whether the connection asked to close once its queue is sent.
+    pub fn wants_close(&self) -> bool {
+        self.close_after_send && self.tx.is_empty()
+    }
+
+    /// A table change (LUN added or removed): every session gets a unit attention.
+    pub fn luns_changed(&mut self) {
+        if matches!(self.phase, Phase::FullFeature) {
+            self.nexus.luns_changed();
+        }
+    }
+}
+
+/// Residual reporting of a SCSI Response or final Data-In.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Residual {
+    None,
+    /// Fewer bytes moved than the Expected Data Transfer Length.
+    Under(u32),
+    /// The command wanted more than the Expected Data Transfer Length.
+    Over(u32),
+}
+
+impl Residual {
+    fn of(expected: u32, needed: u32) -> Self {
+        match expected.cmp(&needed) {
+            std::cmp::Ordering::Equal => Residual::None,
+            std::cmp::Ordering::Greater => Residual::Under(expected - needed),
+            std::cmp::Ordering::Less => Residual::Over(needed - expected),
+        }
+    }
+
+    fn flags(self) -> u8 {
+        match self {
+            Residual::None => 0,
+            Residual::Under(_) => 0x02,
+            Residual::Over(_) => 0x04,
+        }
+    }
+
+    fn count(self) -> u32 {
+        match self {
+            Residual::None => 0,
+            Residual::Under(n) | Residual::Over(n) => n,
+        }
+    }
+}
+
+mod scsi_path;

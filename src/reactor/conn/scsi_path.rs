@@ -1,0 +1,461 @@
+//! The SCSI data path of a connection: commands, Data-Out and R2T, backing I/O, Data-In,
+//! status, and task management.
+
+use super::*;
+
+/// Task management functions (RFC 7143 §11.5.1) and responses (§11.6.1).
+mod tmf {
+    pub const ABORT_TASK: u8 = 1;
+    pub const ABORT_TASK_SET: u8 = 2;
+    pub const CLEAR_ACA: u8 = 3;
+    pub const CLEAR_TASK_SET: u8 = 4;
+    pub const LOGICAL_UNIT_RESET: u8 = 5;
+    pub const TARGET_WARM_RESET: u8 = 6;
+    pub const TARGET_COLD_RESET: u8 = 7;
+    pub const TASK_REASSIGN: u8 = 8;
+
+    pub const COMPLETE: u8 = 0;
+    pub const NO_TASK: u8 = 1;
+    pub const NO_LUN: u8 = 2;
+    pub const REASSIGN_UNSUPPORTED: u8 = 4;
+    pub const UNSUPPORTED: u8 = 5;
+}
+
+const SECTOR: u32 = lun::BLOCK_SIZE;
+
+/// Bytes a task's backing operation moves. Reads fetch whole sectors (O_DIRECT) into a buffer
+/// sized for them and send `xfer`; writes store only whole blocks of what arrived — when the
+/// initiator sends less than the CDB describes, the partial block is not written (what
+/// libiscsi's residual tests and SAM expect).
+fn io_len(task: &Task) -> u32 {
+    match task.action {
+        Action::Read { .. } => task.xfer.next_multiple_of(SECTOR),
+        Action::Write { .. } => task.xfer - task.xfer % SECTOR,
+        Action::Flush | Action::SlowPath => 0,
+    }
+}
+
+impl Conn {
+    pub(super) fn scsi_command(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
+        let neg = self.neg.as_ref().expect("full feature phase");
+        if neg.session_type == SessionType::Discovery {
+            return self.reject(bhs.bytes(), reject::PROTOCOL_ERROR);
+        }
+        let (immediate_ok, first_burst, initial_r2t) = (neg.immediate_data, neg.first_burst_length, neg.initial_r2t);
+        let itt = bhs.itt();
+        let edtl = bhs.expected_data_len();
+        if !data.is_empty() && (!immediate_ok || !bhs.write_bit() || data.len() as u32 > edtl.min(first_burst)) {
+            return self.reject(bhs.bytes(), reject::PROTOCOL_ERROR);
+        }
+        let mut cdb = [0u8; MAX_CDB];
+        cdb[..16].copy_from_slice(bhs.cdb());
+        let mut cdb_len = 16;
+        if !ahs.is_empty() {
+            // Extended CDB AHS (type 1): length, type, reserved, then the CDB bytes past 16.
+            let ahs_len = usize::from(u16::from_be_bytes([ahs[0], ahs[1]]));
+            if ahs[2] != 1 || ahs_len < 1 || 16 + ahs_len - 1 > MAX_CDB || 4 + ahs_len - 1 > ahs.len() {
+                return self.reject(bhs.bytes(), reject::INVALID_PDU_FIELD);
+            }
+            cdb[16..16 + ahs_len - 1].copy_from_slice(&ahs[4..4 + ahs_len - 1]);
+            cdb_len += ahs_len - 1;
+        }
+        let req = Request {
+            cdb: &cdb[..cdb_len],
+            lun: lun::decode_lun(bhs.lun()),
+            expected_len: edtl,
+            read: bhs.read_bit(),
+            write: bhs.write_bit(),
+        };
+        let disposition = scsi::execute(&req, env.luns, &mut self.nexus, env.scratch);
+        let d_sense = req.lun.and_then(|id| env.luns.get(id)).is_some_and(|l| l.d_sense());
+        let (action, needed) = match disposition {
+            Disposition::Good => return self.scsi_response(itt, status::GOOD, None, Residual::of(edtl, 0)),
+            Disposition::Status(s) => return self.scsi_response(itt, s, None, Residual::None),
+            Disposition::Check(sense) => {
+                return self.scsi_response(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None)
+            }
+            Disposition::DataIn(n) => return self.data_in_inline(itt, bhs.lun(), edtl, n, env),
+            Disposition::Read { offset, len } => (Action::Read { offset }, len),
+            Disposition::Write { offset, len, fua } => (Action::Write { offset, fua }, len),
+            Disposition::DataOut { len } => (Action::SlowPath, len),
+            Disposition::Flush => (Action::Flush, 0),
+        };
+        let is_out = matches!(action, Action::Write { .. } | Action::SlowPath);
+        if needed as usize > MAX_BUF {
+            let sense = Sense::invalid_opcode();
+            return self.scsi_response(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None);
+        }
+        if self.tasks.in_use() == self.tasks.capacity() {
+            return self.scsi_response(itt, status::TASK_SET_FULL, None, Residual::None);
+        }
+        let xfer = needed.min(edtl);
+        let lun = req.lun.and_then(|id| env.luns.get(id)).cloned();
+        let mut task = Task::new();
+        task.itt = itt;
+        task.lun_field = bhs.lun();
+        task.lun = lun;
+        task.cdb = cdb;
+        task.cdb_len = cdb_len as u8;
+        task.expected_len = edtl;
+        task.read_bit = req.read;
+        task.write_bit = req.write;
+        task.action = action;
+        task.needed = needed;
+        task.xfer = xfer;
+        if xfer > 0 {
+            task.buf = Some(env.pool.get((xfer as usize).next_multiple_of(SECTOR as usize)));
+        }
+        if is_out {
+            // Unsolicited data: immediate data, then (InitialR2T=No) Data-Out up to FirstBurstLength.
+            let unsolicited = if initial_r2t { data.len() as u32 } else { edtl.min(first_burst) };
+            task.out_total = unsolicited.max(xfer);
+            task.r2t_next = unsolicited.min(xfer);
+            task.stage = Stage::DataOut;
+        }
+        let slot = self.tasks.insert(task).expect("a free slot was checked for");
+        if is_out {
+            if !data.is_empty() {
+                self.store_data_out(slot, 0, data);
+            }
+            self.send_r2ts(slot);
+            self.maybe_data_complete(slot, env);
+        } else {
+            self.start_io(slot, env);
+        }
+    }
+
+    /// Sends Data-In from the scratch buffer (commands answered in place), with status.
+    fn data_in_inline(&mut self, itt: u32, lun_field: [u8; 8], edtl: u32, n: usize, env: &mut ConnEnv) {
+        let send = (n as u32).min(edtl);
+        let residual = Residual::of(edtl, n as u32);
+        if send == 0 {
+            return self.scsi_response(itt, status::GOOD, None, residual);
+        }
+        let data = env.scratch[..send as usize].to_vec();
+        let max = self.max_xmit() as usize;
+        let chunks = data.len().div_ceil(max);
+        for (i, chunk) in data.chunks(max).enumerate() {
+            let last = i + 1 == chunks;
+            let mut b = BhsBuf::new(opcode::DATA_IN);
+            b.lun(lun_field).itt(itt).ttt(RESERVED_TAG).sn36(i as u32).buffer_offset((i * max) as u32);
+            if last {
+                b.flags(0x80 | 0x01 | residual.flags()).byte(3, status::GOOD).word44(residual.count());
+                self.stamp_status(&mut b);
+            } else {
+                b.exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.max_cmd_sn());
+            }
+            self.push(b, TxData::Inline(chunk.to_vec()), None);
+        }
+    }
+
+    /// Copies Data-Out bytes into the task's buffer; bytes past what the command needs are
+    /// dropped (the initiator may send up to its Expected Data Transfer Length).
+    fn store_data_out(&mut self, slot: u16, offset: u32, data: &[u8]) {
+        let task = self.tasks.get_mut(slot).expect("live task");
+        task.out_received += data.len() as u32;
+        if offset >= task.xfer {
+            return;
+        }
+        let n = (data.len() as u32).min(task.xfer - offset) as usize;
+        let buf = task.buf.as_mut().expect("a task receiving data has a buffer");
+        buf[offset as usize..offset as usize + n].copy_from_slice(&data[..n]);
+    }
+
+    /// Solicits the rest of a task's data, within MaxBurstLength and MaxOutstandingR2T.
+    fn send_r2ts(&mut self, slot: u16) {
+        let neg = self.neg.as_ref().expect("full feature phase");
+        let (max_burst, max_r2t) = (neg.max_burst_length, neg.max_outstanding_r2t.max(1));
+        loop {
+            let task = self.tasks.get_mut(slot).expect("live task");
+            if task.aborted || task.r2t_next >= task.xfer || task.r2t_outstanding >= max_r2t {
+                return;
+            }
+            let offset = task.r2t_next;
+            let len = (task.xfer - offset).min(max_burst);
+            task.r2t_next += len;
+            task.r2t_outstanding += 1;
+            let r2t_sn = task.r2t_sn;
+            task.r2t_sn += 1;
+            let (itt, lun_field) = (task.itt, task.lun_field);
+            let mut b = BhsBuf::new(opcode::R2T);
+            // TTT: task slot in the low 16 bits; bit 31 stays clear (pings use it).
+            b.flags(0x80).lun(lun_field).itt(itt).ttt(u32::from(slot) | ((r2t_sn & 0x7FFF) << 16));
+            b.stat_sn(self.stat_sn).exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.max_cmd_sn());
+            b.sn36(r2t_sn).buffer_offset(offset).word44(len);
+            self.push(b, TxData::None, None);
+        }
+    }
+
+    pub(super) fn data_out(&mut self, bhs: Bhs, data: &[u8], env: &mut ConnEnv) {
+        let ttt = bhs.ttt();
+        let slot = if ttt == RESERVED_TAG {
+            self.tasks.find_itt(bhs.itt())
+        } else {
+            let slot = (ttt & 0xFFFF) as u16;
+            self.tasks.get(slot).filter(|t| t.itt == bhs.itt() && !t.aborted).map(|_| slot)
+        };
+        let Some(slot) = slot else {
+            // Data for a task that already ended (refused, aborted): drop it.
+            log::debug!("{}: Data-Out for unknown task {:#x}", self.peer, bhs.itt());
+            return;
+        };
+        let task = self.tasks.get(slot).expect("found above");
+        let offset = bhs.buffer_offset();
+        if task.stage != Stage::DataOut || offset as u64 + data.len() as u64 > u64::from(task.out_total) {
+            return self.reject(bhs.bytes(), reject::PROTOCOL_ERROR);
+        }
+        self.store_data_out(slot, offset, data);
+        if ttt != RESERVED_TAG && bhs.final_bit() {
+            let task = self.tasks.get_mut(slot).expect("live task");
+            task.r2t_outstanding = task.r2t_outstanding.saturating_sub(1);
+            self.send_r2ts(slot);
+        }
+        self.maybe_data_complete(slot, env);
+    }
+
+    /// Once all Data-Out is in, runs the write or the slow-path command.
+    fn maybe_data_complete(&mut self, slot: u16, env: &mut ConnEnv) {
+        let task = self.tasks.get(slot).expect("live task");
+        if task.stage != Stage::DataOut || task.out_received < task.out_total {
+            return;
+        }
+        if task.action == Action::SlowPath {
+            return self.slow_path(slot, env);
+        }
+        self.start_io(slot, env);
+    }
+
+    fn slow_path(&mut self, slot: u16, env: &mut ConnEnv) {
+        let task = self.tasks.get(slot).expect("live task");
+        let req = Request {
+            cdb: task.cdb(),
+            lun: lun::decode_lun(task.lun_field),
+            expected_len: task.expected_len,
+            read: task.read_bit,
+            write: task.write_bit,
+        };
+        let data_out: &[u8] = task.buf.as_ref().map_or(&[], |b| &b[..task.xfer as usize]);
+        let disposition = scsi::execute_data_out(&req, env.luns, &mut self.nexus, data_out, env.scratch);
+        let (itt, lun_field, edtl, needed) = (task.itt, task.lun_field, task.expected_len, task.needed);
+        let d_sense = task.lun.as_ref().is_some_and(|l| l.d_sense());
+        self.free_task(slot, env.pool);
+        match disposition {
+            Disposition::DataIn(n) => self.data_in_inline(itt, lun_field, edtl, n, env),
+            Disposition::Check(sense) => {
+                self.scsi_response(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None)
+            }
+            Disposition::Status(s) => self.scsi_response(itt, s, None, Residual::None),
+            other => {
+                debug_assert!(matches!(other, Disposition::Good), "slow path returned {other:?}");
+                self.scsi_response(itt, status::GOOD, None, Residual::of(edtl, needed))
+            }
+        }
+    }
+
+    /// Starts the backing-store operation of a task: RAM stores complete in place, files go
+    /// to the reactor's ring.
+    fn start_io(&mut self, slot: u16, env: &mut ConnEnv) {
+        let task = self.tasks.get_mut(slot).expect("live task");
+        task.stage = Stage::Io;
+        let Some(lun) = task.lun.clone() else {
+            unreachable!("I/O dispositions come only for existing LUNs");
+        };
+        let len = io_len(task);
+        let kind = match task.action {
+            Action::Read { .. } | Action::Write { .. } if len == 0 => return self.io_done(slot, 0, env),
+            Action::Read { .. } => IoKind::Read,
+            Action::Write { fua, .. } => IoKind::Write { dsync: fua || !lun.write_cache() },
+            Action::Flush => IoKind::Flush,
+            Action::SlowPath => unreachable!("slow path runs synchronously"),
+        };
+        let offset = match task.action {
+            Action::Read { offset } | Action::Write { offset, .. } => offset,
+            _ => 0,
+        };
+        match &lun.backing {
+            Backing::Mem(m) => {
+                match kind {
+                    IoKind::Read => m.read(offset, &mut task.buf.as_mut().expect("buffer")[..task.xfer as usize]),
+                    IoKind::Write { .. } => m.write(offset, &task.buf.as_ref().expect("buffer")[..len as usize]),
+                    IoKind::Flush => {}
+                }
+                self.io_done(slot, len as i32, env);
+            }
+            Backing::File(f) => {
+                let buf = task.buf.as_mut().map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
+                env.io.push(IoReq { task: slot, kind, fd: f.fd(), buf, len, offset });
+                self.ops_inflight += 1;
+            }
+        }
+    }
+
+    /// A backing-store operation finished with `res` (bytes, or a negative errno).
+    pub fn io_done(&mut self, slot: u16, res: i32, env: &mut ConnEnv) {
+        let task = self.tasks.get(slot).expect("I/O completes for a live task");
+        if task.aborted || self.closing {
+            self.free_task(slot, env.pool);
+            return;
+        }
+        let (itt, edtl, needed, xfer, lun_field) =
+            (task.itt, task.expected_len, task.needed, task.xfer, task.lun_field);
+        let d_sense = task.lun.as_ref().is_some_and(|l| l.d_sense());
+        let action = task.action;
+        if res < 0 || (res as u32) < io_len(task) {
+            let err = if res < 0 {
+                std::io::Error::from_raw_os_error(-res)
+            } else {
+                std::io::ErrorKind::UnexpectedEof.into()
+            };
+            log::warn!("{}: backing {:?} failed: {err}", self.peer, action);
+            self.free_task(slot, env.pool);
+            let sense = if matches!(action, Action::Read { .. }) { Sense::read_error() } else { Sense::write_error() };
+            return self.scsi_response(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None);
+        }
+        match action {
+            Action::Read { .. } if xfer > 0 => self.send_read_data(slot, lun_field, itt, edtl, needed, xfer),
+            _ => {
+                self.free_task(slot, env.pool);
+                self.scsi_response(itt, status::GOOD, None, Residual::of(edtl, needed));
+            }
+        }
+    }
+
+    /// Queues a read's Data-In PDUs straight from the task buffer, status in the last one.
+    fn send_read_data(&mut self, slot: u16, lun_field: [u8; 8], itt: u32, edtl: u32, needed: u32, xfer: u32) {
+        let neg = self.neg.as_ref().expect("full feature phase");
+        let (max_pdu, max_burst) = (neg.max_xmit_data_segment_length, neg.max_burst_length);
+        let task = self.tasks.get_mut(slot).expect("live task");
+        task.stage = Stage::Sending;
+        let base = task.buf.as_ref().expect("read buffer").as_ptr();
+        let residual = Residual::of(edtl, needed);
+        let mut offset = 0u32;
+        let mut data_sn = 0u32;
+        while offset < xfer {
+            let burst_left = max_burst - offset % max_burst;
+            let len = (xfer - offset).min(max_pdu).min(burst_left);
+            let last = offset + len == xfer;
+            let mut b = BhsBuf::new(opcode::DATA_IN);
+            b.lun(lun_field).itt(itt).ttt(RESERVED_TAG).sn36(data_sn).buffer_offset(offset);
+            if last {
+                b.flags(0x80 | 0x01 | residual.flags()).byte(3, status::GOOD).word44(residual.count());
+                self.stamp_status(&mut b);
+            } else {
+                // F marks the end of each MaxBurstLength sequence.
+                b.flags(if len == burst_left { 0x80 } else { 0 });
+                b.exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.max_cmd_sn());
+            }
+            // SAFETY: offset + len <= xfer <= the buffer's length.
+            let ptr = unsafe { base.add(offset as usize) };
+            self.push(b, TxData::Task { ptr, len }, last.then_some(slot));
+            offset += len;
+            data_sn += 1;
+        }
+    }
+
+    /// The last PDU of a task went out: free it.
+    pub fn release_sent(&mut self, slot: u16, pool: &mut BufPool) {
+        self.free_task(slot, pool);
+    }
+
+    /// Frees a task and recycles its buffer; an aborted task's end may complete a pending
+    /// task management response.
+    pub(super) fn free_task(&mut self, slot: u16, pool: &mut BufPool) {
+        if let Some(mut t) = self.tasks.remove(slot) {
+            if let Some(buf) = t.buf.take() {
+                pool.put(buf);
+            }
+            if t.aborted {
+                self.tmf_progress();
+            }
+        }
+    }
+
+    // ---- task management ----
+
+    pub(super) fn task_mgmt(&mut self, bhs: Bhs, env: &mut ConnEnv) {
+        let function = bhs.tmf_function();
+        let lun_id = lun::decode_lun(bhs.lun());
+        let lun_exists = lun_id.is_some_and(|id| env.luns.get(id).is_some());
+        let mut waiting = 0;
+        let response = match function {
+            tmf::ABORT_TASK => {
+                let rtt = bhs.word20();
+                match self.tasks.find_itt(rtt) {
+                    Some(slot) => {
+                        waiting += self.abort(slot, env.pool);
+                        tmf::COMPLETE
+                    }
+                    // RFC 7143 §11.5.1: a task not found whose RefCmdSN is already past
+                    // counts as done; one from outside the window does not exist.
+                    None if pdu::sn_lt(bhs.ref_cmd_sn(), self.exp_cmd_sn) => tmf::COMPLETE,
+                    None => tmf::NO_TASK,
+                }
+            }
+            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET | tmf::LOGICAL_UNIT_RESET if !lun_exists => tmf::NO_LUN,
+            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET | tmf::LOGICAL_UNIT_RESET => {
+                let field = bhs.lun();
+                let slots: Vec<u16> =
+                    self.tasks.slots().filter(|(_, t)| t.lun_field == field).map(|(s, _)| s).collect();
+                for s in slots {
+                    waiting += self.abort(s, env.pool);
+                }
+                if function == tmf::LOGICAL_UNIT_RESET {
+                    self.nexus.lun_reset(lun_id.expect("checked above"));
+                }
+                tmf::COMPLETE
+            }
+            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
+                let slots: Vec<u16> = self.tasks.slots().map(|(s, _)| s).collect();
+                for s in slots {
+                    waiting += self.abort(s, env.pool);
+                }
+                self.nexus.target_reset();
+                if function == tmf::TARGET_COLD_RESET {
+                    self.close_after_send = true;
+                }
+                tmf::COMPLETE
+            }
+            tmf::TASK_REASSIGN => tmf::REASSIGN_UNSUPPORTED,
+            tmf::CLEAR_ACA => tmf::UNSUPPORTED,
+            _ => tmf::UNSUPPORTED,
+        };
+        if waiting > 0 {
+            self.pending_tmf = Some(PendingTmf { itt: bhs.itt(), response, waiting });
+        } else {
+            self.tmf_response(bhs.itt(), response);
+        }
+    }
+
+    /// Aborts a task: it sends nothing more. Returns 1 when it must still be waited for (its
+    /// backing I/O or Data-In is in flight), 0 when it was freed now.
+    fn abort(&mut self, slot: u16, pool: &mut BufPool) -> u32 {
+        let task = self.tasks.get_mut(slot).expect("live task");
+        match task.stage {
+            Stage::DataOut => {
+                self.free_task(slot, pool);
+                0
+            }
+            Stage::Io | Stage::Sending => {
+                task.aborted = true;
+                1
+            }
+        }
+    }
+
+    fn tmf_progress(&mut self) {
+        if let Some(p) = &mut self.pending_tmf {
+            p.waiting = p.waiting.saturating_sub(1);
+            if p.waiting == 0 {
+                let p = self.pending_tmf.take().expect("checked");
+                self.tmf_response(p.itt, p.response);
+            }
+        }
+    }
+
+    fn tmf_response(&mut self, itt: u32, response: u8) {
+        let mut b = BhsBuf::new(opcode::TASK_MGMT_RESPONSE);
+        b.flags(0x80).byte(2, response).itt(itt);
+        self.stamp_status(&mut b);
+        self.push(b, TxData::None, None);
+    }
+}

@@ -1,0 +1,161 @@
+//! A SCSI task in progress on a connection: its command, buffer and data-transfer state.
+
+use crate::backing::AlignedBuf;
+use crate::scsi::Lun;
+use std::sync::Arc;
+
+/// What a task is waiting for or doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Receiving Data-Out (immediate, unsolicited, then solicited by R2Ts).
+    DataOut,
+    /// A backing-store operation is in flight on the ring.
+    Io,
+    /// Data-In and status are queued for sending; freed when the last byte is sent.
+    Sending,
+}
+
+/// What the task does once its data is in (writes) or its read completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Read `len` bytes at `offset`, send them as Data-In.
+    Read { offset: u64 },
+    /// Write the received data at `offset`.
+    Write { offset: u64, fua: bool },
+    /// Hand the received parameter data to the SCSI slow path.
+    SlowPath,
+    /// Flush the backing store.
+    Flush,
+}
+
+/// Longest CDB we accept (16 in the BHS plus an extended-CDB AHS).
+pub const MAX_CDB: usize = 32;
+
+pub struct Task {
+    pub itt: u32,
+    pub lun_field: [u8; 8],
+    pub lun: Option<Arc<Lun>>,
+    pub cdb: [u8; MAX_CDB],
+    pub cdb_len: u8,
+    pub expected_len: u32,
+    pub read_bit: bool,
+    pub write_bit: bool,
+    pub stage: Stage,
+    pub action: Action,
+    /// The data buffer (Data-In source or Data-Out destination).
+    pub buf: Option<AlignedBuf>,
+    /// Bytes the command itself transfers (from the CDB).
+    pub needed: u32,
+    /// Bytes that actually move: min(needed, expected_len).
+    pub xfer: u32,
+    /// Data-Out bytes the initiator will send in all (unsolicited part plus what we solicit).
+    pub out_total: u32,
+    /// Data-Out bytes received so far.
+    pub out_received: u32,
+    /// Next buffer offset to solicit with an R2T.
+    pub r2t_next: u32,
+    /// R2Ts sent whose data has not fully arrived.
+    pub r2t_outstanding: u32,
+    pub r2t_sn: u32,
+    /// Aborted by task management: no further PDUs, freed when quiet.
+    pub aborted: bool,
+}
+
+impl Task {
+    pub fn new() -> Self {
+        Self {
+            itt: 0,
+            lun_field: [0; 8],
+            lun: None,
+            cdb: [0; MAX_CDB],
+            cdb_len: 0,
+            expected_len: 0,
+            read_bit: false,
+            write_bit: false,
+            stage: Stage::DataOut,
+            action: Action::Flush,
+            buf: None,
+            needed: 0,
+            xfer: 0,
+            out_total: 0,
+            out_received: 0,
+            r2t_next: 0,
+            r2t_outstanding: 0,
+            r2t_sn: 0,
+            aborted: false,
+        }
+    }
+
+    pub fn cdb(&self) -> &[u8] {
+        &self.cdb[..usize::from(self.cdb_len)]
+    }
+}
+
+/// Fixed-capacity task table indexed by slot; slots are reused through a free list so the
+/// I/O path never allocates.
+pub struct TaskTable {
+    slots: Vec<Option<Task>>,
+    free: Vec<u16>,
+}
+
+impl TaskTable {
+    pub fn with_capacity(n: usize) -> Self {
+        assert!(n <= usize::from(u16::MAX));
+        Self { slots: (0..n).map(|_| None).collect(), free: (0..n as u16).rev().collect() }
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    pub fn insert(&mut self, task: Task) -> Option<u16> {
+        let slot = self.free.pop()?;
+        self.slots[usize::from(slot)] = Some(task);
+        Some(slot)
+    }
+
+    pub fn get(&self, slot: u16) -> Option<&Task> {
+        self.slots.get(usize::from(slot)).and_then(Option::as_ref)
+    }
+
+    pub fn get_mut(&mut self, slot: u16) -> Option<&mut Task> {
+        self.slots.get_mut(usize::from(slot)).and_then(Option::as_mut)
+    }
+
+    pub fn remove(&mut self, slot: u16) -> Option<Task> {
+        let t = self.slots.get_mut(usize::from(slot))?.take()?;
+        self.free.push(slot);
+        Some(t)
+    }
+
+    /// The slot of the live task with this Initiator Task Tag.
+    pub fn find_itt(&self, itt: u32) -> Option<u16> {
+        self.slots.iter().position(|t| matches!(t, Some(t) if t.itt == itt && !t.aborted)).map(|i| i as u16)
+    }
+
+    /// Slots of every live task, for task management.
+    pub fn slots(&self) -> impl Iterator<Item = (u16, &Task)> {
+        self.slots.iter().enumerate().filter_map(|(i, t)| t.as_ref().map(|t| (i as u16, t)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_reused() {
+        let mut t = TaskTable::with_capacity(2);
+        let a = t.insert(Task::new()).unwrap();
+        let b = t.insert(Task { itt: 9, ..Task::new() }).unwrap();
+        assert!(t.insert(Task::new()).is_none(), "table is full");
+        assert_eq!(t.find_itt(9), Some(b));
+        t.remove(a);
+        assert_eq!(t.in_use(), 1);
+        assert_eq!(t.insert(Task::new()), Some(a));
+    }
+}
