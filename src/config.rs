@@ -1,36 +1,1042 @@
-//! Placeholder (interface only).
-use crate::backing::{Backing, BackingKind};
-use std::path::PathBuf;
+//! The YAML configuration: the keys of the Jumpstarter iSCSI driver it replaces (unchanged), the
+//! target's own keys, and the LUNs exported at start.
+//!
+//! A file is either a plain configuration or a Jumpstarter exporter config, whose iSCSI export's
+//! `config:` block is used. [`open_lun_backing`] turns a [`LunConfig`] into an open store with
+//! the semantics of the old driver's `add_lun`, minus its defects.
+
+use crate::backing::{Backing, BackingError, BackingKind};
+use crate::scsi::lun::{BLOCK_SIZE, MAX_LUN_ID};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::net::{IpAddr, UdpSocket};
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Component, Path, PathBuf};
+
+/// Reactors beyond this are a typo, not a deployment.
+const MAX_REACTORS: usize = 1024;
+/// `sun_path` holds 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH: usize = 107;
+/// RFC 7143 section 4.2.7.1: iSCSI names are at most 223 bytes.
+const MAX_ISCSI_NAME: usize = 223;
+
+/// Errors of loading, checking and applying the configuration; each names the file, key or LUN.
 #[derive(Debug, thiserror::Error)]
-#[error("config")]
-pub struct ConfigError;
+pub enum ConfigError {
+    /// Reading the configuration file, or creating or inspecting a LUN's image, failed.
+    #[error("{path}: {op}: {source}")]
+    Io { path: PathBuf, op: &'static str, source: io::Error },
+    /// The YAML is malformed, a key is unknown, or a value has the wrong type (the message
+    /// carries the key path and the line and column).
+    #[error("{origin}: {source}")]
+    Yaml { origin: String, source: serde_norway::Error },
+    /// A key has a value uringtgt cannot use.
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    /// A LUN's image or device cannot be served as configured.
+    #[error("lun {lun}: {message}")]
+    Lun { lun: String, message: String },
+    /// Opening a LUN's store failed.
+    #[error("lun {lun}: {source}")]
+    Backing { lun: String, source: BackingError },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key: key.into(), message: message.into() }
+}
+
+fn io_err(path: &Path, op: &'static str) -> impl FnOnce(io::Error) -> ConfigError {
+    let path = path.to_owned();
+    move |source| ConfigError::Io { path, op, source }
+}
+
+/// How reactors wait for work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PollMode {
+    /// Idle reactors sleep until work arrives.
+    #[default]
+    Adaptive,
+    /// Reactors spin and never sleep: lower latency, one busy core each.
+    Busy,
+}
+
+/// The whole configuration. Field names are the YAML keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Config {
-    pub luns: Vec<LunConfig>,
+    /// Where image files live; created if missing.
+    pub root_dir: PathBuf,
+    pub iqn_prefix: String,
+    pub target_name: String,
+    /// Portal address; empty means the default-route interface's address (see [`Config::resolve_host`]).
+    pub host: String,
     pub port: u16,
-    pub poll_mode: crate::reactor::PollMode,
+    /// Delete image files created by this run when the target stops.
     pub remove_created_on_close: bool,
+    /// Block devices that LUNs with `is_block` may export (compared after resolving symlinks).
+    pub block_device_allowlist: Vec<PathBuf>,
+    /// The control-plane Unix socket; `None` means `<root_dir>/uringtgt.sock`.
+    pub control_socket: Option<PathBuf>,
+    /// Number of reactors; `None` means one per CPU of the affinity mask.
+    pub reactors: Option<usize>,
+    /// Explicit CPUs to pin one reactor each to; excludes `reactors`.
+    pub cpus: Option<Vec<usize>>,
+    pub poll_mode: PollMode,
+    /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, `off`); the CLI and RUST_LOG win.
+    pub log_level: Option<String>,
+    /// LUNs exported at start.
+    pub luns: Vec<LunConfig>,
 }
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            root_dir: PathBuf::from("/var/lib/iscsi"),
+            iqn_prefix: "iqn.2024-06.dev.jumpstarter".into(),
+            target_name: "target1".into(),
+            host: String::new(),
+            port: 3260,
+            remove_created_on_close: false,
+            block_device_allowlist: Vec::new(),
+            control_socket: None,
+            reactors: None,
+            cpus: None,
+            poll_mode: PollMode::Adaptive,
+            log_level: None,
+            luns: Vec::new(),
+        }
+    }
+}
+
+/// One LUN to export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct LunConfig {
+    /// The operator's name for it: `[A-Za-z0-9._-]+`, unique.
     pub name: String,
-    pub lun_id: Option<u64>,
-    pub read_only: bool,
+    /// Image path relative to root_dir (default `<name>.img`); for `is_block`, the absolute
+    /// device path. Unused by `mem` LUNs.
+    #[serde(default)]
+    pub file_path: Option<PathBuf>,
+    /// Size in MiB; 0 means the existing file's size. Required for new files and `mem` LUNs.
+    #[serde(default)]
+    pub size_mb: u64,
+    #[serde(default)]
     pub backing: BackingKind,
+    #[serde(default)]
+    pub read_only: bool,
+    /// LUN number; `None` means the lowest free one.
+    #[serde(default)]
+    pub lun_id: Option<u64>,
+    /// Export an allow-listed block device instead of an image file.
+    #[serde(default)]
+    pub is_block: bool,
 }
+
 impl Config {
+    /// Parses and checks a configuration (plain, or a Jumpstarter exporter config).
+    pub fn from_yaml_str(s: &str) -> Result<Config, ConfigError> {
+        Self::parse(s, "config")
+    }
+
+    /// Reads, parses and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = fs::read_to_string(path).map_err(io_err(path, "read config"))?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    fn parse(s: &str, origin: &str) -> Result<Config, ConfigError> {
+        let yaml_err = |origin: String| move |source| ConfigError::Yaml { origin, source };
+        let doc: serde_norway::Value = serde_norway::from_str(s).map_err(yaml_err(origin.to_owned()))?;
+        let mut cfg = match &doc {
+            // An empty file is a configuration of defaults.
+            serde_norway::Value::Null => Config::default(),
+            serde_norway::Value::Mapping(m) if m.contains_key("export") => {
+                let file: ExporterFile = serde_norway::from_str(s).map_err(yaml_err(origin.to_owned()))?;
+                file.export.0.ok_or_else(|| {
+                    invalid("export", "no export has an iSCSI type (e.g. jumpstarter_driver_iscsi.driver.ISCSI)")
+                })?
+            }
+            // Parsed again from the text so errors carry their line and column.
+            _ => serde_norway::from_str(s).map_err(yaml_err(origin.to_owned()))?,
+        };
+        for lun in &mut cfg.luns {
+            lun.fill_defaults();
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks every value; the first problem is returned, naming its key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        todo!()
+        if self.root_dir.as_os_str().is_empty() {
+            return Err(invalid("root_dir", "must not be empty"));
+        }
+        validate_iqn(&self.iqn_prefix, &self.target_name)?;
+        if !self.host.is_empty() && self.host.parse::<IpAddr>().is_err() {
+            return Err(invalid(
+                "host",
+                format!("not an IP address: {:?} (leave empty for the default-route address)", self.host),
+            ));
+        }
+        for (i, p) in self.block_device_allowlist.iter().enumerate() {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    format!("block_device_allowlist[{i}]"),
+                    format!("must be an absolute path: {}", p.display()),
+                ));
+            }
+        }
+        if let Some(p) = &self.control_socket {
+            if p.as_os_str().is_empty() {
+                return Err(invalid("control_socket", "must not be empty"));
+            }
+        }
+        let sock = self.control_socket_path();
+        if sock.as_os_str().len() > MAX_SOCKET_PATH {
+            let key = if self.control_socket.is_some() { "control_socket" } else { "root_dir" };
+            return Err(invalid(
+                key,
+                format!(
+                    "control socket path {} is longer than the {MAX_SOCKET_PATH} bytes a Unix socket address holds",
+                    sock.display()
+                ),
+            ));
+        }
+        self.validate_reactors()?;
+        if let Some(level) = &self.log_level {
+            if level.parse::<log::LevelFilter>().is_err() {
+                return Err(invalid(
+                    "log_level",
+                    format!("{level:?} is not one of off, error, warn, info, debug, trace"),
+                ));
+            }
+        }
+        self.validate_luns()
     }
+
+    fn validate_reactors(&self) -> Result<(), ConfigError> {
+        match (self.reactors, &self.cpus) {
+            (Some(_), Some(_)) => Err(invalid("reactors", "set either reactors or cpus, not both")),
+            (Some(0), None) => Err(invalid("reactors", "must be at least 1")),
+            (Some(n), None) if n > MAX_REACTORS => Err(invalid("reactors", format!("{n} is more than {MAX_REACTORS}"))),
+            (_, Some(cpus)) => {
+                if cpus.is_empty() {
+                    return Err(invalid("cpus", "must list at least one CPU"));
+                }
+                let allowed = affinity_cpus();
+                for (i, cpu) in cpus.iter().enumerate() {
+                    if cpus[..i].contains(cpu) {
+                        return Err(invalid("cpus", format!("CPU {cpu} is listed twice")));
+                    }
+                    if !allowed.contains(cpu) {
+                        return Err(invalid(
+                            "cpus",
+                            format!("CPU {cpu} is not in this process's affinity mask (allowed: {})", join(&allowed)),
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn validate_luns(&self) -> Result<(), ConfigError> {
+        let mut names = HashMap::new();
+        let mut ids = HashMap::new();
+        let mut files: HashMap<PathBuf, &str> = HashMap::new();
+        for (i, lun) in self.luns.iter().enumerate() {
+            let key = format!("luns[{i}]");
+            lun.validate(&key)?;
+            if let Some(first) = names.insert(lun.name.as_str(), i) {
+                return Err(invalid(
+                    format!("{key}.name"),
+                    format!("{:?} is already the name of luns[{first}]", lun.name),
+                ));
+            }
+            if let Some(id) = lun.lun_id {
+                if let Some(first) = ids.insert(id, i) {
+                    return Err(invalid(
+                        format!("{key}.lun_id"),
+                        format!("{id} is already the lun_id of luns[{first}]"),
+                    ));
+                }
+            }
+            // Two LUNs over one image would corrupt each other's data.
+            if let Some(path) = lun.image_path() {
+                let path: PathBuf = path.components().filter(|c| *c != Component::CurDir).collect();
+                if let Some(other) = files.insert(path.clone(), &lun.name) {
+                    return Err(invalid(
+                        format!("{key}.file_path"),
+                        format!("{} is already exported by lun {other}", path.display()),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The target's IQN, `iqn_prefix:target_name`, lower-cased: iSCSI names compare
+    /// case-insensitively and are exchanged in lower case (RFC 3722).
     pub fn target_iqn(&self) -> String {
-        todo!()
+        format!("{}:{}", self.iqn_prefix, self.target_name).to_lowercase()
     }
+
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket.clone().unwrap_or_else(|| self.root_dir.join("uringtgt.sock"))
+    }
+
+    /// The portal address: `host`, or when empty the address of the interface the default route
+    /// leaves through, or `0.0.0.0` when there is no default route.
     pub fn resolve_host(&self) -> String {
-        todo!()
+        if !self.host.is_empty() {
+            return self.host.clone();
+        }
+        default_route_addr().map_or_else(|| "0.0.0.0".to_owned(), |ip| ip.to_string())
     }
+
+    /// The CPU each reactor is pinned to: `cpus`, or the first `reactors` CPUs of the affinity
+    /// mask, cycling through the mask when there are more reactors than CPUs.
     pub fn reactor_cpus(&self) -> Vec<usize> {
-        todo!()
+        if let Some(cpus) = &self.cpus {
+            return cpus.clone();
+        }
+        let mask = affinity_cpus();
+        let n = self.reactors.unwrap_or(mask.len());
+        mask.iter().copied().cycle().take(n).collect()
     }
 }
-pub fn open_lun_backing(_c: &Config, _l: &LunConfig) -> Result<(Backing, Option<PathBuf>), ConfigError> {
-    todo!()
+
+impl LunConfig {
+    /// Parses a `--lun` value: comma-separated `key=value` pairs with the YAML keys, e.g.
+    /// `name=disk0,file_path=disk0.img,size_mb=64,backing=file,read_only=true,lun_id=3,is_block=false`.
+    pub fn parse_spec(spec: &str) -> Result<LunConfig, ConfigError> {
+        let key = |k: &str| format!("--lun {spec}: {k}");
+        let mut name = None;
+        let mut lun = LunConfig {
+            name: String::new(),
+            file_path: None,
+            size_mb: 0,
+            backing: BackingKind::File,
+            read_only: false,
+            lun_id: None,
+            is_block: false,
+        };
+        for pair in spec.split(',').filter(|p| !p.is_empty()) {
+            let Some((k, v)) = pair.split_once('=') else {
+                return Err(invalid(format!("--lun {spec}"), format!("{pair:?} is not key=value")));
+            };
+            let num = |v: &str| v.parse::<u64>().map_err(|_| invalid(key(k), format!("not a whole number: {v:?}")));
+            let flag = |v: &str| v.parse::<bool>().map_err(|_| invalid(key(k), format!("not true or false: {v:?}")));
+            match k {
+                "name" => name = Some(v.to_owned()),
+                "file_path" => lun.file_path = Some(PathBuf::from(v)),
+                "size_mb" => lun.size_mb = num(v)?,
+                "backing" => {
+                    lun.backing = match v {
+                        "file" => BackingKind::File,
+                        "mem" => BackingKind::Mem,
+                        _ => return Err(invalid(key(k), format!("{v:?} is not file or mem"))),
+                    }
+                }
+                "read_only" => lun.read_only = flag(v)?,
+                "lun_id" => lun.lun_id = Some(num(v)?),
+                "is_block" => lun.is_block = flag(v)?,
+                _ => {
+                    return Err(invalid(
+                        format!("--lun {spec}"),
+                        format!(
+                            "unknown key {k:?}, expected one of name, file_path, size_mb, backing, read_only, lun_id, is_block"
+                        ),
+                    ))
+                }
+            }
+        }
+        lun.name = name.ok_or_else(|| invalid(format!("--lun {spec}"), "name is required"))?;
+        lun.fill_defaults();
+        lun.validate(&format!("--lun {spec}"))?;
+        Ok(lun)
+    }
+
+    /// `file_path` defaults to `<name>.img` for image-file LUNs.
+    fn fill_defaults(&mut self) {
+        if self.file_path.is_none() && self.backing == BackingKind::File && !self.is_block {
+            self.file_path = Some(PathBuf::from(format!("{}.img", self.name)));
+        }
+    }
+
+    /// The image path relative to root_dir, for image-file LUNs.
+    fn image_path(&self) -> Option<PathBuf> {
+        if self.backing != BackingKind::File || self.is_block {
+            return None;
+        }
+        Some(self.file_path.clone().unwrap_or_else(|| PathBuf::from(format!("{}.img", self.name))))
+    }
+
+    /// Checks this LUN on its own; `key` prefixes error keys (`luns[1]`, `--lun ...`).
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        let k = |field: &str| format!("{key}.{field}");
+        if self.name.is_empty() {
+            return Err(invalid(k("name"), "must not be empty"));
+        }
+        if let Some(c) = self.name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+            return Err(invalid(k("name"), format!("{:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ -", self.name)));
+        }
+        if let Some(id) = self.lun_id {
+            if id > MAX_LUN_ID {
+                return Err(invalid(k("lun_id"), format!("{id} is above the highest LUN number, {MAX_LUN_ID}")));
+            }
+        }
+        if self.size_mb > u64::MAX >> 20 {
+            return Err(invalid(k("size_mb"), format!("{} MiB does not fit in 64 bits of bytes", self.size_mb)));
+        }
+        match (self.backing, self.is_block) {
+            (BackingKind::Mem, _) => {
+                if self.size_mb == 0 {
+                    return Err(invalid(k("size_mb"), "a mem LUN needs a size above 0"));
+                }
+                if self.is_block {
+                    return Err(invalid(k("is_block"), "a mem LUN cannot be a block device"));
+                }
+                if let Some(p) = &self.file_path {
+                    return Err(invalid(k("file_path"), format!("a mem LUN has no file: {}", p.display())));
+                }
+            }
+            (BackingKind::File, true) => {
+                let Some(p) = &self.file_path else {
+                    return Err(invalid(k("file_path"), "a block LUN needs the device's absolute path"));
+                };
+                if !p.is_absolute() {
+                    return Err(invalid(
+                        k("file_path"),
+                        format!("a block device path must be absolute: {}", p.display()),
+                    ));
+                }
+                if self.size_mb != 0 {
+                    return Err(invalid(k("size_mb"), "a block device has a fixed size; leave size_mb at 0"));
+                }
+            }
+            (BackingKind::File, false) => {
+                if let Some(p) = &self.file_path {
+                    check_relative(p).map_err(|m| invalid(k("file_path"), m))?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
-pub fn remove_created_images(_c: &Config) {}
+
+/// An image path must stay below root_dir by construction: relative, no `..`, not empty.
+fn check_relative(p: &Path) -> Result<(), String> {
+    if p.as_os_str().is_empty() {
+        return Err("must not be empty".into());
+    }
+    if p.is_absolute() {
+        return Err(format!("absolute paths are not allowed: {}", p.display()));
+    }
+    if p.components().any(|c| c == Component::ParentDir) {
+        return Err(format!("'..' is not allowed: {}", p.display()));
+    }
+    if p.file_name().is_none() {
+        return Err(format!("does not name a file: {}", p.display()));
+    }
+    Ok(())
+}
+
+/// iSCSI names: `iqn.yyyy-mm.<reversed domain>[:...]`, characters a-z 0-9 `-` `.` `:`
+/// (upper case is accepted and lower-cased, as the old driver's LIO did).
+fn validate_iqn(prefix: &str, target_name: &str) -> Result<(), ConfigError> {
+    let bad_char = |s: &str| s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':')));
+    if let Some(c) = bad_char(prefix) {
+        return Err(invalid("iqn_prefix", format!("{prefix:?} contains {c:?}; iSCSI names allow a-z 0-9 - . :")));
+    }
+    let date_ok = prefix.len() > 12
+        && prefix[..4].eq_ignore_ascii_case("iqn.")
+        && prefix.as_bytes()[4..8].iter().all(u8::is_ascii_digit)
+        && prefix.as_bytes()[8] == b'-'
+        && prefix.as_bytes()[9..11].iter().all(u8::is_ascii_digit)
+        && prefix.as_bytes()[11] == b'.';
+    if !date_ok {
+        return Err(invalid("iqn_prefix", format!("{prefix:?} is not of the form iqn.yyyy-mm.reversed.domain")));
+    }
+    if target_name.is_empty() {
+        return Err(invalid("target_name", "must not be empty"));
+    }
+    if let Some(c) = bad_char(target_name) {
+        return Err(invalid("target_name", format!("{target_name:?} contains {c:?}; iSCSI names allow a-z 0-9 - . :")));
+    }
+    let len = prefix.len() + 1 + target_name.len();
+    if len > MAX_ISCSI_NAME {
+        return Err(invalid("target_name", format!("the target IQN would be {len} bytes, more than {MAX_ISCSI_NAME}")));
+    }
+    Ok(())
+}
+
+/// A Jumpstarter exporter config; of its keys only `export:` matters here.
+#[derive(Deserialize)]
+struct ExporterFile {
+    export: IscsiExport,
+}
+
+/// The `config:` block of the first export whose `type` names iSCSI, if any.
+struct IscsiExport(Option<Config>);
+
+/// One export: its `config:` when its `type` names iSCSI.
+struct ExportEntry(Option<Config>);
+
+fn is_iscsi_type(ty: &str) -> bool {
+    ty.to_ascii_lowercase().contains("iscsi")
+}
+
+impl<'de> Deserialize<'de> for IscsiExport {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = IscsiExport;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a mapping of export names to {type, config}")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<IscsiExport, A::Error> {
+                let mut found = None;
+                while let Some((_, entry)) = map.next_entry::<serde_norway::Value, ExportEntry>()? {
+                    if found.is_none() {
+                        found = entry.0;
+                    }
+                }
+                Ok(IscsiExport(found))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for ExportEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{Error, IgnoredAny};
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = ExportEntry;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an export: {type, config}")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ExportEntry, A::Error> {
+                let mut ty: Option<String> = None;
+                let mut config: Option<Config> = None;
+                // `config` before `type`: kept as a value until the type is known.
+                let mut early: Option<serde_norway::Value> = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match (key.as_str(), ty.as_deref()) {
+                        ("type", _) => ty = Some(map.next_value()?),
+                        // Parsed straight from the text so errors keep their key path and line.
+                        ("config", Some(t)) if is_iscsi_type(t) => {
+                            config = Some(map.next_value::<Option<Config>>()?.unwrap_or_default())
+                        }
+                        ("config", None) => early = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                if !ty.as_deref().is_some_and(is_iscsi_type) {
+                    return Ok(ExportEntry(None));
+                }
+                if let Some(v) = early.filter(|v| !v.is_null()) {
+                    config = Some(serde_norway::from_value(v).map_err(|e| A::Error::custom(format!("config: {e}")))?);
+                }
+                Ok(ExportEntry(Some(config.unwrap_or_default())))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// The local address a UDP socket "connected" to a public address gets: connect() on UDP sends
+/// nothing, it only asks the kernel for the route.
+fn default_route_addr() -> Option<IpAddr> {
+    let sock = UdpSocket::bind("0.0.0.0:0").ok()?;
+    sock.connect("8.8.8.8:53").ok()?;
+    let ip = sock.local_addr().ok()?.ip();
+    (!ip.is_unspecified()).then_some(ip)
+}
+
+/// CPU ids this process may run on, ascending.
+fn affinity_cpus() -> Vec<usize> {
+    let mut ids: Vec<usize> = core_affinity::get_core_ids().unwrap_or_default().into_iter().map(|c| c.id).collect();
+    ids.sort_unstable();
+    if ids.is_empty() {
+        // No affinity information: assume the CPUs std sees are 0..n.
+        ids = (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    }
+    ids
+}
+
+fn join(v: &[usize]) -> String {
+    v.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// A LUN's open store, the path it was opened from, and whether this call created the file.
+pub struct LunStore {
+    pub backing: Backing,
+    /// The canonical image or device path; `None` for `mem` LUNs.
+    pub path: Option<PathBuf>,
+    /// The image file did not exist before: `remove_created_on_close` deletes it.
+    pub created: bool,
+}
+
+/// Opens (creating or growing the image as configured) the store behind `lun`. Returns the
+/// store and the canonical path of its file, if any.
+pub fn open_lun_backing(cfg: &Config, lun: &LunConfig) -> Result<(Backing, Option<PathBuf>), ConfigError> {
+    open_lun_store(cfg, lun).map(|s| (s.backing, s.path))
+}
+
+/// [`open_lun_backing`], also telling whether the image file was created.
+pub fn open_lun_store(cfg: &Config, lun: &LunConfig) -> Result<LunStore, ConfigError> {
+    lun.validate(&format!("lun {}", lun.name))?;
+    let backing_err = |source| ConfigError::Backing { lun: lun.name.clone(), source };
+    let lun_err = |message: String| ConfigError::Lun { lun: lun.name.clone(), message };
+    match lun.backing {
+        BackingKind::Mem => {
+            let backing = Backing::new_mem(lun.size_mb << 20).map_err(backing_err)?;
+            Ok(LunStore { backing, path: None, created: false })
+        }
+        BackingKind::File if lun.is_block => {
+            // validate() guarantees an absolute path.
+            let dev = lun.file_path.as_deref().unwrap_or(Path::new(""));
+            let canon = fs::canonicalize(dev).map_err(io_err(dev, "resolve block device"))?;
+            let allowed =
+                cfg.block_device_allowlist.iter().filter_map(|p| fs::canonicalize(p).ok()).any(|p| p == canon);
+            if !allowed {
+                return Err(lun_err(format!(
+                    "{} (resolved from {}) is not in block_device_allowlist",
+                    canon.display(),
+                    dev.display()
+                )));
+            }
+            let meta = fs::metadata(&canon).map_err(io_err(&canon, "stat"))?;
+            if !meta.file_type().is_block_device() {
+                return Err(lun_err(format!("{} is not a block device", canon.display())));
+            }
+            let backing = Backing::open_file(&canon, lun.read_only).map_err(backing_err)?;
+            Ok(LunStore { backing, path: Some(canon), created: false })
+        }
+        BackingKind::File => {
+            let rel = lun.image_path().unwrap_or_default();
+            let (path, created) = prepare_image(&cfg.root_dir, &rel, lun.size_mb, &lun_err)?;
+            match Backing::open_file(&path, lun.read_only) {
+                Ok(backing) => Ok(LunStore { backing, path: Some(path), created }),
+                Err(e) => {
+                    // Do not leave behind a file nobody will serve.
+                    if created {
+                        let _ = fs::remove_file(&path);
+                    }
+                    Err(backing_err(e))
+                }
+            }
+        }
+    }
+}
+
+/// Resolves `rel` (already checked by [`LunConfig::validate`]) under `root_dir` (which is created
+/// if missing), refuses anything that escapes it, then creates (sparse), grows or checks the image. Returns its canonical path and whether
+/// it was created.
+fn prepare_image(
+    root_dir: &Path,
+    rel: &Path,
+    size_mb: u64,
+    lun_err: &dyn Fn(String) -> ConfigError,
+) -> Result<(PathBuf, bool), ConfigError> {
+    fs::create_dir_all(root_dir).map_err(io_err(root_dir, "create root_dir"))?;
+    let root = fs::canonicalize(root_dir).map_err(io_err(root_dir, "resolve root_dir"))?;
+    let joined = root.join(rel);
+    let want = size_mb << 20;
+    let escapes = |p: &Path| {
+        lun_err(format!("{} resolves to {}, outside root_dir {}", rel.display(), p.display(), root.display()))
+    };
+    match fs::symlink_metadata(&joined) {
+        Ok(_) => {
+            let canon = fs::canonicalize(&joined).map_err(io_err(&joined, "resolve"))?;
+            if !canon.starts_with(&root) {
+                return Err(escapes(&canon));
+            }
+            let meta = fs::metadata(&canon).map_err(io_err(&canon, "stat"))?;
+            if !meta.is_file() {
+                return Err(lun_err(format!("{} is not a regular file", canon.display())));
+            }
+            let size = meta.len();
+            if size_mb == 0 {
+                if size == 0 || size % u64::from(BLOCK_SIZE) != 0 {
+                    return Err(lun_err(format!(
+                        "{} is {size} bytes, not a non-zero multiple of {BLOCK_SIZE}; set size_mb to grow it",
+                        canon.display()
+                    )));
+                }
+            } else if want > size {
+                let f = OpenOptions::new().write(true).open(&canon).map_err(io_err(&canon, "open to grow"))?;
+                f.set_len(want).map_err(io_err(&canon, "grow"))?;
+                log::info!("{}: grown from {size} to {want} bytes", canon.display());
+            } else if want < size {
+                return Err(lun_err(format!(
+                    "{} is {size} bytes, larger than size_mb {size_mb} ({want} bytes); refusing to shrink it",
+                    canon.display()
+                )));
+            }
+            Ok((canon, false))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if size_mb == 0 {
+                return Err(lun_err(format!("{} does not exist and size_mb is 0", joined.display())));
+            }
+            let parent = joined.parent().unwrap_or(&root);
+            let canon_parent = fs::canonicalize(parent).map_err(io_err(parent, "resolve parent directory"))?;
+            if !canon_parent.starts_with(&root) {
+                return Err(escapes(&canon_parent));
+            }
+            // validate() guarantees a file name.
+            let path = canon_parent.join(joined.file_name().unwrap_or_default());
+            // create_new (O_EXCL) does not follow a symlink planted since the check above.
+            let f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_err(&path, "create"))?;
+            if let Err(e) = f.set_len(want) {
+                let _ = fs::remove_file(&path);
+                return Err(io_err(&path, "set size")(e));
+            }
+            log::info!("{}: created, {want} bytes (sparse)", path.display());
+            Ok((path, true))
+        }
+        Err(e) => Err(io_err(&joined, "stat")(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn err(yaml: &str) -> String {
+        Config::from_yaml_str(yaml).unwrap_err().to_string()
+    }
+
+    fn cfg_in(dir: &Path) -> Config {
+        Config { root_dir: dir.join("root"), ..Config::default() }
+    }
+
+    fn file_lun(name: &str, size_mb: u64) -> LunConfig {
+        LunConfig::parse_spec(&format!("name={name},size_mb={size_mb}")).unwrap()
+    }
+
+    #[test]
+    fn defaults_match_the_old_driver() {
+        let c = Config::from_yaml_str("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.root_dir, PathBuf::from("/var/lib/iscsi"));
+        assert_eq!(c.target_iqn(), "iqn.2024-06.dev.jumpstarter:target1");
+        assert_eq!(c.port, 3260);
+        assert_eq!(c.host, "");
+        assert!(!c.remove_created_on_close);
+        assert!(c.block_device_allowlist.is_empty());
+        assert_eq!(c.control_socket_path(), PathBuf::from("/var/lib/iscsi/uringtgt.sock"));
+        assert_eq!(c.poll_mode, PollMode::Adaptive);
+    }
+
+    #[test]
+    fn full_config_parses() {
+        let c = Config::from_yaml_str(
+            "root_dir: /srv/img\niqn_prefix: iqn.2020-01.org.example\ntarget_name: Lab\nhost: 127.0.0.1\nport: 3261\n\
+             remove_created_on_close: true\nblock_device_allowlist: [/dev/null]\ncontrol_socket: /run/u.sock\n\
+             reactors: 3\npoll_mode: busy\nlog_level: debug\nluns:\n  - {name: disk0, size_mb: 64}\n\
+             \x20 - {name: ram, backing: mem, size_mb: 8, lun_id: 5, read_only: true}\n",
+        )
+        .unwrap();
+        assert_eq!(c.target_iqn(), "iqn.2020-01.org.example:lab");
+        assert_eq!(c.port, 3261);
+        assert_eq!(c.reactors, Some(3));
+        assert_eq!(c.poll_mode, PollMode::Busy);
+        assert_eq!(c.control_socket_path(), PathBuf::from("/run/u.sock"));
+        assert_eq!(c.luns[0].file_path, Some(PathBuf::from("disk0.img")));
+        assert_eq!(c.luns[0].backing, BackingKind::File);
+        assert_eq!(c.luns[1].file_path, None);
+        assert_eq!((c.luns[1].backing, c.luns[1].lun_id, c.luns[1].read_only), (BackingKind::Mem, Some(5), true));
+    }
+
+    #[test]
+    fn exporter_config_uses_the_iscsi_export() {
+        let c = Config::from_yaml_str(
+            "apiVersion: jumpstarter.dev/v1alpha1\nkind: ExporterConfig\nendpoint: grpc.example:443\nexport:\n  power:\n    \
+             type: jumpstarter_driver_power.driver.MockPower\n    config: {voltage: 5}\n  storage:\n    \
+             type: jumpstarter_driver_iscsi.driver.ISCSI\n    config:\n      root_dir: /var/lib/iscsi\n      \
+             target_name: demo\n      port: 3262\n",
+        )
+        .unwrap();
+        assert_eq!(c.target_iqn(), "iqn.2024-06.dev.jumpstarter:demo");
+        assert_eq!(c.port, 3262);
+        let bare = Config::from_yaml_str("export:\n  iscsi:\n    type: ISCSI\n").unwrap();
+        assert_eq!(bare, Config::default());
+        assert!(err("export:\n  p:\n    type: Power\n").starts_with("export: no export has an iSCSI type"));
+        let e = err("export:\n  iscsi:\n    type: x.ISCSI\n    config: {colour: red}\n");
+        assert!(e.contains("export.iscsi.config: unknown field `colour`") && e.contains("line 4"), "{e}");
+        let e = err("export:\n  iscsi:\n    type: x.ISCSI\n    config:\n      luns: [{name: a, backing: x}]\n");
+        assert!(e.contains("export.iscsi.config.luns[0].backing: unknown variant `x`"), "{e}");
+        // config before type still works.
+        let c = Config::from_yaml_str("export:\n  iscsi:\n    config: {port: 1}\n    type: ISCSI\n").unwrap();
+        assert_eq!(c.port, 1);
+        let e = err("export:\n  iscsi:\n    config: {prot: 1}\n    type: ISCSI\n");
+        assert!(e.contains("prot"), "{e}");
+    }
+
+    #[test]
+    fn shipped_examples_parse() {
+        let demo = Config::from_yaml_str(include_str!("../examples/demo.yaml")).unwrap();
+        assert_eq!(demo.target_iqn(), "iqn.2024-06.dev.jumpstarter:demo");
+        assert_eq!((demo.resolve_host(), demo.port), ("127.0.0.1".to_owned(), 3260));
+        assert_eq!(
+            demo.luns.iter().map(|l| (l.backing, l.size_mb)).collect::<Vec<_>>(),
+            [(BackingKind::File, 64), (BackingKind::Mem, 64)]
+        );
+        let exp = Config::from_yaml_str(include_str!("../examples/jumpstarter-exporter.yaml")).unwrap();
+        assert_eq!(exp.target_iqn(), "iqn.2024-06.dev.jumpstarter:demo");
+        assert_eq!(exp.luns[0].file_path, Some(PathBuf::from("disk0.img")));
+    }
+
+    #[test]
+    fn unknown_and_mistyped_keys_are_named() {
+        let e = err("port: 3260\nprot: 1\n");
+        assert!(e.contains("unknown field `prot`") && e.contains("line 2"), "{e}");
+        let e = err("luns:\n  - {name: a, sise_mb: 1}\n");
+        assert!(e.contains("luns[0]") && e.contains("sise_mb"), "{e}");
+        let e = err("port: 70000\n");
+        assert!(e.contains("port") && e.contains("70000"), "{e}");
+        let e = err("poll_mode: bussy\n");
+        assert!(e.contains("poll_mode") && e.contains("bussy"), "{e}");
+        let e = err("luns:\n  - {name: a, backing: disk}\n");
+        assert!(e.contains("luns[0].backing") && e.contains("disk"), "{e}");
+        assert!(err("port: [1\n").starts_with("config: "));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let cases = [
+            (
+                "luns:\n  - {name: a}\n  - {name: b, file_path: /etc/passwd}\n",
+                "luns[1].file_path: absolute paths are not allowed: /etc/passwd",
+            ),
+            ("luns:\n  - {name: a, file_path: x/../../b.img}\n", "luns[0].file_path: '..' is not allowed"),
+            ("luns:\n  - {name: 'a b'}\n", "luns[0].name: \"a b\" contains ' '"),
+            ("luns:\n  - {name: ''}\n", "luns[0].name: must not be empty"),
+            (
+                "luns:\n  - {name: a}\n  - {name: a, file_path: b.img}\n",
+                "luns[1].name: \"a\" is already the name of luns[0]",
+            ),
+            ("luns:\n  - {name: a, lun_id: 1}\n  - {name: b, lun_id: 1}\n", "luns[1].lun_id: 1 is already"),
+            ("luns:\n  - {name: a, lun_id: 16384}\n", "luns[0].lun_id: 16384 is above"),
+            ("luns:\n  - {name: a, backing: mem}\n", "luns[0].size_mb: a mem LUN needs a size"),
+            ("luns:\n  - {name: a, backing: mem, size_mb: 1, file_path: a.img}\n", "luns[0].file_path: a mem LUN"),
+            (
+                "luns:\n  - {name: a}\n  - {name: b, file_path: ./a.img}\n",
+                "luns[1].file_path: a.img is already exported",
+            ),
+            ("luns:\n  - {name: a, is_block: true, file_path: sda}\n", "luns[0].file_path: a block device path must"),
+            ("reactors: 0\n", "reactors: must be at least 1"),
+            ("reactors: 2\ncpus: [0]\n", "reactors: set either"),
+            ("cpus: []\n", "cpus: must list"),
+            ("cpus: [0, 0]\n", "cpus: CPU 0 is listed twice"),
+            ("cpus: [100000]\n", "cpus: CPU 100000 is not in this process's affinity mask"),
+            ("host: example.com\n", "host: not an IP address"),
+            ("iqn_prefix: foo.bar\n", "iqn_prefix: \"foo.bar\" is not of the form"),
+            ("target_name: 'a/b'\n", "target_name: \"a/b\" contains '/'"),
+            ("target_name: ''\n", "target_name: must not be empty"),
+            ("block_device_allowlist: [dev/sda]\n", "block_device_allowlist[0]: must be an absolute path"),
+            ("log_level: loud\n", "log_level: \"loud\" is not one of"),
+            ("root_dir: /tmp\ncontrol_socket: ''\n", "control_socket: must not be empty"),
+        ];
+        for (yaml, want) in cases {
+            let e = err(yaml);
+            assert!(e.starts_with(want), "{yaml:?}: got {e:?}, want {want:?}");
+        }
+        let long = format!("root_dir: /{}\n", "d".repeat(120));
+        assert!(err(&long).starts_with("root_dir: control socket path"));
+    }
+
+    #[test]
+    fn lun_specs_parse_like_yaml() {
+        let l = LunConfig::parse_spec(
+            "name=disk0,file_path=img/disk0.img,size_mb=64,backing=file,read_only=true,lun_id=3,is_block=false",
+        )
+        .unwrap();
+        assert_eq!(
+            l,
+            LunConfig {
+                name: "disk0".into(),
+                file_path: Some("img/disk0.img".into()),
+                size_mb: 64,
+                backing: BackingKind::File,
+                read_only: true,
+                lun_id: Some(3),
+                is_block: false,
+            }
+        );
+        assert_eq!(LunConfig::parse_spec("name=d").unwrap().file_path, Some("d.img".into()));
+        assert_eq!(LunConfig::parse_spec("name=r,backing=mem,size_mb=1").unwrap().file_path, None);
+        let e = |s: &str| LunConfig::parse_spec(s).unwrap_err().to_string();
+        assert!(e("size_mb=1").ends_with("name is required"));
+        assert!(e("name=a,size=1").contains("unknown key \"size\""));
+        assert!(e("name=a,size_mb=x").contains("size_mb: not a whole number"));
+        assert!(e("name=a,read_only=yes").contains("read_only: not true or false"));
+        assert!(e("name=a,backing=disk").contains("backing: \"disk\" is not file or mem"));
+        assert!(e("name=a,file_path=/etc/passwd").contains("file_path: absolute paths are not allowed"));
+        assert!(e("name=a,oops").contains("\"oops\" is not key=value"));
+    }
+
+    #[test]
+    fn reactor_cpus_follow_the_affinity_mask() {
+        let mask = affinity_cpus();
+        assert!(!mask.is_empty());
+        assert_eq!(Config::default().reactor_cpus(), mask);
+        let c = Config { reactors: Some(mask.len() * 2 + 1), ..Config::default() };
+        let cpus = c.reactor_cpus();
+        assert_eq!(cpus.len(), mask.len() * 2 + 1);
+        assert_eq!(cpus[mask.len()], mask[0]);
+        assert_eq!(Config { reactors: Some(1), ..Config::default() }.reactor_cpus(), vec![mask[0]]);
+        assert_eq!(Config { cpus: Some(vec![mask[0]]), ..Config::default() }.reactor_cpus(), vec![mask[0]]);
+    }
+
+    #[test]
+    fn host_resolution() {
+        let c = Config { host: "127.0.0.1".into(), ..Config::default() };
+        assert_eq!(c.resolve_host(), "127.0.0.1");
+        // Without a default route this is 0.0.0.0; either way an address.
+        let h = Config::default().resolve_host();
+        assert!(h.parse::<IpAddr>().is_ok(), "{h}");
+    }
+
+    #[test]
+    fn load_reports_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("none.yaml");
+        let e = Config::load(&missing).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: read config: ", missing.display())), "{e}");
+        let bad = dir.path().join("bad.yaml");
+        fs::write(&bad, "port: 1\nbogus: 2\n").unwrap();
+        let e = Config::load(&bad).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("{}: ", bad.display())) && e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn new_image_is_created_sparse_and_tracked() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg_in(dir.path());
+        let s = open_lun_store(&cfg, &file_lun("d", 4)).unwrap();
+        let path = s.path.clone().unwrap();
+        assert!(s.created);
+        assert_eq!(s.backing.size(), 4 << 20);
+        assert_eq!(path, fs::canonicalize(dir.path().join("root/d.img")).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        assert!(fs::metadata(&path).unwrap().blocks() * 512 < 4 << 20, "not sparse");
+        drop(s);
+        // Reopened with size 0: its size, not created.
+        let s = open_lun_store(&cfg, &file_lun("d", 0)).unwrap();
+        assert!(!s.created);
+        assert_eq!(s.backing.size(), 4 << 20);
+    }
+
+    #[test]
+    fn missing_image_needs_a_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = open_lun_backing(&cfg_in(dir.path()), &file_lun("d", 0)).err().unwrap().to_string();
+        assert!(e.starts_with("lun d: ") && e.ends_with("does not exist and size_mb is 0"), "{e}");
+    }
+
+    #[test]
+    fn existing_image_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg_in(dir.path());
+        fs::create_dir_all(&cfg.root_dir).unwrap();
+        let img = cfg.root_dir.join("d.img");
+        // Exact size kept, not rounded to MiB.
+        fs::write(&img, vec![7u8; 3 * 512]).unwrap();
+        let (b, _) = open_lun_backing(&cfg, &file_lun("d", 0)).unwrap();
+        assert_eq!(b.size(), 3 * 512);
+        drop(b);
+        // Grown, data kept.
+        let (b, _) = open_lun_backing(&cfg, &file_lun("d", 1)).unwrap();
+        assert_eq!(b.size(), 1 << 20);
+        let mut buf = [0u8; 512];
+        b.read_at(&mut buf, 512).unwrap();
+        assert_eq!(buf, [7u8; 512]);
+        drop(b);
+        // Never shrunk.
+        fs::write(&img, vec![0u8; 3 << 20]).unwrap();
+        let e = open_lun_backing(&cfg, &file_lun("d", 1)).err().unwrap().to_string();
+        assert!(e.contains("refusing to shrink"), "{e}");
+        assert_eq!(fs::metadata(&img).unwrap().len(), 3 << 20);
+        // Odd sizes are refused rather than truncated.
+        fs::write(&img, vec![0u8; 1000]).unwrap();
+        let e = open_lun_backing(&cfg, &file_lun("d", 0)).err().unwrap().to_string();
+        assert!(e.contains("1000 bytes, not a non-zero multiple of 512"), "{e}");
+    }
+
+    #[test]
+    fn symlinks_are_resolved_and_kept_inside_root_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg_in(dir.path());
+        fs::create_dir_all(&cfg.root_dir).unwrap();
+        let outside = dir.path().join("outside.img");
+        fs::write(&outside, vec![0u8; 4096]).unwrap();
+        symlink(&outside, cfg.root_dir.join("esc.img")).unwrap();
+        let e = open_lun_backing(&cfg, &file_lun("esc", 0)).err().unwrap().to_string();
+        assert!(e.contains("outside root_dir"), "{e}");
+        // A directory symlink escaping root_dir, for a file to be created.
+        symlink(dir.path(), cfg.root_dir.join("up")).unwrap();
+        let lun = LunConfig::parse_spec("name=n,file_path=up/new.img,size_mb=1").unwrap();
+        let e = open_lun_backing(&cfg, &lun).err().unwrap().to_string();
+        assert!(e.contains("outside root_dir"), "{e}");
+        assert!(!dir.path().join("new.img").exists());
+        // A dangling symlink is not followed to create its target.
+        symlink(dir.path().join("planted.img"), cfg.root_dir.join("dang.img")).unwrap();
+        assert!(open_lun_backing(&cfg, &file_lun("dang", 1)).is_err());
+        assert!(!dir.path().join("planted.img").exists());
+        // A symlink inside root_dir is served from its canonical path.
+        fs::write(cfg.root_dir.join("real.img"), vec![0u8; 4096]).unwrap();
+        symlink("real.img", cfg.root_dir.join("alias.img")).unwrap();
+        let (_, path) = open_lun_backing(&cfg, &file_lun("alias", 0)).unwrap();
+        assert_eq!(path.unwrap(), fs::canonicalize(cfg.root_dir.join("real.img")).unwrap());
+    }
+
+    #[test]
+    fn directories_are_not_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg_in(dir.path());
+        fs::create_dir_all(cfg.root_dir.join("d.img")).unwrap();
+        let e = open_lun_backing(&cfg, &file_lun("d", 0)).err().unwrap().to_string();
+        assert!(e.contains("is not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn block_devices_need_the_allowlist() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = cfg_in(dir.path());
+        let fake = dir.path().join("fake");
+        fs::write(&fake, vec![0u8; 4096]).unwrap();
+        let lun = LunConfig::parse_spec(&format!("name=b,is_block=true,file_path={}", fake.display())).unwrap();
+        let e = open_lun_backing(&cfg, &lun).err().unwrap().to_string();
+        assert!(e.contains("is not in block_device_allowlist"), "{e}");
+        // Listed through a symlink: matched after resolution, then refused as not a device.
+        let link = dir.path().join("link");
+        symlink(&fake, &link).unwrap();
+        cfg.block_device_allowlist = vec![link];
+        let e = open_lun_backing(&cfg, &lun).err().unwrap().to_string();
+        assert!(e.contains("is not a block device"), "{e}");
+        assert!(LunConfig::parse_spec("name=b,is_block=true,file_path=/dev/sda,size_mb=1").is_err());
+    }
+
+    #[test]
+    fn mem_luns_are_allocated() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg_in(dir.path());
+        let lun = LunConfig::parse_spec("name=r,backing=mem,size_mb=2").unwrap();
+        let s = open_lun_store(&cfg, &lun).unwrap();
+        assert_eq!((s.backing.kind(), s.backing.size(), s.path, s.created), (BackingKind::Mem, 2 << 20, None, false));
+    }
+}

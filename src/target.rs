@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
@@ -168,13 +169,19 @@ impl Shared {
 }
 
 /// Opens the configured LUNs, giving each its own LUN id (explicit, or the lowest free one).
-pub fn build_luns(cfg: &Config) -> Result<LunTable, TargetError> {
+/// Also returns the image files this created, for `remove_created_on_close`.
+pub fn build_luns(cfg: &Config) -> Result<(LunTable, Vec<PathBuf>), TargetError> {
     let iqn = cfg.target_iqn();
     let mut luns: Vec<Arc<Lun>> = Vec::new();
     let explicit: Vec<u64> = cfg.luns.iter().filter_map(|l| l.lun_id).collect();
+    let mut created = Vec::new();
     for lc in &cfg.luns {
-        let (backing, path) =
-            config::open_lun_backing(cfg, lc).map_err(|source| TargetError::Lun { name: lc.name.clone(), source })?;
+        let store =
+            config::open_lun_store(cfg, lc).map_err(|source| TargetError::Lun { name: lc.name.clone(), source })?;
+        let (backing, path) = (store.backing, store.path);
+        if store.created {
+            created.extend(path.clone());
+        }
         let id = match lc.lun_id {
             Some(id) => id,
             None => (0..=lun::MAX_LUN_ID)
@@ -184,7 +191,7 @@ pub fn build_luns(cfg: &Config) -> Result<LunTable, TargetError> {
         let read_only = lc.read_only;
         luns.push(Arc::new(Lun::new(id, &lc.name, path, backing, read_only, &iqn)));
     }
-    Ok(LunTable::new(luns))
+    Ok((LunTable::new(luns), created))
 }
 
 /// A running target: reactors and the acceptor thread.
@@ -195,13 +202,15 @@ pub struct Target {
     reactors: Vec<JoinHandle<()>>,
     acceptor: Option<JoinHandle<()>>,
     iqn: String,
+    /// Image files created at start-up.
+    created: Vec<PathBuf>,
 }
 
 impl Target {
     /// Opens the LUNs, binds the portal and starts the reactors and the acceptor.
     pub fn start(cfg: &Config) -> Result<Self, TargetError> {
         cfg.validate()?;
-        let luns = build_luns(cfg)?;
+        let (luns, created) = build_luns(cfg)?;
         let host = cfg.resolve_host();
         let addr = if host.contains(':') { format!("[{host}]:{}", cfg.port) } else { format!("{host}:{}", cfg.port) };
         let listener = TcpListener::bind(&addr).map_err(|source| TargetError::Bind { addr: addr.clone(), source })?;
@@ -250,7 +259,7 @@ impl Target {
                 .spawn(move || accept_loop(&listener, &shared))
                 .map_err(TargetError::Thread)?
         };
-        Ok(Self { shared, listener, local, reactors, acceptor: Some(acceptor), iqn })
+        Ok(Self { shared, listener, local, reactors, acceptor: Some(acceptor), iqn, created })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -263,6 +272,11 @@ impl Target {
 
     pub fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    /// Image files this target created when it started.
+    pub fn created_images(&self) -> &[PathBuf] {
+        &self.created
     }
 
     /// Stops accepting, logs every connection out and waits for the reactors to finish.
@@ -345,9 +359,16 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
     // SAFETY: set holds the blocked signals; sig receives the one that arrived.
     unsafe { libc::sigwait(&set, &mut sig) };
     log::info!("signal {sig}: stopping");
+    let created = target.created_images().to_vec();
     target.stop();
     if cfg.remove_created_on_close {
-        config::remove_created_images(&cfg);
+        // Like the replaced driver: images this run created go; pre-existing ones stay.
+        for path in created {
+            match std::fs::remove_file(&path) {
+                Ok(()) => log::info!("removed {}", path.display()),
+                Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
+            }
+        }
     }
     Ok(())
 }

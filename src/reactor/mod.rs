@@ -23,16 +23,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How a reactor waits for work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PollMode {
-    /// Spin briefly after activity, then sleep in `io_uring_enter`: ~0% CPU when idle.
-    #[default]
-    Adaptive,
-    /// Never sleep: a full core for the lowest latency (SPDK's classic mode).
-    Busy,
-}
+/// How a reactor waits for work (see the `poll_mode` configuration key).
+pub use crate::config::PollMode;
 
 /// Messages to a reactor from other threads.
 pub enum Msg {
