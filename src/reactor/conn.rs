@@ -100,8 +100,7 @@ pub struct Conn {
     stat_sn: u32,
     /// Commands that arrived ahead of ExpCmdSN, by CmdSN.
     parked: BTreeMap<u32, Vec<u8>>,
-    text: Option<text::TextExchange>,
-    ttt_seq: u32,
+    text: Option<text::TextNegotiator>,
     pending_tmf: Option<PendingTmf>,
     last_rx: Instant,
     ping_sent: Option<Instant>,
@@ -139,7 +138,6 @@ impl Conn {
             stat_sn: 0,
             parked: BTreeMap::new(),
             text: None,
-            ttt_seq: 0,
             pending_tmf: None,
             last_rx: now,
             ping_sent: None,
@@ -324,7 +322,7 @@ impl Conn {
             opcode::SCSI_COMMAND => self.scsi_command(bhs, ahs, data, env),
             opcode::NOP_OUT => self.nop_out(bhs, data),
             opcode::TASK_MGMT_REQUEST => self.task_mgmt(bhs, env),
-            opcode::TEXT_REQUEST => self.text_request(bhs, data),
+            opcode::TEXT_REQUEST => self.text_request(bhs, data, env),
             opcode::LOGOUT_REQUEST => self.logout(bhs),
             _ => unreachable!("only ordered opcodes get here"),
         }
@@ -493,38 +491,43 @@ impl Conn {
 
     // ---- text and logout ----
 
-    fn text_request(&mut self, bhs: Bhs, data: &[u8]) {
+    fn text_request(&mut self, bhs: Bhs, data: &[u8], env: &mut ConnEnv) {
         let session_type = self.neg.as_ref().expect("full feature phase").session_type;
-        let max = self.max_xmit() as usize;
-        let exchange = self.text.get_or_insert_with(|| text::TextExchange::new(session_type));
-        let reply = exchange.request(bhs.continue_bit(), bhs.final_bit(), bhs.ttt(), data, max);
-        let (payload, more) = match reply {
+        let max_xmit = self.max_xmit();
+        let local = self.stream.local_addr().ok();
+        let negotiator = self.text.get_or_insert_with(|| {
+            let cfg = env.shared.login_config();
+            // Answer SendTargets with the address this connection reached us on: right
+            // whether we listen on one address or on all of them.
+            let tpgt = cfg.portal_group_tag;
+            let addresses = match local {
+                Some(a) => vec![format!("{a},{tpgt}")],
+                None => cfg.addresses.clone(),
+            };
+            text::TextNegotiator::new(session_type, &cfg.target_name, &addresses, max_xmit)
+        });
+        let req = text::TextRequest {
+            final_bit: bhs.final_bit(),
+            cont: bhs.continue_bit(),
+            itt: bhs.itt(),
+            ttt: bhs.ttt(),
+            data,
+        };
+        let rsp = match negotiator.step(&req) {
             Ok(r) => r,
             Err(e) => {
                 log::info!("{}: bad text request: {e}", self.peer);
-                self.text = None;
                 return self.reject(bhs.bytes(), reject::PROTOCOL_ERROR);
             }
         };
-        let mut b = BhsBuf::new(opcode::TEXT_RESPONSE);
-        let ttt = if more { 0x4000_0000 | self.next_ttt_seq() } else { RESERVED_TAG };
-        b.flags(if more { 0x40 } else { 0x80 }).lun(bhs.lun()).itt(bhs.itt()).ttt(ttt);
-        self.stamp_status(&mut b);
-        if !more {
-            self.text = None;
+        if let Some(neg) = self.neg.as_mut() {
+            neg.max_xmit_data_segment_length = negotiator.max_xmit_data_segment_length();
         }
-        let payload = self.expand_send_targets(payload);
-        self.push(b, TxData::Inline(payload), None);
-    }
-
-    /// Fills SendTargets answers with this target's name and portal addresses.
-    fn expand_send_targets(&self, payload: Vec<u8>) -> Vec<u8> {
-        payload
-    }
-
-    fn next_ttt_seq(&mut self) -> u32 {
-        self.ttt_seq = (self.ttt_seq + 1) & 0x3FFF;
-        self.ttt_seq
+        let mut b = BhsBuf::new(opcode::TEXT_RESPONSE);
+        let flags = (u8::from(rsp.final_bit) << 7) | (u8::from(rsp.cont) << 6);
+        b.flags(flags).lun(bhs.lun()).itt(bhs.itt()).ttt(rsp.ttt);
+        self.stamp_status(&mut b);
+        self.push(b, TxData::Inline(rsp.data), None);
     }
 
     fn logout(&mut self, bhs: Bhs) {
