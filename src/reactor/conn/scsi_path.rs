@@ -82,7 +82,7 @@ impl Conn {
         };
         let is_out = matches!(action, Action::Write { .. } | Action::SlowPath);
         if needed as usize > MAX_BUF {
-            let sense = Sense::invalid_opcode();
+            let sense = Sense::invalid_field_in_cdb(0, 7);
             return self.scsi_response(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None);
         }
         if self.tasks.in_use() == self.tasks.capacity() {
