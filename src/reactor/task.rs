@@ -57,6 +57,10 @@ pub struct Task {
     /// R2Ts sent whose data has not fully arrived.
     pub r2t_outstanding: u32,
     pub r2t_sn: u32,
+    /// Target Transfer Tag of the Data-Out sequence in progress (0xffffffff: unsolicited).
+    pub seq_ttt: u32,
+    /// DataSN the next Data-Out of that sequence must carry.
+    pub next_data_sn: u32,
     /// Aborted by task management: no further PDUs, freed when quiet.
     pub aborted: bool,
 }
@@ -82,6 +86,8 @@ impl Task {
             r2t_next: 0,
             r2t_outstanding: 0,
             r2t_sn: 0,
+            seq_ttt: crate::protocol::pdu::RESERVED_TAG,
+            next_data_sn: 0,
             aborted: false,
         }
     }

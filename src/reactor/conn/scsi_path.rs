@@ -204,6 +204,23 @@ impl Conn {
         if task.stage != Stage::DataOut || offset as u64 + data.len() as u64 > u64::from(task.out_total) {
             return self.reject(bhs.bytes(), reject::PROTOCOL_ERROR);
         }
+        // DataPDUInOrder and DataSequenceInOrder are always Yes: each sequence (the
+        // unsolicited one, then one per R2T) numbers its PDUs from 0 at rising offsets.
+        let task = self.tasks.get_mut(slot).expect("found above");
+        if ttt != task.seq_ttt {
+            task.seq_ttt = ttt;
+            task.next_data_sn = 0;
+        }
+        if bhs.data_sn() != task.next_data_sn {
+            // ERL 0 cannot recover a lost or reordered Data-Out: the command fails (DATA PHASE
+            // ERROR) and the rest of its data is dropped as data for an unknown task.
+            log::info!("{}: Data-Out DataSN {} where {} was due", self.peer, bhs.data_sn(), task.next_data_sn);
+            let (itt, d_sense) = (task.itt, task.lun.as_ref().is_some_and(|l| l.d_sense()));
+            self.free_task(slot, env.pool);
+            let sense = Sense::aborted_command(0x4B, 0x00);
+            return self.scsi_response(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None);
+        }
+        task.next_data_sn += 1;
         self.store_data_out(slot, offset, data);
         if ttt != RESERVED_TAG && bhs.final_bit() {
             let task = self.tasks.get_mut(slot).expect("live task");
@@ -385,10 +402,18 @@ impl Conn {
                         waiting += self.abort(slot, env.pool);
                         tmf::COMPLETE
                     }
-                    // RFC 7143 §11.5.1: a task not found whose RefCmdSN is already past
-                    // counts as done; one from outside the window does not exist.
-                    None if pdu::sn_lt(bhs.ref_cmd_sn(), self.exp_cmd_sn) => tmf::COMPLETE,
-                    None => tmf::NO_TASK,
+                    // RFC 7143 §11.6.1: a command not received yet (its CmdSN still inside
+                    // the window) counts as received and aborted; one already completed, or
+                    // outside the window, does not exist.
+                    None => {
+                        let ref_sn = bhs.ref_cmd_sn();
+                        if pdu::sn_le(self.exp_cmd_sn, ref_sn) && pdu::sn_le(ref_sn, self.max_cmd_sn()) {
+                            self.parked.remove(&ref_sn);
+                            tmf::COMPLETE
+                        } else {
+                            tmf::NO_TASK
+                        }
+                    }
                 }
             }
             tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET | tmf::LOGICAL_UNIT_RESET if !lun_exists => tmf::NO_LUN,
