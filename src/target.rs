@@ -45,6 +45,8 @@ pub enum SessionError {
 }
 
 struct SessionEntry {
+    /// Discovery sessions get a TSIH but never reinstate (or get reinstated by) others.
+    discovery: bool,
     initiator: String,
     isid: [u8; 6],
     reactor: usize,
@@ -126,11 +128,12 @@ impl Shared {
         initiator: &str,
         isid: [u8; 6],
         tsih: u16,
+        discovery: bool,
         reactor: usize,
         token: u64,
     ) -> Result<u16, SessionError> {
         let mut sessions = self.sessions.lock().expect("session table lock poisoned");
-        let same = |e: &SessionEntry| e.initiator == initiator && e.isid == isid;
+        let same = |e: &SessionEntry| e.discovery == discovery && e.initiator == initiator && e.isid == isid;
         if tsih != 0 {
             let entry = sessions.get_mut(&tsih).filter(|e| same(e)).ok_or(SessionError::NoSuchSession)?;
             if entry.token != token {
@@ -140,7 +143,7 @@ impl Shared {
             entry.token = token;
             return Ok(tsih);
         }
-        if let Some(old) = sessions.iter().find(|(_, e)| same(e)).map(|(t, _)| *t) {
+        if let Some(old) = sessions.iter().find(|(_, e)| !discovery && same(e)).map(|(t, _)| *t) {
             let e = sessions.remove(&old).expect("found above");
             self.close_conn(e.reactor, e.token);
         }
@@ -148,7 +151,8 @@ impl Shared {
         for _ in 0..u16::MAX {
             *next = next.wrapping_add(1).max(1);
             if !sessions.contains_key(&next) {
-                sessions.insert(*next, SessionEntry { initiator: initiator.to_owned(), isid, reactor, token });
+                sessions
+                    .insert(*next, SessionEntry { discovery, initiator: initiator.to_owned(), isid, reactor, token });
                 return Ok(*next);
             }
         }

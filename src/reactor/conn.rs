@@ -392,8 +392,16 @@ impl Conn {
         }
         if matches!(outcome, LoginOutcome::FullFeature) {
             let neg = login.negotiated().clone();
-            if neg.session_type == SessionType::Normal {
-                match env.shared.register_session(&neg.initiator_name, req.isid, req.tsih, env.reactor, self.token) {
+            {
+                let discovery = neg.session_type == SessionType::Discovery;
+                match env.shared.register_session(
+                    &neg.initiator_name,
+                    req.isid,
+                    req.tsih,
+                    discovery,
+                    env.reactor,
+                    self.token,
+                ) {
                     Ok(tsih) => self.tsih = tsih,
                     Err(e) => {
                         log::info!("{}: login refused: {e}", self.peer);
