@@ -2,7 +2,7 @@
 
 use crate::config::{self, Config, ConfigError};
 use crate::protocol::login::LoginConfig;
-use crate::reactor::{Msg, Reactor, ReactorError, Waker};
+use crate::reactor::{Msg, Reactor, ReactorError, ReactorStats, Waker};
 use crate::scsi::{lun, Lun, LunTable};
 use crossbeam_channel::Sender;
 use std::collections::HashMap;
@@ -44,13 +44,22 @@ pub enum SessionError {
     TooManySessions,
 }
 
-struct SessionEntry {
+/// A logged-in session, as registered at the end of its login.
+#[derive(Debug, Clone)]
+pub struct SessionInfo {
+    /// The TSIH: as requested by the initiator at login (0 = new session), as assigned once
+    /// registered.
+    pub tsih: u16,
+    pub initiator: String,
+    pub isid: [u8; 6],
     /// Discovery sessions get a TSIH but never reinstate (or get reinstated by) others.
-    discovery: bool,
-    initiator: String,
-    isid: [u8; 6],
-    reactor: usize,
-    token: u64,
+    pub discovery: bool,
+    pub peer: SocketAddr,
+    pub reactor: usize,
+    /// The connection's token.
+    pub token: u64,
+    /// Negotiated login keys.
+    pub negotiated: Vec<(&'static str, String)>,
 }
 
 struct ReactorHandle {
@@ -72,7 +81,7 @@ pub struct Shared {
     login: Arc<LoginConfig>,
     luns: RwLock<Arc<LunTable>>,
     lun_gen: AtomicU64,
-    sessions: Mutex<HashMap<u16, SessionEntry>>,
+    sessions: Mutex<HashMap<u16, SessionInfo>>,
     next_tsih: Mutex<u16>,
     reactors: OnceLock<Vec<ReactorHandle>>,
     next_token: AtomicU64,
@@ -123,27 +132,20 @@ impl Shared {
     /// TSIH 0 starts a new session; an older session of the same initiator and ISID is closed
     /// (session reinstatement, RFC 7143 §6.3.5). A non-zero TSIH must name that initiator's
     /// session, whose connection is then replaced.
-    pub fn register_session(
-        &self,
-        initiator: &str,
-        isid: [u8; 6],
-        tsih: u16,
-        discovery: bool,
-        reactor: usize,
-        token: u64,
-    ) -> Result<u16, SessionError> {
+    pub fn register_session(&self, mut info: SessionInfo) -> Result<u16, SessionError> {
         let mut sessions = self.sessions.lock().expect("session table lock poisoned");
-        let same = |e: &SessionEntry| e.discovery == discovery && e.initiator == initiator && e.isid == isid;
-        if tsih != 0 {
-            let entry = sessions.get_mut(&tsih).filter(|e| same(e)).ok_or(SessionError::NoSuchSession)?;
-            if entry.token != token {
+        let same =
+            |e: &SessionInfo| e.discovery == info.discovery && e.initiator == info.initiator && e.isid == info.isid;
+        if info.tsih != 0 {
+            let entry = sessions.get_mut(&info.tsih).filter(|e| same(e)).ok_or(SessionError::NoSuchSession)?;
+            if entry.token != info.token {
                 self.close_conn(entry.reactor, entry.token);
             }
-            entry.reactor = reactor;
-            entry.token = token;
+            let tsih = info.tsih;
+            *entry = info;
             return Ok(tsih);
         }
-        if let Some(old) = sessions.iter().find(|(_, e)| !discovery && same(e)).map(|(t, _)| *t) {
+        if let Some(old) = sessions.iter().find(|(_, e)| !info.discovery && same(e)).map(|(t, _)| *t) {
             let e = sessions.remove(&old).expect("found above");
             self.close_conn(e.reactor, e.token);
         }
@@ -151,8 +153,8 @@ impl Shared {
         for _ in 0..u16::MAX {
             *next = next.wrapping_add(1).max(1);
             if !sessions.contains_key(&next) {
-                sessions
-                    .insert(*next, SessionEntry { discovery, initiator: initiator.to_owned(), isid, reactor, token });
+                info.tsih = *next;
+                sessions.insert(*next, info);
                 return Ok(*next);
             }
         }
@@ -165,6 +167,43 @@ impl Shared {
         if sessions.get(&tsih).is_some_and(|e| e.token == token) {
             sessions.remove(&tsih);
         }
+    }
+
+    /// Closes every connection on every reactor (LUNs and reactors stay).
+    pub fn close_all_connections(&self) {
+        for r in self.reactors.get().into_iter().flatten() {
+            r.send(Msg::CloseAll);
+        }
+    }
+
+    /// Wakes every reactor so it picks up a newly published LUN table now rather than at
+    /// its next event.
+    pub fn wake_reactors(&self) {
+        for r in self.reactors.get().into_iter().flatten() {
+            r.send(Msg::Refresh);
+        }
+    }
+
+    /// Every logged-in session, ordered by TSIH.
+    pub fn sessions(&self) -> Vec<SessionInfo> {
+        let sessions = self.sessions.lock().expect("session table lock poisoned");
+        let mut v: Vec<SessionInfo> = sessions.values().cloned().collect();
+        v.sort_by_key(|s| s.tsih);
+        v
+    }
+
+    /// A statistics snapshot from every reactor (those that answer within a second).
+    pub fn collect_stats(&self) -> Vec<ReactorStats> {
+        let Some(reactors) = self.reactors.get() else { return Vec::new() };
+        let (tx, rx) = crossbeam_channel::bounded(reactors.len());
+        for r in reactors {
+            r.send(Msg::Stats(tx.clone()));
+        }
+        drop(tx);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        let mut out: Vec<ReactorStats> = (0..reactors.len()).filter_map(|_| rx.recv_deadline(deadline).ok()).collect();
+        out.sort_by_key(|s| s.reactor);
+        out
     }
 
     fn next_token(&self) -> u64 {

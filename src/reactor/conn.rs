@@ -6,6 +6,7 @@
 //! submissions and feeds completions back. That keeps the state machine testable as plain data.
 
 use super::bufpool::{BufPool, MAX_BUF};
+use super::stats::Stats;
 use super::task::{Action, Stage, Task, TaskTable, MAX_CDB};
 use super::tx::{TxData, TxQueue};
 use crate::backing::{AlignedBuf, Backing};
@@ -13,7 +14,7 @@ use crate::protocol::login::{Login, LoginOutcome, LoginRequest, Negotiated, Sess
 use crate::protocol::pdu::{self, opcode, reject, Bhs, BhsBuf, Layout, BHS_LEN, RESERVED_TAG};
 use crate::protocol::{digest, text};
 use crate::scsi::{self, lun, status, Disposition, LunTable, Nexus, Request, Sense};
-use crate::target::{SessionError, Shared};
+use crate::target::{SessionError, SessionInfo, Shared};
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -63,6 +64,7 @@ pub struct ConnEnv<'a> {
     pub scratch: &'a mut [u8],
     pub io: &'a mut Vec<IoReq>,
     pub shared: &'a Shared,
+    pub stats: &'a mut Stats,
     pub reactor: usize,
     pub now: Instant,
 }
@@ -393,15 +395,17 @@ impl Conn {
         if matches!(outcome, LoginOutcome::FullFeature) {
             let neg = login.negotiated().clone();
             {
-                let discovery = neg.session_type == SessionType::Discovery;
-                match env.shared.register_session(
-                    &neg.initiator_name,
-                    req.isid,
-                    req.tsih,
-                    discovery,
-                    env.reactor,
-                    self.token,
-                ) {
+                let info = SessionInfo {
+                    tsih: req.tsih,
+                    initiator: neg.initiator_name.clone(),
+                    isid: req.isid,
+                    discovery: neg.session_type == SessionType::Discovery,
+                    peer: self.peer,
+                    reactor: env.reactor,
+                    token: self.token,
+                    negotiated: neg.pairs(),
+                };
+                match env.shared.register_session(info) {
                     Ok(tsih) => self.tsih = tsih,
                     Err(e) => {
                         log::info!("{}: login refused: {e}", self.peer);

@@ -8,10 +8,12 @@
 
 mod bufpool;
 pub mod conn;
+pub mod stats;
 mod task;
 mod tx;
 
 pub use bufpool::BufPool;
+pub use stats::{LunStats, OpStats, ReactorStats};
 
 use crate::scsi::LunTable;
 use crate::target::Shared;
@@ -32,6 +34,12 @@ pub enum Msg {
     Conn(TcpStream, SocketAddr, u64),
     /// Close the connection with this token (session reinstatement elsewhere).
     Close(u64),
+    /// Close every connection but keep running (the portal was stopped).
+    CloseAll,
+    /// Nothing but a wake-up: look at the shared LUN table now.
+    Refresh,
+    /// Send a snapshot of this reactor's statistics.
+    Stats(crossbeam_channel::Sender<ReactorStats>),
     /// Close every connection and exit.
     Stop,
 }
@@ -108,6 +116,7 @@ pub struct Reactor {
     free_slots: Vec<u32>,
     touched: Vec<u32>,
     pool: BufPool,
+    stats: stats::Stats,
     scratch: Box<[u8]>,
     io: Vec<IoReq>,
     released: Vec<u16>,
@@ -162,6 +171,7 @@ impl Reactor {
             free_slots: Vec::new(),
             touched: Vec::with_capacity(256),
             pool: BufPool::new(),
+            stats: stats::Stats::default(),
             scratch: vec![0u8; SCRATCH].into_boxed_slice(),
             io: Vec::with_capacity(RING_ENTRIES as usize),
             released: Vec::with_capacity(64),
@@ -237,15 +247,17 @@ impl Reactor {
         log::debug!("reactor {} stopped", self.id);
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn env<'a>(
         luns: &'a Arc<LunTable>,
         pool: &'a mut BufPool,
         scratch: &'a mut [u8],
         io: &'a mut Vec<IoReq>,
         shared: &'a Shared,
+        stats: &'a mut stats::Stats,
         reactor: usize,
     ) -> ConnEnv<'a> {
-        ConnEnv { luns, pool, scratch, io, shared, reactor, now: Instant::now() }
+        ConnEnv { luns, pool, scratch, io, shared, stats, reactor, now: Instant::now() }
     }
 
     fn complete(&mut self, ud: u64, res: i32) {
@@ -283,7 +295,15 @@ impl Reactor {
             slot.touched = true;
             self.touched.push(idx);
         }
-        let mut env = Self::env(&self.luns, &mut self.pool, &mut self.scratch, &mut self.io, &self.shared, self.id);
+        let mut env = Self::env(
+            &self.luns,
+            &mut self.pool,
+            &mut self.scratch,
+            &mut self.io,
+            &self.shared,
+            &mut self.stats,
+            self.id,
+        );
         match kind {
             op::RECV => {
                 conn.recv_posted = false;
@@ -351,6 +371,17 @@ impl Reactor {
                     }
                     self.touch_all();
                 }
+                Msg::CloseAll => {
+                    for slot in self.conns.iter_mut().flatten() {
+                        slot.conn.close("portal stopped");
+                    }
+                    self.touch_all();
+                }
+                Msg::Refresh => {}
+                Msg::Stats(reply) => {
+                    let live = self.conns.iter().flatten().count();
+                    let _ = reply.send(self.stats.snapshot(self.id, live));
+                }
                 Msg::Stop => {
                     self.stopping = true;
                     for slot in self.conns.iter_mut().flatten() {
@@ -395,8 +426,15 @@ impl Reactor {
             if conn.closing {
                 if conn.ops_inflight == 0 {
                     let mut slot = self.conns[idx as usize].take().expect("checked");
-                    let mut env =
-                        Self::env(&self.luns, &mut self.pool, &mut self.scratch, &mut self.io, &self.shared, self.id);
+                    let mut env = Self::env(
+                        &self.luns,
+                        &mut self.pool,
+                        &mut self.scratch,
+                        &mut self.io,
+                        &self.shared,
+                        &mut self.stats,
+                        self.id,
+                    );
                     slot.conn.teardown(&mut env);
                     self.free_slots.push(idx);
                 }

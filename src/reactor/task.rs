@@ -3,6 +3,7 @@
 use crate::backing::AlignedBuf;
 use crate::scsi::Lun;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// What a task is waiting for or doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,12 +62,14 @@ pub struct Task {
     pub seq_ttt: u32,
     /// DataSN the next Data-Out of that sequence must carry.
     pub next_data_sn: u32,
+    /// When the command arrived, for latency statistics.
+    pub started: Instant,
     /// Aborted by task management: no further PDUs, freed when quiet.
     pub aborted: bool,
 }
 
 impl Task {
-    pub fn new() -> Self {
+    pub fn new(started: Instant) -> Self {
         Self {
             itt: 0,
             lun_field: [0; 8],
@@ -88,6 +91,7 @@ impl Task {
             r2t_sn: 0,
             seq_ttt: crate::protocol::pdu::RESERVED_TAG,
             next_data_sn: 0,
+            started,
             aborted: false,
         }
     }
@@ -156,12 +160,12 @@ mod tests {
     #[test]
     fn slots_are_reused() {
         let mut t = TaskTable::with_capacity(2);
-        let a = t.insert(Task::new()).unwrap();
-        let b = t.insert(Task { itt: 9, ..Task::new() }).unwrap();
-        assert!(t.insert(Task::new()).is_none(), "table is full");
+        let a = t.insert(Task::new(Instant::now())).unwrap();
+        let b = t.insert(Task { itt: 9, ..Task::new(Instant::now()) }).unwrap();
+        assert!(t.insert(Task::new(Instant::now())).is_none(), "table is full");
         assert_eq!(t.find_itt(9), Some(b));
         t.remove(a);
         assert_eq!(t.in_use(), 1);
-        assert_eq!(t.insert(Task::new()), Some(a));
+        assert_eq!(t.insert(Task::new(Instant::now())), Some(a));
     }
 }

@@ -90,7 +90,7 @@ impl Conn {
         }
         let xfer = needed.min(edtl);
         let lun = req.lun.and_then(|id| env.luns.get(id)).cloned();
-        let mut task = Task::new();
+        let mut task = Task::new(env.now);
         task.itt = itt;
         task.lun_field = bhs.lun();
         task.lun = lun;
@@ -327,6 +327,14 @@ impl Conn {
             self.free_task(slot, env.pool);
             let sense = if matches!(action, Action::Read { .. }) { Sense::read_error() } else { Sense::write_error() };
             return self.scsi_response(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None);
+        }
+        if let Some(lun) = &task.lun {
+            let latency = env.now.saturating_duration_since(task.started);
+            match action {
+                Action::Read { .. } => env.stats.record_read(lun.id, xfer, latency),
+                Action::Write { .. } => env.stats.record_write(lun.id, xfer, latency),
+                _ => {}
+            }
         }
         match action {
             Action::Read { .. } if xfer > 0 => self.send_read_data(slot, lun_field, itt, edtl, needed, xfer),
