@@ -304,3 +304,25 @@ fn idle_session_survives_target_pings() {
     eprintln!("NOP-Ins answered while idle: {}", s.nops_answered);
     s.logout().unwrap();
 }
+
+#[test]
+fn login_with_same_isid_reinstates_the_session() {
+    let t = start_two_luns();
+    let opts = LoginOptions { isid: Some([0x80, 0x12, 0x34, 0x56, 0x78, 0x9A]), ..Default::default() };
+    let mut old = t.login(&opts);
+    old.test_unit_ready(t.lun("ram0")).unwrap().check().unwrap();
+    // A second login with the same initiator name and ISID replaces the first session
+    // (RFC 7143 §6.3.5): the old connection is closed, the new one works.
+    let mut new = t.login(&opts);
+    new.test_unit_ready(t.lun("ram0")).unwrap().check().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if old.test_unit_ready(t.lun("ram0")).is_err() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the reinstated session's old connection still answers");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    new.test_unit_ready(t.lun("ram0")).unwrap().check().unwrap();
+    new.logout().unwrap();
+}

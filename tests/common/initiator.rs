@@ -242,6 +242,8 @@ pub struct LoginOptions {
     pub first_burst_length: u32,
     pub immediate_data: bool,
     pub initial_r2t: bool,
+    /// A fixed ISID (to test session reinstatement); by default each session gets its own.
+    pub isid: Option<[u8; 6]>,
 }
 
 impl Default for LoginOptions {
@@ -256,6 +258,7 @@ impl Default for LoginOptions {
             first_burst_length: 65536,
             immediate_data: true,
             initial_r2t: false,
+            isid: None,
         }
     }
 }
@@ -384,7 +387,7 @@ impl Session {
         // sessions are never mistaken for a reinstatement.
         let n = ISID_COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes();
         let pid = std::process::id().to_be_bytes();
-        let isid = [0x80, pid[1], pid[2], pid[3], n[0], n[1]];
+        let isid = opts.isid.unwrap_or([0x80, pid[1], pid[2], pid[3], n[0], n[1]]);
         let mut s = Session {
             stream,
             negotiated: Negotiated {
