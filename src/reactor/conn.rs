@@ -430,6 +430,7 @@ impl Conn {
                     req.isid,
                     self.tsih
                 );
+                self.nexus.set_identity(&neg.initiator_name, req.isid);
                 self.neg = Some(neg);
             }
         }

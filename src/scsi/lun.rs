@@ -1,5 +1,7 @@
 //! Logical units and the table of them a target exports.
 
+use super::nexus::Sessions;
+use super::reservations::Reservations;
 use crate::backing::{Backing, BackingKind};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,8 +10,13 @@ use std::sync::Arc;
 /// Every LUN exports 512-byte logical blocks: disk images carry partition tables in 512-byte
 /// sectors, and that is what the system uringtgt replaces gave its users.
 pub const BLOCK_SIZE: u32 = 512;
-/// log2(physical block / logical block) reported by READ CAPACITY(16): 4 KiB physical blocks.
-pub const PHYS_BLOCK_EXP: u8 = 3;
+/// log2(physical block / logical block) reported by READ CAPACITY(16): 0, as tgt and LIO's
+/// file backend report. With larger physical blocks GET LBA STATUS answers for an LBA inside a
+/// physical block would have to start mid-block, which initiators (libiscsi) reject.
+pub const PHYS_BLOCK_EXP: u8 = 0;
+/// Optimal transfer and unmap granularity (block limits VPD): 4 KiB, the page size and the
+/// filesystem block behind image files, so aligned I/O still avoids read-modify-write.
+pub const GRANULARITY_BLOCKS: u32 = 8;
 /// The highest LUN number flat and peripheral addressing can carry.
 pub const MAX_LUN_ID: u64 = 16383;
 
@@ -34,6 +41,10 @@ pub struct Lun {
     pub write_cache: AtomicBool,
     /// Descriptor-format sense (control mode page D_SENSE), changed by MODE SELECT.
     pub d_sense: AtomicBool,
+    /// Persistent and SPC-2 reservations, shared by every session.
+    pub pr: Reservations,
+    /// The sessions that used this LUN, for unit attentions one of them causes the others.
+    pub sessions: Sessions,
 }
 
 impl Lun {
@@ -60,6 +71,8 @@ impl Lun {
             naa: (3u64 << 60) | (h & 0x0FFF_FFFF_FFFF_FFFF),
             write_cache: AtomicBool::new(true),
             d_sense: AtomicBool::new(false),
+            pr: Reservations::default(),
+            sessions: Sessions::default(),
         }
     }
 

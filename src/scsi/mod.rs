@@ -8,6 +8,8 @@ pub mod cdb;
 pub mod commands;
 pub mod lun;
 pub mod nexus;
+pub mod provisioning;
+pub mod reservations;
 pub mod sense;
 
 pub use commands::{execute, execute_data_out};

@@ -433,7 +433,9 @@ impl Conn {
                     waiting += self.abort(s, env.pool);
                 }
                 if function == tmf::LOGICAL_UNIT_RESET {
-                    self.nexus.lun_reset(lun_id.expect("checked above"));
+                    if let Some(l) = lun_id.and_then(|id| env.luns.get(id)) {
+                        self.nexus.lun_reset(l);
+                    }
                 }
                 tmf::COMPLETE
             }
@@ -442,7 +444,7 @@ impl Conn {
                 for s in slots {
                     waiting += self.abort(s, env.pool);
                 }
-                self.nexus.target_reset();
+                self.nexus.target_reset(env.luns);
                 if function == tmf::TARGET_COLD_RESET {
                     self.close_after_send = true;
                 }

@@ -7,16 +7,18 @@ use crate::scsi::cdb::{self, decode_block, op, BlockCdb};
 use crate::scsi::lun::BLOCK_SIZE;
 use crate::scsi::{Disposition, Lun, Sense};
 
-/// MAXIMUM TRANSFER LENGTH (block limits VPD) for reads, writes, VERIFY and ORWRITE: 1 MiB.
-pub const MAX_TRANSFER_BLOCKS: u32 = 2048;
+/// MAXIMUM TRANSFER LENGTH (block limits VPD) for reads, writes, VERIFY and ORWRITE: 16 MiB,
+/// the largest buffer the transport's pool serves.
+pub const MAX_TRANSFER_BLOCKS: u32 = 32768;
 /// MAXIMUM COMPARE AND WRITE LENGTH.
 pub const MAX_CAW_BLOCKS: u8 = 64;
 /// MAXIMUM UNMAP LBA COUNT: 512 MiB per UNMAP command.
 pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
 /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-/// MAXIMUM WRITE SAME LENGTH: 32 MiB, so that one command blocks a reactor only briefly.
-pub const MAX_WRITE_SAME_BLOCKS: u64 = 1 << 16;
+/// MAXIMUM WRITE SAME LENGTH: 16 MiB, so that one command blocks a reactor only briefly; no
+/// more than a READ or WRITE moves, so initiators can check a WRITE SAME with one READ.
+pub const MAX_WRITE_SAME_BLOCKS: u64 = MAX_TRANSFER_BLOCKS as u64;
 
 const BS: u64 = BLOCK_SIZE as u64;
 /// Largest buffer WRITE SAME writes its pattern from in one call.
@@ -290,12 +292,14 @@ fn compare_and_write_check(cdb: &[u8], lun: &Lun) -> Result<BlockCdb, Sense> {
 /// COMPARE AND WRITE: Data-Out holds the verify blocks, then the write blocks.
 pub(super) fn compare_and_write(cdb: &[u8], lun: &Lun, expected_len: u32) -> Res {
     let d = compare_and_write_check(cdb, lun)?;
-    if d.blocks == 0 {
-        return Ok(Disposition::Good);
-    }
     let len = 2 * d.blocks * BLOCK_SIZE;
+    // Checked before the zero-block case: a one-byte NUMBER OF LOGICAL BLOCKS that wrapped
+    // (256 blocks sent as 0) must not pass as "nothing to do".
     if expected_len != len {
         return Err(Sense::invalid_field_in_cdb(13, 7));
+    }
+    if d.blocks == 0 {
+        return Ok(Disposition::Good);
     }
     Ok(Disposition::DataOut { len })
 }
@@ -520,7 +524,10 @@ mod tests {
         assert_eq!(sense(exec_out(&t, &mut n, &ws16(0x10, 0, 1), 0, &[0; 512])).specific, Some([0x4C, 0, 1]));
         assert_eq!(sense(exec_out(&t, &mut n, &ws16(0x18, 0, 1), 0, &[0; 512])).specific, Some([0x4C, 0, 1]));
         assert_eq!(sense(exec_out(&t, &mut n, &ws16(0x20, 0, 1), 0, &[0; 512])).asc, 0x24);
-        assert_eq!(sense(exec_out(&t, &mut n, &ws16(0, 0, 1 << 17), 0, &[0; 512])).specific, Some([0x4F, 0, 10]));
+        assert_eq!(
+            sense(exec_out(&t, &mut n, &ws16(0, 0, MAX_WRITE_SAME_BLOCKS as u32 + 1), 0, &[0; 512])).specific,
+            Some([0x4F, 0, 10])
+        );
         // The Data-Out must be exactly one block.
         assert_eq!(sense(r(&ws16(0, 0, 1), 0, 256)).asc, 0x24);
         assert_eq!(sense(r(&ws16(0, 0, 1), 0, 1024)).asc, 0x24);
@@ -611,6 +618,10 @@ mod tests {
         assert!(medium(&t, 7, 2).iter().all(|&b| b == b'B'));
 
         assert_eq!(run(&t, &mut n, &caw(0, 0), 0), Disposition::Good);
+        // 0 blocks with Data-Out (256 blocks wrapped into the one-byte field): rejected.
+        let mut nx = Nexus::new_past_power_on();
+        let s = sense(execute(&req_len(&caw(0, 0), 0, 2 * 256 * 512), &t, &mut nx, &mut [0; 64]));
+        assert_eq!(s.specific, Some([0x4F, 0, 13]));
         assert_eq!(check(exec_out(&t, &mut n, &caw(BLOCKS - 1, 2), 0, &[0; 2048])), OOB);
         assert_eq!(check(exec_out(&t, &mut n, &caw(0, 1), 1, &[0; 1024])), WP);
         let s = sense(exec_out(&t, &mut n, &caw(0, MAX_CAW_BLOCKS + 1), 0, &[0; 1024]));

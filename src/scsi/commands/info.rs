@@ -5,7 +5,7 @@ use super::{data_in, Res};
 use crate::scsi::cdb::{be16, be32, be64, op, put16, put32, put64, sa};
 use crate::scsi::lun::{encode_lun, PHYS_BLOCK_EXP};
 use crate::scsi::nexus::ua;
-use crate::scsi::{Lun, LunTable, Nexus, Sense};
+use crate::scsi::{provisioning, Lun, LunTable, Nexus, Sense};
 
 /// REQUEST SENSE: the oldest pending unit attention (now cleared), else NO SENSE.
 pub(super) fn request_sense(cdb: &[u8], lun: &Lun, nexus: &mut Nexus, buf: &mut [u8]) -> Res {
@@ -71,19 +71,33 @@ pub(super) fn report_luns(cdb: &[u8], table: &LunTable, nexus: &mut Nexus, buf: 
     data_in(buf, n, alloc)
 }
 
-/// GET LBA STATUS: every block is reported mapped (a conservative, always-true answer).
+/// GET LBA STATUS: one descriptor per extent of mapped or deallocated blocks from the
+/// starting LBA, as many as the allocation length holds.
 pub(super) fn get_lba_status(cdb: &[u8], lun: &Lun, buf: &mut [u8]) -> Res {
     let lba = be64(cdb, 2);
+    let alloc = be32(cdb, 10) as usize;
     let num = lun.num_blocks();
     if lba >= num {
         return Err(Sense::lba_out_of_range());
     }
-    buf[..24].fill(0);
-    put32(buf, 0, 20);
-    put64(buf, 8, lba);
-    put32(buf, 16, u32::try_from(num - lba).unwrap_or(u32::MAX));
-    buf[20] = 0x00; // PROVISIONING STATUS: mapped
-    data_in(buf, 24, be32(cdb, 10) as usize)
+    // At least one descriptor even when the allocation length cannot hold it: the length
+    // field still tells the initiator what there is.
+    let room = alloc.min(buf.len()).saturating_sub(8).div_ceil(16).max(1);
+    buf[..8].fill(0);
+    let (mut n, mut at) = (8, lba);
+    while at < num && (n - 8) / 16 < room && n + 16 <= buf.len() {
+        let e = provisioning::extent_at(&lun.backing, at, num);
+        let blocks = e.blocks.min(u64::from(u32::MAX));
+        let d = &mut buf[n..n + 16];
+        d.fill(0);
+        put64(d, 0, at);
+        put32(d, 8, blocks as u32);
+        d[12] = u8::from(e.deallocated); // PROVISIONING STATUS: 0 mapped, 1 deallocated
+        n += 16;
+        at += blocks;
+    }
+    put32(buf, 0, (n - 4) as u32);
+    data_in(buf, n, alloc)
 }
 
 /// One supported command: opcode, service action, CDB usage data (its first byte is the
@@ -113,26 +127,32 @@ static SUPPORTED: &[Supported] = &[
     cmd(&[op::WRITE_6, 0x1F, 0xFF, 0xFF, 0xFF, C]),
     cmd(&[op::INQUIRY, 0x03, 0xFF, 0xFF, 0xFF, C]),
     cmd(&[op::MODE_SELECT_6, 0x11, 0, 0, 0xFF, C]),
+    cmd(&[op::RESERVE_6, 0, 0, 0, 0, C]),
+    cmd(&[op::RELEASE_6, 0, 0, 0, 0, C]),
     cmd(&[op::MODE_SENSE_6, 0x08, 0xFF, 0xFF, 0xFF, C]),
     cmd(&[op::START_STOP_UNIT, 0, 0, 0, 0xF0, C]),
     cmd(&[op::PREVENT_ALLOW, 0, 0, 0, 0x03, C]),
     cmd(&[op::READ_CAPACITY_10, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, C]),
     cmd(&[op::READ_10, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
     cmd(&[op::WRITE_10, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
-    cmd(&[op::WRITE_VERIFY_10, 0xE6, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
-    cmd(&[op::VERIFY_10, 0xE6, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
+    cmd(&[op::WRITE_VERIFY_10, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
+    cmd(&[op::VERIFY_10, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
     cmd(&[op::PRE_FETCH_10, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
     cmd(&[op::SYNC_CACHE_10, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
     cmd(&[op::WRITE_SAME_10, 0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
     cmd(&[op::UNMAP, 0x01, 0, 0, 0, 0, 0, 0xFF, 0xFF, C]),
     cmd(&[op::MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, C]),
+    cmd(&[op::RESERVE_10, 0x12, 0, 0, 0, 0, 0, 0, 0, C]),
+    cmd(&[op::RELEASE_10, 0x12, 0, 0, 0, 0, 0, 0, 0, C]),
     cmd(&[op::MODE_SENSE_10, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, C]),
+    cmd(&[op::PERSISTENT_RESERVE_IN, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, C]),
+    cmd(&[op::PERSISTENT_RESERVE_OUT, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, C]),
     cmd(&[op::READ_16, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     cmd(&[op::COMPARE_AND_WRITE, 0xE8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0, C]),
     cmd(&[op::WRITE_16, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     cmd(&[op::ORWRITE_16, 0xE8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
-    cmd(&[op::WRITE_VERIFY_16, 0xE6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
-    cmd(&[op::VERIFY_16, 0xE6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
+    cmd(&[op::WRITE_VERIFY_16, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
+    cmd(&[op::VERIFY_16, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     cmd(&[op::PRE_FETCH_16, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     cmd(&[op::SYNC_CACHE_16, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     cmd(&[op::WRITE_SAME_16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
@@ -172,8 +192,8 @@ static SUPPORTED: &[Supported] = &[
     ),
     cmd(&[op::READ_12, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     cmd(&[op::WRITE_12, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
-    cmd(&[op::WRITE_VERIFY_12, 0xE6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
-    cmd(&[op::VERIFY_12, 0xE6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
+    cmd(&[op::WRITE_VERIFY_12, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
+    cmd(&[op::VERIFY_12, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
 ];
 
 /// Opcodes whose commands are told apart by a service action.
@@ -293,7 +313,7 @@ mod tests {
         assert_eq!(exec(&t, &mut n, &sai(sa::READ_CAPACITY_16, 0, 32), 0, &mut buf), Disposition::DataIn(32));
         assert_eq!(be64(&buf, 0), BLOCKS - 1);
         assert_eq!(be32(&buf, 8), 512);
-        assert_eq!((buf[12], buf[13], buf[14], buf[15]), (0, 3, 0xC0, 0));
+        assert_eq!((buf[12], buf[13], buf[14], buf[15]), (0, PHYS_BLOCK_EXP, 0xC0, 0));
         assert_eq!(exec(&t, &mut n, &sai(sa::READ_CAPACITY_16, 0, 12), 0, &mut buf), Disposition::DataIn(12));
     }
 
@@ -336,7 +356,7 @@ mod tests {
     fn request_sense_formats() {
         let (t, mut n) = setup();
         let mut buf = vec![0u8; 65536];
-        n.lun_reset(0);
+        n.lun_reset(t.get(0).unwrap());
         let rs = [op::REQUEST_SENSE, 1, 0, 0, 252, 0];
         assert_eq!(exec(&t, &mut n, &rs, 0, &mut buf), Disposition::DataIn(8));
         assert_eq!(&buf[..4], &[0x72, 0x06, 0x29, 0x03]);
@@ -350,15 +370,37 @@ mod tests {
     fn get_lba_status() {
         let (t, mut n) = setup();
         let mut buf = vec![0u8; 65536];
+        let l = t.get(0).unwrap();
+        l.backing.write_at(&[7; 512 * 40], 30 * 512, false).unwrap();
+        // One descriptor fits in 24 bytes: the deallocated run from LBA 24 to 30.
         assert_eq!(exec(&t, &mut n, &sai(sa::GET_LBA_STATUS, 24, 24), 0, &mut buf), Disposition::DataIn(24));
         assert_eq!(be32(&buf, 0), 20);
-        assert_eq!(be64(&buf, 8), 24);
-        assert_eq!(u64::from(be32(&buf, 16)), BLOCKS - 24);
-        assert_eq!(buf[20], 0);
+        assert_eq!((be64(&buf, 8), be32(&buf, 16), buf[20]), (24, 6, 1));
+        // With room for more: mapped 30..70, then deallocated to the end.
+        assert_eq!(exec(&t, &mut n, &sai(sa::GET_LBA_STATUS, 24, 1024), 0, &mut buf), Disposition::DataIn(56));
+        assert_eq!(be32(&buf, 0), 52);
+        assert_eq!((be64(&buf, 24), be32(&buf, 32), buf[36]), (30, 40, 0));
+        assert_eq!((be64(&buf, 40), u64::from(be32(&buf, 48)), buf[52]), (70, BLOCKS - 70, 1));
+        // The first descriptor always starts at the requested LBA.
+        assert_eq!(exec(&t, &mut n, &sai(sa::GET_LBA_STATUS, 31, 24), 0, &mut buf), Disposition::DataIn(24));
+        assert_eq!((be64(&buf, 8), be32(&buf, 16), buf[20]), (31, 39, 0));
+        // An allocation length below one descriptor still reports the full length.
+        assert_eq!(exec(&t, &mut n, &sai(sa::GET_LBA_STATUS, 0, 8), 0, &mut buf), Disposition::DataIn(8));
+        assert_eq!(be32(&buf, 0), 20);
         assert_eq!(
             check(exec(&t, &mut n, &sai(sa::GET_LBA_STATUS, BLOCKS, 24), 0, &mut buf)),
             (SenseKey::IllegalRequest, 0x21, 0)
         );
+    }
+
+    #[test]
+    fn verify_commands_report_dpo() {
+        for opcode in
+            [op::VERIFY_10, op::VERIFY_12, op::VERIFY_16, op::WRITE_VERIFY_10, op::WRITE_VERIFY_12, op::WRITE_VERIFY_16]
+        {
+            let c = SUPPORTED.iter().find(|c| c.usage[0] == opcode).unwrap();
+            assert_eq!(c.usage[1] & 0x10, 0x10, "{opcode:#x}");
+        }
     }
 
     #[test]

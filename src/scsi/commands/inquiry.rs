@@ -6,7 +6,7 @@ use super::block::{
 };
 use super::{data_in, Res};
 use crate::scsi::cdb::{be16, put16, put32, put64};
-use crate::scsi::lun::PHYS_BLOCK_EXP;
+use crate::scsi::lun::GRANULARITY_BLOCKS;
 use crate::scsi::{Lun, Sense};
 
 pub const VENDOR: &str = "URINGTGT";
@@ -111,12 +111,12 @@ fn block_limits(body: &mut [u8]) -> usize {
     let b = &mut body[..0x3C];
     b.fill(0);
     b[1] = MAX_CAW_BLOCKS;
-    put16(b, 2, 1 << PHYS_BLOCK_EXP); // OPTIMAL TRANSFER LENGTH GRANULARITY
+    put16(b, 2, GRANULARITY_BLOCKS as u16); // OPTIMAL TRANSFER LENGTH GRANULARITY
     put32(b, 4, MAX_TRANSFER_BLOCKS);
     put32(b, 8, MAX_TRANSFER_BLOCKS); // OPTIMAL TRANSFER LENGTH
     put32(b, 16, MAX_UNMAP_BLOCKS);
     put32(b, 20, MAX_UNMAP_DESCRIPTORS);
-    put32(b, 24, 1 << PHYS_BLOCK_EXP); // OPTIMAL UNMAP GRANULARITY
+    put32(b, 24, GRANULARITY_BLOCKS); // OPTIMAL UNMAP GRANULARITY
     put32(b, 28, 0x8000_0000); // UGAVALID, alignment 0
     put64(b, 32, MAX_WRITE_SAME_BLOCKS);
     0x3C

@@ -8,6 +8,7 @@ mod block;
 mod info;
 mod inquiry;
 mod mode;
+mod reserve;
 
 use super::cdb::{self, op, sa};
 use super::{Disposition, Lun, LunTable, Nexus, Request, Sense};
@@ -33,8 +34,8 @@ pub fn execute_data_out(
 ) -> Disposition {
     // Nothing here produces Data-In or touches unit attentions: those were settled when the
     // command started.
-    let _ = (nexus, data_in);
-    run_data_out(req, table, data_out).unwrap_or_else(Disposition::Check)
+    let _ = data_in;
+    run_data_out(req, table, nexus, data_out).unwrap_or_else(Disposition::Check)
 }
 
 /// Checks the CDB's length and control byte; returns it cut to the opcode's length.
@@ -71,10 +72,14 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
             _ => Err(Sense::lun_not_supported()),
         };
     };
+    nexus.sync(lun);
     if !matches!(opcode, op::INQUIRY | op::REQUEST_SENSE) {
         if let Some((asc, ascq)) = nexus.take(lun.id) {
             return Err(Sense::unit_attention(asc, ascq));
         }
+    }
+    if let Err(conflict) = reserve::check(cdb, lun, nexus) {
+        return Ok(conflict);
     }
     match opcode {
         op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 => block::read(cdb, lun),
@@ -93,6 +98,9 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
         op::MODE_SENSE_6 | op::MODE_SENSE_10 => mode::mode_sense(cdb, lun, data_in),
         op::MODE_SELECT_6 | op::MODE_SELECT_10 => mode::select(cdb),
         op::START_STOP_UNIT => start_stop_unit(cdb),
+        op::PERSISTENT_RESERVE_IN => reserve::prin(cdb, lun, data_in),
+        op::PERSISTENT_RESERVE_OUT => reserve::prout(cdb, req.expected_len),
+        op::RESERVE_6 | op::RESERVE_10 | op::RELEASE_6 | op::RELEASE_10 => reserve::legacy(cdb, lun, nexus),
         op::PREVENT_ALLOW => prevent_allow(cdb),
         op::READ_CAPACITY_10 => info::read_capacity_10(cdb, lun, data_in),
         op::SERVICE_ACTION_IN_16 => match cdb::service_action(cdb) {
@@ -109,7 +117,7 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
     }
 }
 
-fn run_data_out(req: &Request, table: &LunTable, data_out: &[u8]) -> Res {
+fn run_data_out(req: &Request, table: &LunTable, nexus: &Nexus, data_out: &[u8]) -> Res {
     let cdb = checked_cdb(req)?;
     let lun = req.lun.and_then(|id| table.get(id)).ok_or_else(Sense::lun_not_supported)?;
     match cdb[0] {
@@ -119,6 +127,7 @@ fn run_data_out(req: &Request, table: &LunTable, data_out: &[u8]) -> Res {
         op::COMPARE_AND_WRITE => block::compare_and_write_data(cdb, lun, data_out),
         op::ORWRITE_16 => block::orwrite_data(cdb, lun, data_out),
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify_data(cdb, lun, data_out),
+        op::PERSISTENT_RESERVE_OUT => reserve::prout_data(cdb, lun, nexus, data_out),
         _ => Err(Sense::invalid_opcode()),
     }
 }
@@ -267,7 +276,7 @@ mod tests {
         assert_eq!(check(exec(&t, &mut n, &tur, 0, &mut buf)), (SenseKey::UnitAttention, 0x29, 0x00));
         assert_eq!(exec(&t, &mut n, &tur, 0, &mut buf), Disposition::Good);
 
-        n.lun_reset(0);
+        n.lun_reset(t.get(0).unwrap());
         n.luns_changed();
         let rs = [op::REQUEST_SENSE, 0, 0, 0, 252, 0];
         assert_eq!(exec(&t, &mut n, &rs, 0, &mut buf), Disposition::DataIn(18));
