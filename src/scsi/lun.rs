@@ -10,10 +10,11 @@ use std::sync::Arc;
 /// Every LUN exports 512-byte logical blocks: disk images carry partition tables in 512-byte
 /// sectors, and that is what the system uringtgt replaces gave its users.
 pub const BLOCK_SIZE: u32 = 512;
-/// log2(physical block / logical block) reported by READ CAPACITY(16): 0, as tgt and LIO's
-/// file backend report. With larger physical blocks GET LBA STATUS answers for an LBA inside a
-/// physical block would have to start mid-block, which initiators (libiscsi) reject.
-pub const PHYS_BLOCK_EXP: u8 = 0;
+/// log2(physical block / logical block) reported by READ CAPACITY(16): 4 KiB physical blocks,
+/// as the system uringtgt replaces (LIO) reported, so initiators align partitions and I/O to
+/// the page size. (libiscsi's GetLBAStatus.UnmapSingle assumes 1 block per physical block and
+/// fails with this; SBC-3 lets the first descriptor start at the requested LBA, which we do.)
+pub const PHYS_BLOCK_EXP: u8 = 3;
 /// Optimal transfer and unmap granularity (block limits VPD): 4 KiB, the page size and the
 /// filesystem block behind image files, so aligned I/O still avoids read-modify-write.
 pub const GRANULARITY_BLOCKS: u32 = 8;
