@@ -100,10 +100,11 @@ pub struct Conn {
     tsih: u16,
     exp_cmd_sn: u32,
     stat_sn: u32,
-    /// Commands that arrived ahead of ExpCmdSN, by CmdSN.
-    parked: BTreeMap<u32, Vec<u8>>,
+    /// Commands that arrived ahead of ExpCmdSN, by CmdSN; `None` marks a CmdSN aborted before
+    /// its command arrived (it still fills its place in the sequence).
+    parked: BTreeMap<u32, Option<Vec<u8>>>,
     text: Option<text::TextNegotiator>,
-    pending_tmf: Option<PendingTmf>,
+    pending_tmfs: Vec<PendingTmf>,
     last_rx: Instant,
     ping_sent: Option<Instant>,
     started: Instant,
@@ -120,6 +121,7 @@ pub struct Conn {
 impl Conn {
     pub fn new(stream: TcpStream, peer: SocketAddr, token: u64, shared: &Shared, now: Instant) -> Self {
         let _ = stream.set_nodelay(true);
+        set_user_timeout(&stream, NOP_TIMEOUT);
         Self {
             stream,
             peer,
@@ -140,7 +142,7 @@ impl Conn {
             stat_sn: 0,
             parked: BTreeMap::new(),
             text: None,
-            pending_tmf: None,
+            pending_tmfs: Vec::new(),
             last_rx: now,
             ping_sent: None,
             started: now,
@@ -198,7 +200,7 @@ impl Conn {
     /// references the connection any more.
     pub fn teardown(&mut self, env: &mut ConnEnv) {
         debug_assert_eq!(self.ops_inflight, 0);
-        self.pending_tmf = None;
+        self.pending_tmfs.clear();
         self.tx.clear(|_| {});
         let slots: Vec<u16> = self.tasks.slots().map(|(s, _)| s).collect();
         for s in slots {
@@ -245,7 +247,14 @@ impl Conn {
                 let pad = &pdu_bytes[layout.data_offset() + layout.data_len..at];
                 let computed = digest::data(&[data, pad]);
                 if received != computed {
-                    log::warn!("{}: {}", self.peer, pdu::PduError::DataDigest { received, computed });
+                    let err = pdu::PduError::DataDigest { received, computed };
+                    if bhs.opcode() == opcode::DATA_OUT {
+                        // ERL 0 cannot ask for the data again (no SNACK recovery): a task
+                        // would wait for it forever, so the connection ends.
+                        self.close(&err.to_string());
+                        break;
+                    }
+                    log::warn!("{}: {err}", self.peer);
                     self.reject(bhs.bytes(), reject::DATA_DIGEST_ERROR);
                     continue;
                 }
@@ -295,21 +304,28 @@ impl Conn {
         let sn = bhs.cmd_sn();
         if sn == self.exp_cmd_sn {
             self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
-            self.command(bhs, ahs, data, env);
-            // Commands parked behind this one may now run.
-            while let Some(pdu) = self.parked.remove(&self.exp_cmd_sn) {
+            // A tombstone here means ABORT TASK already took this CmdSN.
+            if self.parked.remove(&sn).is_none() {
+                self.command(bhs, ahs, data, env);
+            }
+            // Commands parked behind this one may now run; aborted ones just advance.
+            while let Some(entry) = self.parked.remove(&self.exp_cmd_sn) {
                 self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
-                let hdr: &[u8; BHS_LEN] = pdu[..BHS_LEN].try_into().expect("parked header");
-                let b = Bhs::new(hdr);
-                let ahs_end = BHS_LEN + b.ahs_len();
-                self.command(b, &pdu[BHS_LEN..ahs_end], &pdu[ahs_end..], env);
+                if let Some(pdu) = entry {
+                    let hdr: &[u8; BHS_LEN] = pdu[..BHS_LEN].try_into().expect("parked header");
+                    let b = Bhs::new(hdr);
+                    let ahs_end = BHS_LEN + b.ahs_len();
+                    self.command(b, &pdu[BHS_LEN..ahs_end], &pdu[ahs_end..], env);
+                }
             }
         } else if pdu::sn_lt(self.exp_cmd_sn, sn) && pdu::sn_le(sn, self.max_cmd_sn()) {
-            let mut pdu = Vec::with_capacity(BHS_LEN + ahs.len() + data.len());
-            pdu.extend_from_slice(bhs.bytes());
-            pdu.extend_from_slice(ahs);
-            pdu.extend_from_slice(data);
-            self.parked.insert(sn, pdu);
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.parked.entry(sn) {
+                let mut pdu = Vec::with_capacity(BHS_LEN + ahs.len() + data.len());
+                pdu.extend_from_slice(bhs.bytes());
+                pdu.extend_from_slice(ahs);
+                pdu.extend_from_slice(data);
+                slot.insert(Some(pdu));
+            }
         } else {
             // Outside the window: RFC 7143 says to silently ignore it.
             log::debug!("{}: dropping CmdSN {sn} outside [{}, {}]", self.peer, self.exp_cmd_sn, self.max_cmd_sn());
@@ -561,7 +577,7 @@ impl Conn {
 
     /// Whether the connection asked to close once its queue is sent.
     pub fn wants_close(&self) -> bool {
-        self.close_after_send && self.tx.is_empty()
+        self.close_after_send && self.tx.is_empty() && self.pending_tmfs.is_empty()
     }
 
     /// A table change (LUN added or removed): every session gets a unit attention.
@@ -569,6 +585,25 @@ impl Conn {
         if matches!(self.phase, Phase::FullFeature) {
             self.nexus.luns_changed();
         }
+    }
+}
+
+/// Bounds how long sent data may stay unacknowledged before the kernel drops the connection:
+/// a dead peer is noticed even while a send is outstanding (when NOP-In pings are not sent).
+fn set_user_timeout(stream: &TcpStream, timeout: Duration) {
+    let ms = timeout.as_millis() as libc::c_uint;
+    // SAFETY: setsockopt reads a c_uint from a live local for the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!("TCP_USER_TIMEOUT: {}", std::io::Error::last_os_error());
     }
 }
 

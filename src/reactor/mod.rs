@@ -142,9 +142,12 @@ impl Reactor {
         waker: Arc<Waker>,
         poll: PollMode,
     ) -> Result<Self, ReactorError> {
+        // A completion queue far larger than the submission queue: every connection keeps a
+        // receive, a send and its backing I/O in flight, and completions must never overflow.
         let ring = IoUring::builder()
             .setup_single_issuer()
             .setup_coop_taskrun()
+            .setup_cqsize(RING_ENTRIES * 16)
             .build(RING_ENTRIES)
             .or_else(|_| IoUring::new(RING_ENTRIES))
             .map_err(ReactorError::Ring)?;

@@ -66,6 +66,8 @@ pub struct Task {
     pub started: Instant,
     /// Aborted by task management: no further PDUs, freed when quiet.
     pub aborted: bool,
+    /// ITT of the task management request that aborted it and waits for it to end.
+    pub abort_tmf: u32,
 }
 
 impl Task {
@@ -93,6 +95,7 @@ impl Task {
             next_data_sn: 0,
             started,
             aborted: false,
+            abort_tmf: 0,
         }
     }
 
@@ -142,9 +145,13 @@ impl TaskTable {
         Some(t)
     }
 
-    /// The slot of the live task with this Initiator Task Tag.
+    /// The slot of the live task with this Initiator Task Tag. Tasks whose status is already
+    /// queued are finished for the initiator, which may reuse their tag at once.
     pub fn find_itt(&self, itt: u32) -> Option<u16> {
-        self.slots.iter().position(|t| matches!(t, Some(t) if t.itt == itt && !t.aborted)).map(|i| i as u16)
+        self.slots
+            .iter()
+            .position(|t| matches!(t, Some(t) if t.itt == itt && !t.aborted && t.stage != Stage::Sending))
+            .map(|i| i as u16)
     }
 
     /// Slots of every live task, for task management.
@@ -162,6 +169,7 @@ mod tests {
         let mut t = TaskTable::with_capacity(2);
         let a = t.insert(Task::new(Instant::now())).unwrap();
         let b = t.insert(Task { itt: 9, ..Task::new(Instant::now()) }).unwrap();
+        t.insert(Task { itt: 9, stage: Stage::Sending, ..Task::new(Instant::now()) }).ok_or(()).unwrap_err();
         assert!(t.insert(Task::new(Instant::now())).is_none(), "table is full");
         assert_eq!(t.find_itt(9), Some(b));
         t.remove(a);

@@ -46,6 +46,9 @@ pub struct Lun {
     pub pr: Reservations,
     /// The sessions that used this LUN, for unit attentions one of them causes the others.
     pub sessions: Sessions,
+    /// Serialises read-modify-write commands (COMPARE AND WRITE, ORWRITE) of every session on
+    /// every reactor: two initiators racing for the same lock block must not both win.
+    pub rmw: std::sync::Mutex<()>,
 }
 
 impl Lun {
@@ -74,6 +77,7 @@ impl Lun {
             d_sense: AtomicBool::new(false),
             pr: Reservations::default(),
             sessions: Sessions::default(),
+            rmw: std::sync::Mutex::new(()),
         }
     }
 

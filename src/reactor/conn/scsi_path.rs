@@ -107,7 +107,8 @@ impl Conn {
         }
         if is_out {
             // Unsolicited data: immediate data, then (InitialR2T=No) Data-Out up to FirstBurstLength.
-            let unsolicited = if initial_r2t { data.len() as u32 } else { edtl.min(first_burst) };
+            // F=1 on the command says no unsolicited Data-Out follows its immediate data.
+            let unsolicited = if initial_r2t || bhs.final_bit() { data.len() as u32 } else { edtl.min(first_burst) };
             task.out_total = unsolicited.max(xfer);
             task.r2t_next = unsolicited.min(xfer);
             task.stage = Stage::DataOut;
@@ -390,7 +391,7 @@ impl Conn {
                 pool.put(buf);
             }
             if t.aborted {
-                self.tmf_progress();
+                self.tmf_progress(t.abort_tmf);
             }
         }
     }
@@ -407,7 +408,7 @@ impl Conn {
                 let rtt = bhs.word20();
                 match self.tasks.find_itt(rtt) {
                     Some(slot) => {
-                        waiting += self.abort(slot, env.pool);
+                        waiting += self.abort(slot, bhs.itt(), env.pool);
                         tmf::COMPLETE
                     }
                     // RFC 7143 §11.6.1: a command not received yet (its CmdSN still inside
@@ -416,7 +417,8 @@ impl Conn {
                     None => {
                         let ref_sn = bhs.ref_cmd_sn();
                         if pdu::sn_le(self.exp_cmd_sn, ref_sn) && pdu::sn_le(ref_sn, self.max_cmd_sn()) {
-                            self.parked.remove(&ref_sn);
+                            // A tombstone keeps its place in the CmdSN sequence.
+                            self.parked.insert(ref_sn, None);
                             tmf::COMPLETE
                         } else {
                             tmf::NO_TASK
@@ -430,7 +432,7 @@ impl Conn {
                 let slots: Vec<u16> =
                     self.tasks.slots().filter(|(_, t)| t.lun_field == field).map(|(s, _)| s).collect();
                 for s in slots {
-                    waiting += self.abort(s, env.pool);
+                    waiting += self.abort(s, bhs.itt(), env.pool);
                 }
                 if function == tmf::LOGICAL_UNIT_RESET {
                     if let Some(l) = lun_id.and_then(|id| env.luns.get(id)) {
@@ -442,7 +444,7 @@ impl Conn {
             tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
                 let slots: Vec<u16> = self.tasks.slots().map(|(s, _)| s).collect();
                 for s in slots {
-                    waiting += self.abort(s, env.pool);
+                    waiting += self.abort(s, bhs.itt(), env.pool);
                 }
                 self.nexus.target_reset(env.luns);
                 if function == tmf::TARGET_COLD_RESET {
@@ -455,7 +457,7 @@ impl Conn {
             _ => tmf::UNSUPPORTED,
         };
         if waiting > 0 {
-            self.pending_tmf = Some(PendingTmf { itt: bhs.itt(), response, waiting });
+            self.pending_tmfs.push(PendingTmf { itt: bhs.itt(), response, waiting });
         } else {
             self.tmf_response(bhs.itt(), response);
         }
@@ -463,8 +465,11 @@ impl Conn {
 
     /// Aborts a task: it sends nothing more. Returns 1 when it must still be waited for (its
     /// backing I/O or Data-In is in flight), 0 when it was freed now.
-    fn abort(&mut self, slot: u16, pool: &mut BufPool) -> u32 {
+    fn abort(&mut self, slot: u16, tmf_itt: u32, pool: &mut BufPool) -> u32 {
         let task = self.tasks.get_mut(slot).expect("live task");
+        if task.aborted {
+            return 0; // an earlier TMF already waits for it
+        }
         match task.stage {
             Stage::DataOut => {
                 self.free_task(slot, pool);
@@ -472,18 +477,20 @@ impl Conn {
             }
             Stage::Io | Stage::Sending => {
                 task.aborted = true;
+                task.abort_tmf = tmf_itt;
                 1
             }
         }
     }
 
-    fn tmf_progress(&mut self) {
-        if let Some(p) = &mut self.pending_tmf {
-            p.waiting = p.waiting.saturating_sub(1);
-            if p.waiting == 0 {
-                let p = self.pending_tmf.take().expect("checked");
-                self.tmf_response(p.itt, p.response);
-            }
+    /// An aborted task ended: the TMF that aborted it may now answer.
+    fn tmf_progress(&mut self, tmf_itt: u32) {
+        let Some(i) = self.pending_tmfs.iter().position(|p| p.itt == tmf_itt) else { return };
+        let p = &mut self.pending_tmfs[i];
+        p.waiting -= 1;
+        if p.waiting == 0 {
+            let p = self.pending_tmfs.remove(i);
+            self.tmf_response(p.itt, p.response);
         }
     }
 

@@ -309,6 +309,9 @@ pub(super) fn compare_and_write_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res 
     let half = d.blocks as usize * BS as usize;
     let data = data.get(..2 * half).ok_or_else(|| Sense::invalid_field_in_cdb(13, 7))?;
     let mut medium = vec![0u8; half];
+    // Atomic against other COMPARE AND WRITEs and ORWRITEs; plain writes racing with it are the
+    // initiator's business (SBC leaves overlapping commands' order to the task set).
+    let _rmw = lun.rmw.lock().unwrap_or_else(|e| e.into_inner());
     lun.backing.read_at(&mut medium, d.lba * BS).map_err(|_| Sense::read_error())?;
     compare(&medium, &data[..half])?;
     let fua = d.fua() || !lun.write_cache();
@@ -339,6 +342,7 @@ pub(super) fn orwrite_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
     let len = d.blocks as usize * BS as usize;
     let data = data.get(..len).ok_or_else(|| Sense::invalid_field_in_cdb(d.len_byte, 7))?;
     let mut medium = vec![0u8; len];
+    let _rmw = lun.rmw.lock().unwrap_or_else(|e| e.into_inner());
     lun.backing.read_at(&mut medium, d.lba * BS).map_err(|_| Sense::read_error())?;
     medium.iter_mut().zip(data).for_each(|(m, b)| *m |= b);
     let fua = d.fua() || !lun.write_cache();
