@@ -659,12 +659,7 @@ pub fn open_lun_store(cfg: &Config, lun: &LunConfig) -> Result<LunStore, ConfigE
 /// Resolves `rel` (already checked by [`LunConfig::validate`]) under `root_dir` (which is created
 /// if missing), refuses anything that escapes it, then creates (sparse), grows or checks the image. Returns its canonical path and whether
 /// it was created.
-fn prepare_image(
-    root_dir: &Path,
-    rel: &Path,
-    size_mb: u64,
-    lun: &str,
-) -> Result<(PathBuf, bool), ConfigError> {
+fn prepare_image(root_dir: &Path, rel: &Path, size_mb: u64, lun: &str) -> Result<(PathBuf, bool), ConfigError> {
     let lun_err = |message: String| ConfigError::Lun { lun: lun.to_owned(), message };
     let rejected = |message: String| ConfigError::PathRejected { lun: lun.to_owned(), message };
     // Sparse files only take space when written, but an initiator will write them: refuse a
