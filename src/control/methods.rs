@@ -72,10 +72,15 @@ pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcEr
         }
         "add_lun" => {
             let p: AddLun = decode_params(params, ADD_LUN_PARAMS)?;
+            let file_path = p.file_path.filter(|f| !f.as_os_str().is_empty());
+            // Refused here so the path code is left to real path rejections.
+            if p.backing == BackingKind::Mem && file_path.is_some() {
+                return Err(RpcError::invalid_params("a mem LUN has no file_path"));
+            }
             let lc = LunConfig {
                 name: p.name,
                 // The replaced driver's callers pass "" for "no file".
-                file_path: p.file_path.filter(|f| !f.as_os_str().is_empty()),
+                file_path,
                 size_mb: p.size_mb,
                 backing: p.backing,
                 read_only: p.read_only,

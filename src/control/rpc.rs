@@ -81,7 +81,8 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (Value, RpcError)> {
         _ => return Err(invalid(reply_id, "\"method\" must be a string")),
     };
     let params = match obj.remove("params") {
-        None => Value::Null,
+        // Explicit null is what many clients send for "no params".
+        None | Some(Value::Null) => Value::Null,
         Some(p @ (Value::Object(_) | Value::Array(_))) => p,
         Some(_) => return Err(invalid(reply_id, "\"params\" must be an object or an array")),
     };
@@ -144,6 +145,8 @@ mod tests {
         assert_eq!((r.id, r.params), (Some(json!("a")), json!(["n"])));
         let r = parse_request(br#"{"jsonrpc":"2.0","method":"x","params":{}}"#).unwrap();
         assert_eq!(r.id, None, "a notification");
+        let r = parse_request(br#"{"jsonrpc":"2.0","id":null,"method":"x","params":null}"#).unwrap();
+        assert_eq!((r.id, r.params), (Some(Value::Null), Value::Null));
     }
 
     #[test]

@@ -295,7 +295,7 @@ mod tests {
         // Exactly at the limit is fine.
         assert_eq!(lines(b"0123456789\n", 10), vec![(Line::Complete, b"0123456789".to_vec())]);
         // An over-long tail with no newline ends the stream.
-        assert_eq!(lines(&vec![b'z'; 100], 10), vec![(Line::TooLong, vec![])]);
+        assert_eq!(lines(&[b'z'; 100], 10), vec![(Line::TooLong, vec![])]);
     }
 
     #[test]
