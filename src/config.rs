@@ -38,6 +38,13 @@ pub enum ConfigError {
     /// A LUN's image or device cannot be served as configured.
     #[error("lun {lun}: {message}")]
     Lun { lun: String, message: String },
+    /// A LUN's path resolves outside root_dir, is not a regular file, or is a block device
+    /// missing from the allowlist.
+    #[error("lun {lun}: {message}")]
+    PathRejected { lun: String, message: String },
+    /// Creating or growing a LUN's store would need more space than is free.
+    #[error("lun {lun}: {message}")]
+    NoSpace { lun: String, message: String },
     /// Opening a LUN's store failed.
     #[error("lun {lun}: {source}")]
     Backing { lun: String, source: BackingError },
@@ -363,7 +370,7 @@ impl LunConfig {
     }
 
     /// `file_path` defaults to `<name>.img` for image-file LUNs.
-    fn fill_defaults(&mut self) {
+    pub fn fill_defaults(&mut self) {
         if self.file_path.is_none() && self.backing == BackingKind::File && !self.is_block {
             self.file_path = Some(PathBuf::from(format!("{}.img", self.name)));
         }
@@ -378,7 +385,7 @@ impl LunConfig {
     }
 
     /// Checks this LUN on its own; `key` prefixes error keys (`luns[1]`, `--lun ...`).
-    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+    pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
         let k = |field: &str| format!("{key}.{field}");
         if self.name.is_empty() {
             return Err(invalid(k("name"), "must not be empty"));
@@ -597,9 +604,18 @@ pub fn open_lun_backing(cfg: &Config, lun: &LunConfig) -> Result<(Backing, Optio
 pub fn open_lun_store(cfg: &Config, lun: &LunConfig) -> Result<LunStore, ConfigError> {
     lun.validate(&format!("lun {}", lun.name))?;
     let backing_err = |source| ConfigError::Backing { lun: lun.name.clone(), source };
-    let lun_err = |message: String| ConfigError::Lun { lun: lun.name.clone(), message };
+    let rejected = |message: String| ConfigError::PathRejected { lun: lun.name.clone(), message };
     match lun.backing {
         BackingKind::Mem => {
+            let want = lun.size_mb << 20;
+            if let Some(avail) = mem_available() {
+                if want > avail {
+                    return Err(ConfigError::NoSpace {
+                        lun: lun.name.clone(),
+                        message: format!("{want} bytes of RAM asked, {avail} available"),
+                    });
+                }
+            }
             let backing = Backing::new_mem(lun.size_mb << 20).map_err(backing_err)?;
             Ok(LunStore { backing, path: None, created: false })
         }
@@ -610,7 +626,7 @@ pub fn open_lun_store(cfg: &Config, lun: &LunConfig) -> Result<LunStore, ConfigE
             let allowed =
                 cfg.block_device_allowlist.iter().filter_map(|p| fs::canonicalize(p).ok()).any(|p| p == canon);
             if !allowed {
-                return Err(lun_err(format!(
+                return Err(rejected(format!(
                     "{} (resolved from {}) is not in block_device_allowlist",
                     canon.display(),
                     dev.display()
@@ -618,14 +634,14 @@ pub fn open_lun_store(cfg: &Config, lun: &LunConfig) -> Result<LunStore, ConfigE
             }
             let meta = fs::metadata(&canon).map_err(io_err(&canon, "stat"))?;
             if !meta.file_type().is_block_device() {
-                return Err(lun_err(format!("{} is not a block device", canon.display())));
+                return Err(rejected(format!("{} is not a block device", canon.display())));
             }
             let backing = Backing::open_file(&canon, lun.read_only).map_err(backing_err)?;
             Ok(LunStore { backing, path: Some(canon), created: false })
         }
         BackingKind::File => {
             let rel = lun.image_path().unwrap_or_default();
-            let (path, created) = prepare_image(&cfg.root_dir, &rel, lun.size_mb, &lun_err)?;
+            let (path, created) = prepare_image(&cfg.root_dir, &rel, lun.size_mb, &lun.name)?;
             match Backing::open_file(&path, lun.read_only) {
                 Ok(backing) => Ok(LunStore { backing, path: Some(path), created }),
                 Err(e) => {
@@ -643,18 +659,24 @@ pub fn open_lun_store(cfg: &Config, lun: &LunConfig) -> Result<LunStore, ConfigE
 /// Resolves `rel` (already checked by [`LunConfig::validate`]) under `root_dir` (which is created
 /// if missing), refuses anything that escapes it, then creates (sparse), grows or checks the image. Returns its canonical path and whether
 /// it was created.
-fn prepare_image(
-    root_dir: &Path,
-    rel: &Path,
-    size_mb: u64,
-    lun_err: &dyn Fn(String) -> ConfigError,
-) -> Result<(PathBuf, bool), ConfigError> {
+fn prepare_image(root_dir: &Path, rel: &Path, size_mb: u64, lun: &str) -> Result<(PathBuf, bool), ConfigError> {
+    let lun_err = |message: String| ConfigError::Lun { lun: lun.to_owned(), message };
+    let rejected = |message: String| ConfigError::PathRejected { lun: lun.to_owned(), message };
+    // Sparse files only take space when written, but an initiator will write them: refuse a
+    // size the filesystem cannot hold rather than fail writes later.
+    let check_space = |dir: &Path, grow: u64| match free_space(dir) {
+        Some(free) if grow > free => Err(ConfigError::NoSpace {
+            lun: lun.to_owned(),
+            message: format!("{grow} more bytes needed under {}, {free} free", dir.display()),
+        }),
+        _ => Ok(()),
+    };
     fs::create_dir_all(root_dir).map_err(io_err(root_dir, "create root_dir"))?;
     let root = fs::canonicalize(root_dir).map_err(io_err(root_dir, "resolve root_dir"))?;
     let joined = root.join(rel);
     let want = size_mb << 20;
     let escapes = |p: &Path| {
-        lun_err(format!("{} resolves to {}, outside root_dir {}", rel.display(), p.display(), root.display()))
+        rejected(format!("{} resolves to {}, outside root_dir {}", rel.display(), p.display(), root.display()))
     };
     match fs::symlink_metadata(&joined) {
         Ok(_) => {
@@ -664,7 +686,7 @@ fn prepare_image(
             }
             let meta = fs::metadata(&canon).map_err(io_err(&canon, "stat"))?;
             if !meta.is_file() {
-                return Err(lun_err(format!("{} is not a regular file", canon.display())));
+                return Err(rejected(format!("{} is not a regular file", canon.display())));
             }
             let size = meta.len();
             if size_mb == 0 {
@@ -675,6 +697,7 @@ fn prepare_image(
                     )));
                 }
             } else if want > size {
+                check_space(&root, want - size)?;
                 let f = OpenOptions::new().write(true).open(&canon).map_err(io_err(&canon, "open to grow"))?;
                 f.set_len(want).map_err(io_err(&canon, "grow"))?;
                 log::info!("{}: grown from {size} to {want} bytes", canon.display());
@@ -697,6 +720,7 @@ fn prepare_image(
             }
             // validate() guarantees a file name.
             let path = canon_parent.join(joined.file_name().unwrap_or_default());
+            check_space(&canon_parent, want)?;
             // create_new (O_EXCL) does not follow a symlink planted since the check above.
             let f = OpenOptions::new().write(true).create_new(true).open(&path).map_err(io_err(&path, "create"))?;
             if let Err(e) = f.set_len(want) {
@@ -708,6 +732,30 @@ fn prepare_image(
         }
         Err(e) => Err(io_err(&joined, "stat")(e)),
     }
+}
+
+/// Bytes an unprivileged user may still write on the filesystem holding `dir`, if known.
+fn free_space(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain data; it is only read after statvfs(2) filled it in.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a NUL-terminated path and st a valid out-pointer for the call's duration.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    // The field types are narrower than u64 on some targets.
+    #[allow(clippy::useless_conversion)]
+    Some(u64::from(st.f_bavail).saturating_mul(u64::from(st.f_frsize)))
+}
+
+/// `MemAvailable` plus free swap, from /proc/meminfo, in bytes (if readable).
+fn mem_available() -> Option<u64> {
+    let info = fs::read_to_string("/proc/meminfo").ok()?;
+    let field = |key: &str| {
+        info.lines().find_map(|l| l.strip_prefix(key)?.trim().strip_suffix("kB")?.trim().parse::<u64>().ok())
+    };
+    Some((field("MemAvailable:")? + field("SwapFree:").unwrap_or(0)) << 10)
 }
 
 #[cfg(test)]
@@ -1038,5 +1086,22 @@ mod tests {
         let lun = LunConfig::parse_spec("name=r,backing=mem,size_mb=2").unwrap();
         let s = open_lun_store(&cfg, &lun).unwrap();
         assert_eq!((s.backing.kind(), s.backing.size(), s.path, s.created), (BackingKind::Mem, 2 << 20, None, false));
+    }
+
+    #[test]
+    fn sizes_beyond_free_space_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = cfg_in(dir.path());
+        // 1 PiB: more than any test machine's disk or RAM.
+        let e = open_lun_store(&cfg, &file_lun("big", 1 << 30)).err().unwrap();
+        assert!(matches!(e, ConfigError::NoSpace { .. }), "{e}");
+        assert!(!cfg.root_dir.join("big.img").exists());
+        fs::write(cfg.root_dir.join("g.img"), vec![0u8; 4096]).unwrap();
+        let e = open_lun_store(&cfg, &file_lun("g", 1 << 30)).err().unwrap();
+        assert!(matches!(e, ConfigError::NoSpace { .. }), "{e}");
+        assert_eq!(fs::metadata(cfg.root_dir.join("g.img")).unwrap().len(), 4096);
+        let lun = LunConfig::parse_spec("name=r,backing=mem,size_mb=1073741824").unwrap();
+        let e = open_lun_store(&cfg, &lun).err().unwrap();
+        assert!(matches!(e, ConfigError::NoSpace { .. }), "{e}");
     }
 }

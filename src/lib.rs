@@ -8,9 +8,11 @@
 //! - [`reactor`]: per-core threads, each owning an io_uring, its connections and buffers.
 //! - [`target`]: the listener, reactor start-up and the shared target state.
 //! - [`config`]: the YAML configuration and its defaults.
+//! - [`control`]: the control plane (JSON-RPC on a Unix socket) and its client.
 
 pub mod backing;
 pub mod config;
+pub mod control;
 pub mod protocol;
 pub mod reactor;
 pub mod scsi;

@@ -2,10 +2,12 @@
 //! runs the target until it stops.
 
 use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Value};
 use std::error::Error;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use uringtgt::config::{Config, ConfigError, LunConfig, PollMode};
+use uringtgt::control::{Client, ControlError};
 use uringtgt::target::{self, TargetError};
 
 /// A user-space iSCSI target (RFC 7143) on per-core io_uring reactors.
@@ -20,6 +22,72 @@ struct Cli {
 enum Command {
     /// Serve the configured target.
     Serve(ServeArgs),
+    /// Talk to a running target over its control socket.
+    Ctl(CtlArgs),
+}
+
+#[derive(Args)]
+struct CtlArgs {
+    /// Control socket (default: the configuration's control_socket, <root_dir>/uringtgt.sock).
+    #[arg(long, value_name = "PATH", global = true)]
+    socket: Option<PathBuf>,
+    /// Configuration file whose control_socket (or root_dir) locates the socket.
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: CtlCommand,
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Export an image file (relative to root_dir), a RAM disk or an allow-listed block device;
+    /// an existing name is replaced.
+    AddLun {
+        name: String,
+        /// Image path relative to root_dir (default <NAME>.img); with --block, the device path.
+        path: Option<PathBuf>,
+        /// Size in MiB; 0 uses the existing file's size.
+        #[arg(long, default_value_t = 0)]
+        size_mb: u64,
+        #[arg(long)]
+        read_only: bool,
+        #[arg(long, value_parser = ["file", "mem"], default_value = "file")]
+        backing: String,
+        /// LUN number (default: the LUN's current one, or the lowest free one).
+        #[arg(long)]
+        lun_id: Option<u64>,
+        /// Export an allow-listed block device.
+        #[arg(long)]
+        block: bool,
+    },
+    /// Stop exporting a LUN (its file stays).
+    RemoveLun {
+        name: String,
+    },
+    /// The exported LUNs.
+    ListLuns {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove every LUN.
+    ClearLuns,
+    /// I/O statistics per LUN and per reactor.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Logged-in sessions.
+    Sessions {
+        #[arg(long)]
+        json: bool,
+    },
+    GetHost,
+    GetPort,
+    GetTargetIqn,
+    /// Open the portal (after stop).
+    Start,
+    /// Close the portal and log every session out; LUNs stay.
+    Stop,
 }
 
 /// Flags override the configuration file's keys of the same name.
@@ -67,12 +135,15 @@ enum CliError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Target(#[from] TargetError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Ctl(args) => ctl(args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -88,6 +159,159 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
     init_logging(args.log_level.as_deref(), cfg.log_level.as_deref());
     target::run(cfg)?;
     Ok(())
+}
+
+fn ctl(args: CtlArgs) -> Result<(), CliError> {
+    let socket = match (&args.socket, &args.config) {
+        (Some(s), _) => s.clone(),
+        (None, Some(file)) => Config::load(file)?.control_socket_path(),
+        (None, None) => Config::default().control_socket_path(),
+    };
+    let (method, params) = ctl_request(&args.command);
+    let mut client = Client::connect(&socket)?;
+    let result = client.call(method, params)?;
+    print!("{}", ctl_output(&args.command, &result));
+    Ok(())
+}
+
+/// The method and params a `ctl` subcommand calls.
+fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
+    match cmd {
+        CtlCommand::AddLun { name, path, size_mb, read_only, backing, lun_id, block } => {
+            let mut p = json!({"name": name, "size_mb": size_mb, "read_only": read_only, "backing": backing,
+                               "is_block": block});
+            if let Some(path) = path {
+                p["file_path"] = json!(path);
+            }
+            if let Some(id) = lun_id {
+                p["lun_id"] = json!(id);
+            }
+            ("add_lun", p)
+        }
+        CtlCommand::RemoveLun { name } => ("remove_lun", json!({"name": name})),
+        CtlCommand::ListLuns { .. } => ("list_luns", Value::Null),
+        CtlCommand::ClearLuns => ("clear_all_luns", Value::Null),
+        CtlCommand::Stats { .. } => ("get_stats", Value::Null),
+        CtlCommand::Sessions { .. } => ("list_sessions", Value::Null),
+        CtlCommand::GetHost => ("get_host", Value::Null),
+        CtlCommand::GetPort => ("get_port", Value::Null),
+        CtlCommand::GetTargetIqn => ("get_target_iqn", Value::Null),
+        CtlCommand::Start => ("start", Value::Null),
+        CtlCommand::Stop => ("stop", Value::Null),
+    }
+}
+
+/// What `ctl` prints for a result: JSON when asked, otherwise readable lines.
+fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    match cmd {
+        CtlCommand::ListLuns { json: true }
+        | CtlCommand::Stats { json: true }
+        | CtlCommand::Sessions { json: true } => {
+            format!("{result}\n")
+        }
+        CtlCommand::ListLuns { json: false } => lun_table(result),
+        CtlCommand::AddLun { .. } => lun_table(&json!([result])),
+        CtlCommand::Stats { json: false } => stats_table(result),
+        CtlCommand::Sessions { json: false } => sessions_table(result),
+        CtlCommand::RemoveLun { name } => format!("removed {name}\n"),
+        CtlCommand::ClearLuns => {
+            let names: Vec<String> = result["removed"].as_array().into_iter().flatten().map(s).collect();
+            format!("removed {} LUN(s){}{}\n", names.len(), if names.is_empty() { "" } else { ": " }, names.join(" "))
+        }
+        CtlCommand::Start => format!("portal open on {}\n", s(&result["address"])),
+        CtlCommand::Stop => "portal closed\n".to_owned(),
+        CtlCommand::GetHost | CtlCommand::GetPort | CtlCommand::GetTargetIqn => format!("{}\n", s(result)),
+    }
+}
+
+/// Rows padded to their columns' widths.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        format!("{}\n", padded.join("  ").trim_end())
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+fn lun_table(luns: &Value) -> String {
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let rows: Vec<Vec<String>> = luns
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| {
+            let mut flags = Vec::new();
+            if l["read_only"] == json!(true) {
+                flags.push("ro");
+            }
+            if l["is_block"] == json!(true) {
+                flags.push("block");
+            }
+            vec![
+                s(&l["lun_id"]),
+                s(&l["name"]),
+                s(&l["backing"]),
+                s(&l["size"]),
+                flags.join(","),
+                if l["path"].is_null() { "-".to_owned() } else { s(&l["path"]) },
+            ]
+        })
+        .collect();
+    table(&["LUN", "NAME", "BACKING", "SIZE", "FLAGS", "PATH"], &rows)
+}
+
+fn stats_table(stats: &Value) -> String {
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let op = |o: &Value| {
+        let l = &o["latency_us"];
+        vec![s(&o["ops"]), s(&o["bytes"]), s(&l["p50"]), s(&l["p99"]), s(&l["p99_9"]), s(&l["max"])]
+    };
+    let mut rows = Vec::new();
+    let mut push = |what: String, v: &Value| {
+        for dir in ["read", "write"] {
+            let mut r = vec![what.clone(), dir.to_owned()];
+            r.extend(op(&v[dir]));
+            rows.push(r);
+        }
+    };
+    for l in stats["luns"].as_array().into_iter().flatten() {
+        push(format!("lun {} {}", s(&l["lun_id"]), if l["name"].is_null() { "-".into() } else { s(&l["name"]) }), l);
+    }
+    for r in stats["reactors"].as_array().into_iter().flatten() {
+        push(format!("reactor {} ({} conns)", s(&r["reactor"]), s(&r["connections"])), r);
+    }
+    table(&["WHAT", "OP", "OPS", "BYTES", "P50_US", "P99_US", "P99.9_US", "MAX_US"], &rows)
+}
+
+fn sessions_table(sessions: &Value) -> String {
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let rows: Vec<Vec<String>> = sessions
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|x| {
+            vec![
+                s(&x["tsih"]),
+                s(&x["initiator"]),
+                s(&x["isid"]),
+                s(&x["address"]),
+                s(&x["reactor"]),
+                if x["discovery"] == json!(true) { "discovery".into() } else { "normal".into() },
+            ]
+        })
+        .collect();
+    table(&["TSIH", "INITIATOR", "ISID", "ADDRESS", "REACTOR", "TYPE"], &rows)
 }
 
 /// The file (or defaults) with the flags applied, checked as a whole.
@@ -163,6 +387,7 @@ mod tests {
         let argv = ["uringtgt", "serve"].iter().chain(extra).copied();
         match Cli::try_parse_from(argv).unwrap().command {
             Command::Serve(a) => a,
+            Command::Ctl(_) => unreachable!("parsed serve"),
         }
     }
 
@@ -213,5 +438,44 @@ mod tests {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
         let e = ConfigError::Io { path: "/x".into(), op: "read config", source: io };
         assert_eq!(error_chain(&e), "/x: read config: gone");
+    }
+
+    fn ctl_cmd(argv: &[&str]) -> CtlCommand {
+        let argv = ["uringtgt", "ctl"].iter().chain(argv).copied();
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Ctl(a) => a.command,
+            Command::Serve(_) => unreachable!("parsed ctl"),
+        }
+    }
+
+    #[test]
+    fn ctl_subcommands_build_requests() {
+        let (m, p) =
+            ctl_request(&ctl_cmd(&["add-lun", "d", "d.img", "--size-mb", "8", "--read-only", "--lun-id", "3"]));
+        assert_eq!(m, "add_lun");
+        assert_eq!(
+            p,
+            json!({"name": "d", "file_path": "d.img", "size_mb": 8, "read_only": true, "backing": "file",
+                   "is_block": false, "lun_id": 3})
+        );
+        let (_, p) = ctl_request(&ctl_cmd(&["add-lun", "r", "--backing", "mem", "--size-mb", "1"]));
+        assert!(p.get("file_path").is_none() && p["backing"] == "mem");
+        assert_eq!(ctl_request(&ctl_cmd(&["remove-lun", "d"])), ("remove_lun", json!({"name": "d"})));
+        assert_eq!(ctl_request(&ctl_cmd(&["clear-luns"])).0, "clear_all_luns");
+        assert_eq!(ctl_request(&ctl_cmd(&["stats", "--json"])).0, "get_stats");
+        assert!(Cli::try_parse_from(["uringtgt", "ctl", "add-lun", "x", "--backing", "disk"]).is_err());
+    }
+
+    #[test]
+    fn ctl_prints_tables() {
+        let luns = json!([{"name": "d", "path": "/r/d.img", "size": 512, "lun_id": 0, "is_block": false,
+                           "read_only": true, "backing": "file"}]);
+        let out = ctl_output(&CtlCommand::ListLuns { json: false }, &luns);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines[0], "LUN  NAME  BACKING  SIZE  FLAGS  PATH");
+        assert_eq!(lines[1], "0    d     file     512   ro     /r/d.img");
+        let out = ctl_output(&CtlCommand::ListLuns { json: true }, &luns);
+        assert_eq!(serde_json::from_str::<Value>(&out).unwrap(), luns);
+        assert_eq!(ctl_output(&CtlCommand::GetTargetIqn, &json!("iqn.x:y")), "iqn.x:y\n");
     }
 }

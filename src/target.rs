@@ -1,6 +1,7 @@
 //! The target: LUN table, reactors, the listener, sessions, and orderly shutdown.
 
-use crate::config::{self, Config, ConfigError};
+use crate::backing::BackingKind;
+use crate::config::{self, Config, ConfigError, LunConfig};
 use crate::protocol::login::LoginConfig;
 use crate::reactor::{Msg, Reactor, ReactorError, ReactorStats, Waker};
 use crate::scsi::{lun, Lun, LunTable};
@@ -13,6 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 /// Errors starting or running the target.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +34,17 @@ pub enum TargetError {
     Thread(std::io::Error),
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Control(#[from] crate::control::ControlError),
+    /// No LUN has this name.
+    #[error("no LUN named {name:?}")]
+    LunNotFound { name: String },
+    /// The requested LUN id belongs to another LUN.
+    #[error("LUN id {id} is in use by LUN {by:?}")]
+    LunIdInUse { id: u64, by: String },
+    /// Two LUNs over one image would corrupt each other's data.
+    #[error("{path} is already exported by LUN {by:?}")]
+    FileInUse { path: PathBuf, by: String },
 }
 
 /// Why a login cannot join or start a session.
@@ -237,16 +250,54 @@ pub fn build_luns(cfg: &Config) -> Result<(LunTable, Vec<PathBuf>), TargetError>
     Ok((LunTable::new(luns), created))
 }
 
-/// A running target: reactors and the acceptor thread.
+/// How long removing a LUN waits for its in-flight commands to finish.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The open portal: its listening socket and the thread accepting on it.
+struct Portal {
+    listener: Arc<TcpListener>,
+    acceptor: JoinHandle<()>,
+}
+
+impl Portal {
+    fn open(addr: &str, shared: &Arc<Shared>) -> Result<Self, TargetError> {
+        let listener = TcpListener::bind(addr).map_err(|source| TargetError::Bind { addr: addr.to_owned(), source })?;
+        Self::serve(listener, shared)
+    }
+
+    fn serve(listener: TcpListener, shared: &Arc<Shared>) -> Result<Self, TargetError> {
+        let listener = Arc::new(listener);
+        let acceptor = {
+            let (listener, shared) = (listener.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name("acceptor".into())
+                .spawn(move || accept_loop(&listener, &shared))
+                .map_err(TargetError::Thread)?
+        };
+        Ok(Self { listener, acceptor })
+    }
+
+    fn close(self) {
+        // SAFETY: shutting down our own listening socket wakes the blocked accept().
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        let _ = self.acceptor.join();
+    }
+}
+
+/// A running target: reactors, the portal (which `stop_portal` closes and `start_portal`
+/// reopens on the same address) and the LUN table operations of the control plane.
 pub struct Target {
     shared: Arc<Shared>,
-    listener: Arc<TcpListener>,
+    cfg: Config,
+    /// The address the portal was first bound to (with the kernel's port when 0 was asked).
     local: SocketAddr,
-    reactors: Vec<JoinHandle<()>>,
-    acceptor: Option<JoinHandle<()>>,
+    portal: Mutex<Option<Portal>>,
+    reactors: Mutex<Vec<JoinHandle<()>>>,
     iqn: String,
-    /// Image files created at start-up.
-    created: Vec<PathBuf>,
+    /// Image files created by this run, at start-up or by `add_lun`.
+    created: Mutex<Vec<PathBuf>>,
+    /// Serialises LUN table changes: each reads the table, changes it and publishes it whole.
+    lun_changes: Mutex<()>,
 }
 
 impl Target {
@@ -294,17 +345,27 @@ impl Target {
             reactors.push(thread);
         }
         let _ = shared.reactors.set(handles);
-        let listener = Arc::new(listener);
-        let acceptor = {
-            let (listener, shared) = (listener.clone(), shared.clone());
-            std::thread::Builder::new()
-                .name("acceptor".into())
-                .spawn(move || accept_loop(&listener, &shared))
-                .map_err(TargetError::Thread)?
+        let target = Self {
+            shared,
+            cfg: cfg.clone(),
+            local,
+            portal: Mutex::new(None),
+            reactors: Mutex::new(reactors),
+            iqn,
+            created: Mutex::new(created),
+            lun_changes: Mutex::new(()),
         };
-        Ok(Self { shared, listener, local, reactors, acceptor: Some(acceptor), iqn, created })
+        match Portal::serve(listener, &target.shared) {
+            Ok(p) => *target.portal.lock().expect("portal lock poisoned") = Some(p),
+            Err(e) => {
+                target.shutdown();
+                return Err(e);
+            }
+        }
+        Ok(target)
     }
 
+    /// The portal address (also while the portal is stopped).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
     }
@@ -317,24 +378,180 @@ impl Target {
         &self.shared
     }
 
-    /// Image files this target created when it started.
-    pub fn created_images(&self) -> &[PathBuf] {
-        &self.created
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
 
-    /// Stops accepting, logs every connection out and waits for the reactors to finish.
-    pub fn stop(mut self) {
-        // SAFETY: shutting down our own listening socket wakes the blocked accept().
-        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
-        if let Some(a) = self.acceptor.take() {
-            let _ = a.join();
+    /// Image files this target created, at start-up or since.
+    pub fn created_images(&self) -> Vec<PathBuf> {
+        self.created.lock().expect("created list lock poisoned").clone()
+    }
+
+    /// Opens the portal on its address; `false` when it was already open.
+    pub fn start_portal(&self) -> Result<bool, TargetError> {
+        let mut portal = self.portal.lock().expect("portal lock poisoned");
+        if portal.is_some() {
+            return Ok(false);
         }
+        *portal = Some(Portal::open(&self.local.to_string(), &self.shared)?);
+        log::info!("portal open on {}", self.local);
+        Ok(true)
+    }
+
+    /// Closes the portal and every connection (sessions end; LUNs stay); `false` when it was
+    /// already closed.
+    pub fn stop_portal(&self) -> bool {
+        let mut portal = self.portal.lock().expect("portal lock poisoned");
+        let Some(p) = portal.take() else { return false };
+        p.close();
+        self.shared.close_all_connections();
+        log::info!("portal on {} closed, connections closed", self.local);
+        true
+    }
+
+    pub fn portal_open(&self) -> bool {
+        self.portal.lock().expect("portal lock poisoned").is_some()
+    }
+
+    /// Adds a LUN, or replaces the LUN of the same name (keeping its id unless `lun_id` asks
+    /// for another). Returns the new LUN once published to the reactors.
+    pub fn add_lun(&self, mut lc: LunConfig) -> Result<Arc<Lun>, TargetError> {
+        lc.fill_defaults();
+        let lun_err = |source| TargetError::Lun { name: lc.name.clone(), source };
+        lc.validate(&format!("lun {}", lc.name)).map_err(lun_err)?;
+        let guard = self.lun_changes.lock().expect("LUN change lock poisoned");
+        let (table, _) = self.shared.lun_table();
+        let old = table.by_name(&lc.name).cloned();
+        let id = match lc.lun_id {
+            Some(id) => match table.get(id) {
+                Some(other) if other.name != lc.name => {
+                    return Err(TargetError::LunIdInUse { id, by: other.name.clone() })
+                }
+                _ => id,
+            },
+            None => match &old {
+                Some(o) => o.id,
+                None => table.lowest_free_id().ok_or_else(|| TargetError::NoLunId { name: lc.name.clone() })?,
+            },
+        };
+        // Checked before opening: opening may grow the file another LUN serves.
+        if let Some(path) = self.existing_path(&lc) {
+            check_file_free(&table, &lc.name, &path)?;
+        }
+        let store = config::open_lun_store(&self.cfg, &lc).map_err(lun_err)?;
+        if let Some(path) = &store.path {
+            // The canonical path, in case the file appeared since the check above.
+            if let Err(e) = check_file_free(&table, &lc.name, path) {
+                if store.created {
+                    let _ = std::fs::remove_file(path);
+                }
+                return Err(e);
+            }
+            if store.created {
+                self.created.lock().expect("created list lock poisoned").push(path.clone());
+            }
+        }
+        let lun = Arc::new(Lun::new(id, &lc.name, store.path, store.backing, lc.read_only, &self.iqn));
+        let luns = table.iter().filter(|l| l.name != lc.name).cloned().chain([lun.clone()]).collect();
+        self.shared.publish_luns(LunTable::new(luns));
+        self.shared.wake_reactors();
+        drop(guard);
+        drop(table);
+        log::info!(
+            "LUN {} '{}' {}: {} bytes, {:?}{}",
+            lun.id,
+            lun.name,
+            if old.is_some() { "replaced" } else { "added" },
+            lun.size_bytes(),
+            lun.kind(),
+            if lun.read_only { ", read-only" } else { "" }
+        );
+        if let Some(old) = old {
+            drain(old);
+        }
+        Ok(lun)
+    }
+
+    /// Removes a LUN: new commands to it fail, commands in flight finish (waited for, up to
+    /// a bound) and its file stays.
+    pub fn remove_lun(&self, name: &str) -> Result<(), TargetError> {
+        let guard = self.lun_changes.lock().expect("LUN change lock poisoned");
+        let (table, _) = self.shared.lun_table();
+        let old = table.by_name(name).cloned().ok_or_else(|| TargetError::LunNotFound { name: name.to_owned() })?;
+        let luns = table.iter().filter(|l| l.name != name).cloned().collect();
+        self.shared.publish_luns(LunTable::new(luns));
+        self.shared.wake_reactors();
+        drop(guard);
+        drop(table);
+        log::info!("LUN {} '{}' removed", old.id, old.name);
+        drain(old);
+        Ok(())
+    }
+
+    /// Removes every LUN; returns their names.
+    pub fn clear_luns(&self) -> Vec<String> {
+        let guard = self.lun_changes.lock().expect("LUN change lock poisoned");
+        let (table, _) = self.shared.lun_table();
+        self.shared.publish_luns(LunTable::default());
+        self.shared.wake_reactors();
+        drop(guard);
+        let old: Vec<Arc<Lun>> = table.iter().cloned().collect();
+        drop(table);
+        let names = old.iter().map(|l| l.name.clone()).collect();
+        for l in old {
+            log::info!("LUN {} '{}' removed", l.id, l.name);
+            drain(l);
+        }
+        names
+    }
+
+    /// The canonical path of the file or device `lc` names, if it exists now.
+    fn existing_path(&self, lc: &LunConfig) -> Option<PathBuf> {
+        let path = lc.file_path.as_ref()?;
+        match (lc.backing, lc.is_block) {
+            (BackingKind::Mem, _) => None,
+            (BackingKind::File, true) => std::fs::canonicalize(path).ok(),
+            (BackingKind::File, false) => std::fs::canonicalize(self.cfg.root_dir.join(path)).ok(),
+        }
+    }
+
+    /// Closes the portal, logs every connection out and waits for the reactors to finish.
+    pub fn shutdown(&self) {
+        self.stop_portal();
         for r in self.shared.reactors.get().into_iter().flatten() {
             r.send(Msg::Stop);
         }
-        for r in self.reactors.drain(..) {
+        let reactors = std::mem::take(&mut *self.reactors.lock().expect("reactor list lock poisoned"));
+        for r in reactors {
             let _ = r.join();
         }
+    }
+
+    /// [`Target::shutdown`], consuming the target.
+    pub fn stop(self) {
+        self.shutdown();
+    }
+}
+
+/// Refuses a second LUN (of another name) over `path`.
+fn check_file_free(table: &LunTable, name: &str, path: &PathBuf) -> Result<(), TargetError> {
+    match table.iter().find(|l| l.name != name && l.path.as_ref() == Some(path)) {
+        Some(other) => Err(TargetError::FileInUse { path: path.clone(), by: other.name.clone() }),
+        None => Ok(()),
+    }
+}
+
+/// Waits until nothing but `lun` itself holds the removed LUN: reactors have dropped the old
+/// table and its commands in flight have finished. Bounded, so a stuck reactor cannot hang the
+/// control plane; the store is closed whenever the last holder lets go.
+fn drain(lun: Arc<Lun>) {
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    while Arc::strong_count(&lun) > 1 {
+        if Instant::now() >= deadline {
+            log::warn!("LUN {} '{}': still in use after {DRAIN_TIMEOUT:?}", lun.id, lun.name);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -381,7 +598,10 @@ fn block_stop_signals() -> Result<libc::sigset_t, TargetError> {
 /// Runs the target until SIGINT or SIGTERM: the `serve` command.
 pub fn run(cfg: Config) -> Result<(), TargetError> {
     let set = block_stop_signals()?;
-    let target = Target::start(&cfg)?;
+    // Bound before the target starts: a live socket means another target runs, and this one
+    // should not start half-way.
+    let socket = crate::control::ControlSocket::bind(&cfg.control_socket_path())?;
+    let target = Arc::new(Target::start(&cfg)?);
     let (luns, _) = target.shared.lun_table();
     for l in luns.iter() {
         log::info!(
@@ -393,6 +613,15 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
             if l.read_only { ", read-only" } else { "" }
         );
     }
+    drop(luns);
+    let control = match crate::control::Server::start(socket, target.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            target.shutdown();
+            return Err(e.into());
+        }
+    };
+    log::info!("control socket {}", control.path().display());
     // The readiness line scripts and tests wait for.
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening on {} {}", target.local_addr(), target.iqn());
@@ -402,11 +631,11 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
     // SAFETY: set holds the blocked signals; sig receives the one that arrived.
     unsafe { libc::sigwait(&set, &mut sig) };
     log::info!("signal {sig}: stopping");
-    let created = target.created_images().to_vec();
-    target.stop();
+    control.stop();
+    target.shutdown();
     if cfg.remove_created_on_close {
         // Like the replaced driver: images this run created go; pre-existing ones stay.
-        for path in created {
+        for path in target.created_images() {
             match std::fs::remove_file(&path) {
                 Ok(()) => log::info!("removed {}", path.display()),
                 Err(e) => log::warn!("cannot remove {}: {e}", path.display()),

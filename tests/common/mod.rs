@@ -222,6 +222,16 @@ impl Target {
         self.luns.iter().find(|(n, _)| n == name).map(|(_, id)| *id).unwrap_or_else(|| panic!("no LUN named {name}"))
     }
 
+    /// The default control socket, `<root_dir>/uringtgt.sock`.
+    pub fn control_socket(&self) -> PathBuf {
+        self.root().join("uringtgt.sock")
+    }
+
+    /// A control-plane client on the default socket.
+    pub fn control(&self) -> Control {
+        Control::connect(&self.control_socket())
+    }
+
     pub fn login(&self, opts: &LoginOptions) -> Session {
         Session::login(&self.addr(), &self.iqn, opts)
             .unwrap_or_else(|e| panic!("login to {} {} with {opts:?}: {e}", self.addr(), self.iqn))
@@ -234,6 +244,63 @@ impl Drop for Target {
         if std::thread::panicking() && !self.external {
             eprintln!("--- target stderr ---\n{}", self.stderr_text());
         }
+    }
+}
+
+/// A JSON-RPC client on a control socket, for tests: every call returns the whole response.
+pub struct Control {
+    reader: BufReader<std::os::unix::net::UnixStream>,
+    writer: std::os::unix::net::UnixStream,
+    next_id: u64,
+}
+
+impl Control {
+    pub fn connect(path: &Path) -> Control {
+        let writer = std::os::unix::net::UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("connecting to control socket {}: {e}", path.display()));
+        writer.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let reader = BufReader::new(writer.try_clone().unwrap());
+        Control { reader, writer, next_id: 1 }
+    }
+
+    /// Sends one raw line (a newline is appended) and returns the parsed response line.
+    pub fn raw(&mut self, line: &[u8]) -> serde_json::Value {
+        self.writer.write_all(line).unwrap();
+        self.writer.write_all(b"\n").unwrap();
+        self.read_response()
+    }
+
+    pub fn read_response(&mut self) -> serde_json::Value {
+        let mut resp = String::new();
+        let n = self.reader.read_line(&mut resp).expect("reading a control response");
+        assert!(n > 0, "control socket closed without answering");
+        serde_json::from_str(&resp).unwrap_or_else(|e| panic!("response is not JSON ({e}): {resp}"))
+    }
+
+    /// Calls `method` and returns the whole response (checked to answer this request).
+    pub fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        let resp = self.raw(req.to_string().as_bytes());
+        assert_eq!(resp["jsonrpc"], "2.0", "{resp}");
+        assert_eq!(resp["id"], id, "{resp}");
+        resp
+    }
+
+    /// Calls `method`, expecting success; returns the result.
+    pub fn ok(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let resp = self.call(method, params.clone());
+        assert!(resp.get("error").is_none(), "{method} {params}: {resp}");
+        resp["result"].clone()
+    }
+
+    /// Calls `method`, expecting an error; returns its code.
+    pub fn err_code(&mut self, method: &str, params: serde_json::Value) -> i64 {
+        let resp = self.call(method, params.clone());
+        let code = resp["error"]["code"].as_i64();
+        assert!(code.is_some() && resp["error"]["message"].is_string(), "{method} {params}: {resp}");
+        code.unwrap()
     }
 }
 

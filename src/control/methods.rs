@@ -1,0 +1,296 @@
+//! The control methods: each takes the target and its JSON params and returns a JSON result or
+//! the JSON-RPC error to answer with. Target and configuration errors are mapped to error codes
+//! here, at the edge.
+
+use super::rpc::{self, decode_params, no_params, RpcError};
+use crate::backing::BackingKind;
+use crate::config::{ConfigError, LunConfig};
+use crate::reactor::{OpStats, ReactorStats};
+use crate::scsi::Lun;
+use crate::target::{SessionInfo, Target, TargetError};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// Every method, for `rpc.discover`-style listings and error messages.
+pub const METHODS: &[&str] = &[
+    "get_host",
+    "get_port",
+    "get_target_iqn",
+    "start",
+    "stop",
+    "add_lun",
+    "remove_lun",
+    "list_luns",
+    "clear_all_luns",
+    "get_stats",
+    "list_sessions",
+];
+
+/// `add_lun` parameters; positional order is the replaced driver's (name, file_path, size_mb,
+/// is_block) followed by the new ones.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddLun {
+    name: String,
+    #[serde(default)]
+    file_path: Option<PathBuf>,
+    #[serde(default)]
+    size_mb: u64,
+    #[serde(default)]
+    is_block: bool,
+    #[serde(default)]
+    read_only: bool,
+    #[serde(default)]
+    backing: BackingKind,
+    #[serde(default)]
+    lun_id: Option<u64>,
+}
+const ADD_LUN_PARAMS: &[&str] = &["name", "file_path", "size_mb", "is_block", "read_only", "backing", "lun_id"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveLun {
+    name: String,
+}
+
+/// Runs one method.
+pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcError> {
+    match method {
+        "get_host" => no_params(&params).map(|()| json!(target.local_addr().ip().to_string())),
+        "get_port" => no_params(&params).map(|()| json!(target.local_addr().port())),
+        "get_target_iqn" => no_params(&params).map(|()| json!(target.iqn())),
+        "start" => {
+            no_params(&params)?;
+            let started = target.start_portal().map_err(map_target_error)?;
+            Ok(json!({"address": target.local_addr().to_string(), "started": started}))
+        }
+        "stop" => {
+            no_params(&params)?;
+            Ok(json!({"stopped": target.stop_portal()}))
+        }
+        "add_lun" => {
+            let p: AddLun = decode_params(params, ADD_LUN_PARAMS)?;
+            let file_path = p.file_path.filter(|f| !f.as_os_str().is_empty());
+            // Refused here so the path code is left to real path rejections.
+            if p.backing == BackingKind::Mem && file_path.is_some() {
+                return Err(RpcError::invalid_params("a mem LUN has no file_path"));
+            }
+            let lc = LunConfig {
+                name: p.name,
+                // The replaced driver's callers pass "" for "no file".
+                file_path,
+                size_mb: p.size_mb,
+                backing: p.backing,
+                read_only: p.read_only,
+                lun_id: p.lun_id,
+                is_block: p.is_block,
+            };
+            let lun = target.add_lun(lc).map_err(map_target_error)?;
+            Ok(lun_info(&lun))
+        }
+        "remove_lun" => {
+            let p: RemoveLun = decode_params(params, &["name"])?;
+            target.remove_lun(&p.name).map_err(map_target_error)?;
+            Ok(json!({"removed": p.name}))
+        }
+        "list_luns" => {
+            no_params(&params)?;
+            let (table, _) = target.shared().lun_table();
+            Ok(Value::Array(table.iter().map(|l| lun_info(l)).collect()))
+        }
+        "clear_all_luns" => {
+            no_params(&params)?;
+            Ok(json!({"removed": target.clear_luns()}))
+        }
+        "get_stats" => {
+            no_params(&params)?;
+            Ok(stats(target))
+        }
+        "list_sessions" => {
+            no_params(&params)?;
+            Ok(Value::Array(target.shared().sessions().iter().map(session_info).collect()))
+        }
+        _ => Err(RpcError::new(
+            rpc::METHOD_NOT_FOUND,
+            format!("method not found: {method:?} (methods: {})", METHODS.join(", ")),
+        )),
+    }
+}
+
+/// A LUN as `list_luns` and `add_lun` show it.
+pub fn lun_info(l: &Lun) -> Value {
+    json!({
+        "name": l.name,
+        "path": l.path.as_ref().map(|p| p.display().to_string()),
+        "size": l.size_bytes(),
+        "lun_id": l.id,
+        "is_block": l.is_block,
+        "read_only": l.read_only,
+        "backing": l.kind(),
+    })
+}
+
+/// The error code and message for a failed target operation.
+pub fn map_target_error(e: TargetError) -> RpcError {
+    let code = match &e {
+        TargetError::Lun { source, .. } => match source {
+            ConfigError::Invalid { key, .. } if key.ends_with(".file_path") => rpc::PATH_REJECTED,
+            ConfigError::Invalid { .. } => rpc::INVALID_PARAMS,
+            ConfigError::PathRejected { .. } => rpc::PATH_REJECTED,
+            ConfigError::NoSpace { .. } => rpc::NO_SPACE,
+            ConfigError::Lun { .. } => rpc::BAD_IMAGE,
+            ConfigError::Io { .. } | ConfigError::Backing { .. } => rpc::IO_ERROR,
+            ConfigError::Yaml { .. } => rpc::INTERNAL_ERROR,
+        },
+        TargetError::LunNotFound { .. } => rpc::LUN_NOT_FOUND,
+        TargetError::LunIdInUse { .. } | TargetError::FileInUse { .. } => rpc::LUN_CONFLICT,
+        TargetError::NoLunId { .. } => rpc::NO_SPACE,
+        TargetError::Bind { .. } => rpc::PORTAL_ERROR,
+        _ => rpc::INTERNAL_ERROR,
+    };
+    // A configuration error already names its LUN.
+    let message = match e {
+        TargetError::Lun { source, .. } => source.to_string(),
+        e => e.to_string(),
+    };
+    RpcError::new(code, message)
+}
+
+/// Counts and latency percentiles, in microseconds.
+fn op_json(o: &OpStats) -> Value {
+    let h = &o.latency_ns;
+    let us = |ns: u64| ns as f64 / 1000.0;
+    let q = |quantile: f64| if o.ops == 0 { 0.0 } else { us(h.value_at_quantile(quantile)) };
+    json!({
+        "ops": o.ops,
+        "bytes": o.bytes,
+        "latency_us": {
+            "p50": q(0.5),
+            "p90": q(0.9),
+            "p99": q(0.99),
+            "p99_9": q(0.999),
+            "max": if o.ops == 0 { 0.0 } else { us(h.max()) },
+        },
+    })
+}
+
+/// Merged read and write statistics.
+#[derive(Default, Clone)]
+struct Rw {
+    read: OpStats,
+    write: OpStats,
+}
+
+impl Rw {
+    fn add(&mut self, read: &OpStats, write: &OpStats) {
+        self.read.merge(read);
+        self.write.merge(write);
+    }
+}
+
+/// Per LUN (merged over reactors) and per reactor (merged over LUNs, with a per-LUN breakdown).
+fn stats(target: &Target) -> Value {
+    let (table, _) = target.shared().lun_table();
+    let name = |id: u64| table.get(id).map(|l| l.name.clone());
+    let snapshots: Vec<ReactorStats> = target.shared().collect_stats();
+    let mut per_lun: BTreeMap<u64, Rw> = BTreeMap::new();
+    let mut reactors = Vec::new();
+    for r in &snapshots {
+        let mut total = Rw::default();
+        let mut luns = Vec::new();
+        for (id, s) in &r.luns {
+            per_lun.entry(*id).or_default().add(&s.read, &s.write);
+            total.add(&s.read, &s.write);
+            luns.push(json!({"lun_id": id, "name": name(*id), "read": op_json(&s.read), "write": op_json(&s.write)}));
+        }
+        reactors.push(json!({
+            "reactor": r.reactor,
+            "connections": r.connections,
+            "read": op_json(&total.read),
+            "write": op_json(&total.write),
+            "luns": luns,
+        }));
+    }
+    // LUNs without I/O yet are listed too, with zeros.
+    for l in table.iter() {
+        per_lun.entry(l.id).or_default();
+    }
+    let luns: Vec<Value> = per_lun
+        .iter()
+        .map(|(id, s)| json!({"lun_id": id, "name": name(*id), "read": op_json(&s.read), "write": op_json(&s.write)}))
+        .collect();
+    json!({"luns": luns, "reactors": reactors})
+}
+
+fn session_info(s: &SessionInfo) -> Value {
+    let isid: String = s.isid.iter().map(|b| format!("{b:02x}")).collect();
+    let negotiated: Map<String, Value> = s.negotiated.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect();
+    json!({
+        "tsih": s.tsih,
+        "initiator": s.initiator,
+        "isid": isid,
+        "address": s.peer.to_string(),
+        "reactor": s.reactor,
+        "discovery": s.discovery,
+        "negotiated": negotiated,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io;
+
+    fn code(e: TargetError) -> i64 {
+        map_target_error(e).code
+    }
+
+    fn lun_err(source: ConfigError) -> TargetError {
+        TargetError::Lun { name: "a".into(), source }
+    }
+
+    #[test]
+    fn target_errors_map_to_codes() {
+        let invalid = |key: &str| ConfigError::Invalid { key: key.into(), message: "bad".into() };
+        assert_eq!(code(lun_err(invalid("lun a.file_path"))), rpc::PATH_REJECTED);
+        assert_eq!(code(lun_err(invalid("lun a.name"))), rpc::INVALID_PARAMS);
+        let msg = |m: &str| (String::from("a"), m.to_owned());
+        let (lun, message) = msg("outside root_dir");
+        assert_eq!(code(lun_err(ConfigError::PathRejected { lun, message })), rpc::PATH_REJECTED);
+        let (lun, message) = msg("full");
+        assert_eq!(code(lun_err(ConfigError::NoSpace { lun, message })), rpc::NO_SPACE);
+        let (lun, message) = msg("refusing to shrink");
+        assert_eq!(code(lun_err(ConfigError::Lun { lun, message })), rpc::BAD_IMAGE);
+        let io = ConfigError::Io { path: "/x".into(), op: "stat", source: io::Error::other("boom") };
+        assert_eq!(code(lun_err(io)), rpc::IO_ERROR);
+        assert_eq!(code(TargetError::LunNotFound { name: "a".into() }), rpc::LUN_NOT_FOUND);
+        assert_eq!(code(TargetError::LunIdInUse { id: 1, by: "b".into() }), rpc::LUN_CONFLICT);
+        assert_eq!(code(TargetError::FileInUse { path: "/x".into(), by: "b".into() }), rpc::LUN_CONFLICT);
+        assert_eq!(code(TargetError::NoLunId { name: "a".into() }), rpc::NO_SPACE);
+        let bind = TargetError::Bind { addr: "1.2.3.4:1".into(), source: io::Error::other("x") };
+        assert_eq!(code(bind), rpc::PORTAL_ERROR);
+    }
+
+    #[test]
+    fn config_messages_are_not_doubled() {
+        let e = map_target_error(lun_err(ConfigError::Lun { lun: "a".into(), message: "too small".into() }));
+        assert_eq!(e.message, "lun a: too small");
+        let e = map_target_error(TargetError::LunIdInUse { id: 3, by: "b".into() });
+        assert_eq!(e.message, "LUN id 3 is in use by LUN \"b\"");
+    }
+
+    #[test]
+    fn latency_is_reported_in_microseconds() {
+        let mut o = OpStats::default();
+        assert_eq!(op_json(&o)["latency_us"]["max"], json!(0.0));
+        o.ops = 1;
+        o.bytes = 4096;
+        o.latency_ns.record(250_000).unwrap();
+        let v = op_json(&o);
+        let p50 = v["latency_us"]["p50"].as_f64().unwrap();
+        assert!((249.0..=251.0).contains(&p50), "{p50}");
+        assert_eq!((v["ops"].clone(), v["bytes"].clone()), (json!(1), json!(4096)));
+    }
+}
