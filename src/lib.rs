@@ -11,6 +11,7 @@
 
 pub mod backing;
 pub mod config;
+pub mod images;
 pub mod protocol;
 pub mod reactor;
 pub mod scsi;
