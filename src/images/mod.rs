@@ -16,11 +16,14 @@
 mod decompress;
 mod import;
 mod sidecar;
+mod source;
 mod writer;
 
 pub use decompress::Compression;
 pub use import::{import_file, import_image, would_skip};
 pub use sidecar::{image_info, ImageInfo};
+pub use source::{digest_file, digest_image, open_source, Progress, Source};
+pub use writer::remove_stale_temp_files;
 
 use std::io;
 use std::path::{Path, PathBuf};

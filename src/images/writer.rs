@@ -176,6 +176,32 @@ impl Drop for TempImage {
     }
 }
 
+/// Removes temp files of imports whose process is gone (a crash, a kill), returning them.
+/// Temp files of live processes (another import running right now) are left alone.
+pub fn remove_stale_temp_files(root_dir: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    let mut removed = Vec::new();
+    let entries = match fs::read_dir(root_dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(removed),
+        r => r.map_err(ImageError::io(root_dir, "list"))?,
+    };
+    for entry in entries {
+        let entry = entry.map_err(ImageError::io(root_dir, "list"))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        // `.<name>.img.tmp-<pid>-<n>` or `.<name>.img.sha256.tmp-<pid>`.
+        let Some((_, tail)) = name.rsplit_once(".tmp-").filter(|_| name.starts_with('.')) else { continue };
+        let Some(pid) = tail.split('-').next().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = entry.path();
+        fs::remove_file(&path).map_err(ImageError::io(&path, "remove stale temp file"))?;
+        log::info!("{}: removed a stale temp file", path.display());
+        removed.push(path);
+    }
+    Ok(removed)
+}
+
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), ImageError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(ImageError::io(dir, "fsync directory"))
 }
@@ -285,6 +311,19 @@ mod tests {
         assert!(data[CHUNK + 100..].iter().all(|&b| b == 0));
         // Two data blocks written, the rest holes.
         assert!(fs::metadata(&dest).unwrap().blocks() * 512 <= 4 * GRAIN as u64);
+    }
+
+    #[test]
+    fn stale_temp_files_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = TempImage::create(dir.path(), "a.img", Faults::default()).unwrap();
+        // No process has pid 2^31 - 2: pid_max is at most 2^22.
+        let stale = dir.path().join(".a.img.tmp-2147483646-0");
+        fs::write(&stale, b"x").unwrap();
+        fs::write(dir.path().join("a.img"), b"keep").unwrap();
+        assert_eq!(remove_stale_temp_files(dir.path()).unwrap(), vec![stale.clone()]);
+        assert!(live.path().exists() && dir.path().join("a.img").exists() && !stale.exists());
+        assert!(remove_stale_temp_files(&dir.path().join("missing")).unwrap().is_empty());
     }
 
     #[test]
