@@ -116,9 +116,10 @@ pub(crate) fn import_with(
     }
     let lun_size = lun_size_bytes(bytes, opts.size_mb)
         .map_err(|e| ImageError::InvalidSize { name: name.to_owned(), reason: e.to_string() })?;
+    tmp.finish(lun_size)?;
     // Gone before the rename: a crash in between leaves no sidecar rather than a stale one.
     remove_sidecar(&root, name);
-    tmp.persist(lun_size, &dest)?;
+    tmp.persist(&dest)?;
     match fs::metadata(&dest) {
         Ok(meta) => {
             if let Err(e) = Sidecar::for_file(&meta, &sha256, bytes).write(&root, name) {

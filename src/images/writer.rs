@@ -150,17 +150,20 @@ impl TempImage {
         }
     }
 
-    /// Sets the final size (sparse extension), makes the data durable, renames over `dest` and
-    /// makes the rename durable.
-    pub fn persist(mut self, size: u64, dest: &Path) -> Result<(), ImageError> {
-        let path = self.path.clone();
-        self.file.set_len(size).map_err(ImageError::io(&path, "set size"))?;
+    /// Sets the final size (sparse extension) and makes the data durable.
+    pub fn finish(&mut self, size: u64) -> Result<(), ImageError> {
+        let path = &self.path;
+        self.file.set_len(size).map_err(ImageError::io(path, "set size"))?;
         // A write within the same clock tick could leave mtime unchanged; an mtime in the past
         // guarantees any later write (through iSCSI) changes it and so invalidates the sidecar.
         let past = SystemTime::now() - Duration::from_secs(1);
-        self.file.set_modified(past).map_err(ImageError::io(&path, "set mtime"))?;
-        self.file.sync_all().map_err(ImageError::io(&path, "fsync"))?;
-        fs::rename(&path, dest).map_err(ImageError::io(dest, "rename temp file over"))?;
+        self.file.set_modified(past).map_err(ImageError::io(path, "set mtime"))?;
+        self.file.sync_all().map_err(ImageError::io(path, "fsync"))
+    }
+
+    /// Renames the finished file over `dest` and makes the rename durable.
+    pub fn persist(mut self, dest: &Path) -> Result<(), ImageError> {
+        fs::rename(&self.path, dest).map_err(ImageError::io(dest, "rename temp file over"))?;
         self.armed = false;
         sync_dir(dest.parent().unwrap_or(Path::new(".")))
     }
@@ -300,7 +303,8 @@ mod tests {
         t.write_chunk(&mut buf, 100, CHUNK as u64).unwrap();
         let path = t.path().to_owned();
         let dest = dir.path().join("x.img");
-        t.persist(CHUNK as u64 + 512, &dest).unwrap();
+        t.finish(CHUNK as u64 + 512).unwrap();
+        t.persist(&dest).unwrap();
         assert!(!path.exists());
         let data = fs::read(&dest).unwrap();
         assert_eq!(data.len(), CHUNK + 512);
