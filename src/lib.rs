@@ -9,10 +9,12 @@
 //! - [`target`]: the listener, reactor start-up and the shared target state.
 //! - [`config`]: the YAML configuration and its defaults.
 //! - [`control`]: the control plane (JSON-RPC on a Unix socket) and its client.
+//! - [`images`]: disk image import: streaming decompression, hashing, sparse atomic writes.
 
 pub mod backing;
 pub mod config;
 pub mod control;
+pub mod images;
 pub mod protocol;
 pub mod reactor;
 pub mod scsi;
