@@ -24,14 +24,16 @@ impl MemStore {
     pub fn new(size: u64) -> Result<Self, BackingError> {
         let len = usize::try_from(size)
             .map_err(|_| BackingError::Alloc { size, source: io::Error::from(io::ErrorKind::OutOfMemory) })?;
-        // SAFETY: an anonymous private mapping with no address hint has no preconditions;
-        // MAP_NORESERVE keeps large untouched stores from counting against memory.
+        // SAFETY: an anonymous private mapping with no address hint has no preconditions.
+        // MAP_POPULATE faults every page in now: the memory is committed when the LUN is
+        // created (an out-of-memory shows up at add time, not mid-test), and writes never pay
+        // a first-touch page fault on the I/O path.
         let raw = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len.max(1),
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE,
                 -1,
                 0,
             )
