@@ -102,6 +102,23 @@ impl Waker {
     }
 }
 
+/// What a reactor lends a connection for one event: its fields borrowed one by one, so the
+/// connection itself (in `conns`) can be borrowed mutably at the same time.
+macro_rules! conn_env {
+    ($r:expr) => {
+        ConnEnv {
+            luns: &$r.luns,
+            pool: &mut $r.pool,
+            scratch: &mut $r.scratch,
+            io: &mut $r.io,
+            shared: &$r.shared,
+            stats: &mut $r.stats,
+            reactor: $r.id,
+            now: Instant::now(),
+        }
+    };
+}
+
 struct Slot {
     conn: Box<Conn>,
     touched: bool,
@@ -275,19 +292,6 @@ impl Reactor {
         !sq.is_empty() || sq.taskrun() || sq.cq_overflow()
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn env<'a>(
-        luns: &'a Arc<LunTable>,
-        pool: &'a mut BufPool,
-        scratch: &'a mut [u8],
-        io: &'a mut Vec<IoReq>,
-        shared: &'a Shared,
-        stats: &'a mut stats::Stats,
-        reactor: usize,
-    ) -> ConnEnv<'a> {
-        ConnEnv { luns, pool, scratch, io, shared, stats, reactor, now: Instant::now() }
-    }
-
     fn complete(&mut self, ud: u64, res: i32) {
         let (kind, idx, task) = op::decode(ud);
         match kind {
@@ -323,15 +327,7 @@ impl Reactor {
             slot.touched = true;
             self.touched.push(idx);
         }
-        let mut env = Self::env(
-            &self.luns,
-            &mut self.pool,
-            &mut self.scratch,
-            &mut self.io,
-            &self.shared,
-            &mut self.stats,
-            self.id,
-        );
+        let mut env = conn_env!(self);
         match kind {
             op::RECV => {
                 conn.recv_posted = false;
@@ -454,15 +450,7 @@ impl Reactor {
             if conn.closing {
                 if conn.ops_inflight == 0 {
                     let mut slot = self.conns[idx as usize].take().expect("checked");
-                    let mut env = Self::env(
-                        &self.luns,
-                        &mut self.pool,
-                        &mut self.scratch,
-                        &mut self.io,
-                        &self.shared,
-                        &mut self.stats,
-                        self.id,
-                    );
+                    let mut env = conn_env!(self);
                     slot.conn.teardown(&mut env);
                     self.free_slots.push(idx);
                 }

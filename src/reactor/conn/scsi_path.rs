@@ -90,6 +90,18 @@ impl Conn {
         }
         let xfer = needed.min(edtl);
         let lun = req.lun.and_then(|id| env.luns.get(id)).cloned();
+        // A write to a RAM LUN whose data all came as immediate data completes right here,
+        // copied straight from the receive buffer: no task, no buffer, no second copy.
+        if let (Action::Write { offset, .. }, Some(l)) = (action, &lun) {
+            let all_immediate =
+                data.len() as u32 >= xfer && (initial_r2t || bhs.final_bit() || data.len() as u32 >= edtl);
+            if let (Backing::Mem(m), true) = (&l.backing, all_immediate) {
+                let len = xfer - xfer % SECTOR;
+                m.write(offset, &data[..len as usize]);
+                env.stats.record_write(l.id, xfer, env.now.elapsed());
+                return self.scsi_response(itt, status::GOOD, None, Residual::of(edtl, needed));
+            }
+        }
         let mut task = Task::new(env.now);
         task.itt = itt;
         task.lun_field = bhs.lun();
