@@ -2,12 +2,15 @@
 //! runs the target until it stops.
 
 use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use std::error::Error;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use uringtgt::config::{Config, ConfigError, LunConfig, PollMode};
-use uringtgt::control::{Client, ControlError};
+use uringtgt::control::{rpc, Client, ControlError};
+use uringtgt::images::{self, Compression, ImageError, Progress};
 use uringtgt::target::{self, TargetError};
 
 /// A user-space iSCSI target (RFC 7143) on per-core io_uring reactors.
@@ -59,6 +62,27 @@ enum CtlCommand {
         /// Export an allow-listed block device.
         #[arg(long)]
         block: bool,
+    },
+    /// Upload an image (raw, or .gz .xz .bz2 .zst) into root_dir and export it as a LUN; skipped
+    /// when the target already holds an identical image. Prints `host:port iqn lun_id`.
+    Upload {
+        /// The image file (HTTP(S) URLs are not supported yet).
+        file: String,
+        /// Image and LUN name (default: the file's base name without .img and compression
+        /// suffixes).
+        #[arg(long)]
+        name: Option<String>,
+        /// LUN size in MiB; 0 means the image size rounded up to 512 bytes.
+        #[arg(long, default_value_t = 0)]
+        size_mb: u64,
+        /// Upload even when an identical image is in place.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        read_only: bool,
+        /// none, gz, xz, bz2 or zstd (default: from the file's extension).
+        #[arg(long)]
+        compression: Option<String>,
     },
     /// Stop exporting a LUN (its file stays).
     RemoveLun {
@@ -137,6 +161,10 @@ enum CliError {
     Target(#[from] TargetError),
     #[error(transparent)]
     Control(#[from] ControlError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{path}: {source}")]
+    Read { path: String, source: std::io::Error },
 }
 
 fn main() -> ExitCode {
@@ -167,6 +195,20 @@ fn ctl(args: CtlArgs) -> Result<(), CliError> {
         (None, Some(file)) => Config::load(file)?.control_socket_path(),
         (None, None) => Config::default().control_socket_path(),
     };
+    if let CtlCommand::Upload { file, name, size_mb, force, read_only, compression } = &args.command {
+        let mut client = Client::connect(&socket)?;
+        let req = UploadRequest {
+            file,
+            name: name.clone(),
+            size_mb: *size_mb,
+            force: *force,
+            read_only: *read_only,
+            compression: compression.as_deref(),
+        };
+        let result = upload(&mut client, &req)?;
+        print!("{}", upload_output(&result));
+        return Ok(());
+    }
     let (method, params) = ctl_request(&args.command);
     let mut client = Client::connect(&socket)?;
     let result = client.call(method, params)?;
@@ -198,7 +240,88 @@ fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
         CtlCommand::GetTargetIqn => ("get_target_iqn", Value::Null),
         CtlCommand::Start => ("start", Value::Null),
         CtlCommand::Stop => ("stop", Value::Null),
+        // Streams a file: served by upload(), not a single call.
+        CtlCommand::Upload { .. } => ("upload_image", Value::Null),
     }
+}
+
+/// What `ctl upload` was asked.
+struct UploadRequest<'a> {
+    file: &'a str,
+    name: Option<String>,
+    size_mb: u64,
+    force: bool,
+    read_only: bool,
+    compression: Option<&'a str>,
+}
+
+/// Hashes the uncompressed image locally, asks `image_info` whether the target holds it
+/// already (then only a 0-byte conditional upload re-exports it), else streams the file.
+fn upload(client: &mut Client, req: &UploadRequest) -> Result<Value, CliError> {
+    let src = images::open_source(req.file)?;
+    let compression = match req.compression {
+        Some(c) => c.parse::<Compression>()?,
+        None => src.compression,
+    };
+    let name = req.name.clone().unwrap_or_else(|| images::name_from_source(req.file));
+    images::validate_name(&name)?;
+    let len = src.len.unwrap_or(0);
+    let file = std::fs::File::open(req.file).map_err(|source| CliError::Read { path: req.file.to_owned(), source })?;
+    let bar = progress_bar(len, "hashing");
+    let (bytes, digest) = images::digest_image(Progress::new(file, |n| bar.set_position(n)), compression)?;
+    bar.finish_and_clear();
+    let sha256 = images::to_hex(&digest);
+    let mut params = json!({"name": name, "compression": compression.as_str(), "sha256": sha256,
+                            "size_mb": req.size_mb, "force": req.force, "read_only": req.read_only, "size": 0});
+    if !req.force {
+        match client.call("image_info", json!({"name": name})) {
+            Ok(info) if info["sha256"] == json!(sha256) => {
+                match client.upload(params.clone(), &mut std::io::empty()) {
+                    Ok(result) => return Ok(result),
+                    // Changed meanwhile, or another LUN size: send the bytes.
+                    Err(ControlError::Server { code: rpc::DIGEST_MISMATCH | rpc::BAD_UPLOAD, .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Ok(_) | Err(ControlError::Server { code: rpc::IMAGE_NOT_FOUND, .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    log::debug!("{name}: {bytes} bytes uncompressed, sha256 {sha256}");
+    params["size"] = json!(len);
+    let bar = progress_bar(len, "uploading");
+    let result = client.upload(params, &mut Progress::new(src.reader, |n| bar.set_position(n)));
+    bar.finish_and_clear();
+    Ok(result?)
+}
+
+/// Bytes, rate and ETA on stderr; hidden when stdout is not a terminal (scripts, CI logs).
+fn progress_bar(len: u64, what: &'static str) -> ProgressBar {
+    if !std::io::stdout().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(len);
+    let template = "{msg:9} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}";
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_message(what);
+    bar
+}
+
+/// `host:port iqn lun_id`, then what happened.
+fn upload_output(r: &Value) -> String {
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let what = if r["skipped"] == json!(true) { "skipped: identical image already in place" } else { "uploaded" };
+    format!(
+        "{} {} {}\n{}: {} bytes, sha256 {}, {what}\n",
+        s(&r["address"]),
+        s(&r["iqn"]),
+        s(&r["lun_id"]),
+        s(&r["name"]),
+        s(&r["bytes"]),
+        s(&r["sha256"])
+    )
 }
 
 /// What `ctl` prints for a result: JSON when asked, otherwise readable lines.
@@ -222,6 +345,7 @@ fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
         CtlCommand::Start => format!("portal open on {}\n", s(&result["address"])),
         CtlCommand::Stop => "portal closed\n".to_owned(),
         CtlCommand::GetHost | CtlCommand::GetPort | CtlCommand::GetTargetIqn => format!("{}\n", s(result)),
+        CtlCommand::Upload { .. } => upload_output(result),
     }
 }
 

@@ -601,6 +601,15 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
     // Bound before the target starts: a live socket means another target runs, and this one
     // should not start half-way.
     let socket = crate::control::ControlSocket::bind(&cfg.control_socket_path())?;
+    // Leftovers of uploads a crash or kill interrupted; live imports of other processes stay.
+    match crate::images::remove_stale_temp_files(&cfg.root_dir) {
+        Ok(removed) => {
+            for p in removed {
+                log::info!("removed stale temp file {}", p.display());
+            }
+        }
+        Err(e) => log::warn!("cannot clean up stale temp files: {e}"),
+    }
     let target = Arc::new(Target::start(&cfg)?);
     let (luns, _) = target.shared.lun_table();
     for l in luns.iter() {

@@ -2,13 +2,15 @@
 
 use super::ControlError;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Longer than the target's bounded wait for in-flight I/O when removing LUNs.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// After an upload's last byte the server still fsyncs a possibly multi-GiB image.
+const UPLOAD_ANSWER_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub struct Client {
     reader: BufReader<UnixStream>,
@@ -28,17 +30,50 @@ impl Client {
 
     /// Calls `method` and returns its result, or the server's error as [`ControlError::Server`].
     pub fn call(&mut self, method: &str, params: Value) -> Result<Value, ControlError> {
+        let id = self.send(method, params)?;
+        self.answer(id)
+    }
+
+    /// Calls `upload_image` with `params` (whose `size` must be the number of bytes `payload`
+    /// holds) and streams `payload` after the request line. The answer may take long: the
+    /// server verifies and syncs the image after the last byte.
+    pub fn upload(&mut self, params: Value, payload: &mut impl Read) -> Result<Value, ControlError> {
+        let id = self.send("upload_image", params)?;
+        let mut out = BufWriter::with_capacity(1 << 20, &self.writer);
+        let sent = io::copy(payload, &mut out).and_then(|_| out.flush());
+        drop(out);
+        self.writer.set_read_timeout(Some(UPLOAD_ANSWER_TIMEOUT)).map_err(self.io_err("set timeout"))?;
+        // The server may have answered an error and closed early (a broken pipe here): its
+        // answer says why, so it wins over the send error.
+        let answer = self.answer(id);
+        self.writer.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(self.io_err("set timeout"))?;
+        match (answer, sent) {
+            (Err(ControlError::NoAnswer), Err(e)) => Err(self.io_err("send image")(e)),
+            (answer, _) => answer,
+        }
+    }
+
+    fn io_err(&self, op: &'static str) -> impl FnOnce(io::Error) -> ControlError {
+        let path = self.path.clone();
+        move |source| ControlError::Io { path, op, source }
+    }
+
+    fn send(&mut self, method: &str, params: Value) -> Result<u64, ControlError> {
         let id = self.next_id;
         self.next_id += 1;
         let req = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let io_err = |op| {
-            let path = self.path.clone();
-            move |source| ControlError::Io { path, op, source }
-        };
-        writeln!(self.writer, "{req}").map_err(io_err("send"))?;
+        writeln!(self.writer, "{req}").map_err(self.io_err("send"))?;
+        Ok(id)
+    }
+
+    fn answer(&mut self, id: u64) -> Result<Value, ControlError> {
         let mut line = String::new();
-        if self.reader.read_line(&mut line).map_err(io_err("receive"))? == 0 {
-            return Err(ControlError::NoAnswer);
+        match self.reader.read_line(&mut line) {
+            Ok(0) => return Err(ControlError::NoAnswer),
+            Ok(_) => {}
+            // The server closed while we were still sending: nothing to read.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ControlError::NoAnswer),
+            Err(e) => return Err(self.io_err("receive")(e)),
         }
         parse_response(&line, id)
     }

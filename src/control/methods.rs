@@ -26,6 +26,9 @@ pub const METHODS: &[&str] = &[
     "clear_all_luns",
     "get_stats",
     "list_sessions",
+    "image_info",
+    "upload_image",
+    "import_image",
 ];
 
 /// `add_lun` parameters; positional order is the replaced driver's (name, file_path, size_mb,
@@ -112,6 +115,10 @@ pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcEr
             no_params(&params)?;
             Ok(Value::Array(target.shared().sessions().iter().map(session_info).collect()))
         }
+        "image_info" => super::images::image_info(target, params),
+        "import_image" => super::images::import_image(target, params),
+        // Needs the connection for its payload: the server calls images::upload_image itself.
+        "upload_image" => Err(RpcError::new(rpc::INTERNAL_ERROR, "upload_image is served by the connection")),
         _ => Err(RpcError::new(
             rpc::METHOD_NOT_FOUND,
             format!("method not found: {method:?} (methods: {})", METHODS.join(", ")),

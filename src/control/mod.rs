@@ -3,10 +3,12 @@
 //!
 //! - [`rpc`]: request parsing, responses, error codes.
 //! - [`methods`]: the methods and the mapping of target errors to codes.
+//! - [`images`]: `image_info`, `upload_image` and `import_image`.
 //! - [`server`]: the socket, its listener thread and one thread per client.
 //! - [`client`]: a blocking client.
 
 pub mod client;
+pub mod images;
 pub mod methods;
 pub mod rpc;
 pub mod server;

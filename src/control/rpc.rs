@@ -31,6 +31,13 @@ pub const BAD_IMAGE: i64 = -32006;
 pub const PORTAL_ERROR: i64 = -32007;
 /// Too many control clients are connected.
 pub const BUSY: i64 = -32008;
+/// The uploaded or imported data is unusable: truncated or corrupt compressed stream, fewer or
+/// more bytes than announced, a client that went away mid-stream, an empty image.
+pub const BAD_UPLOAD: i64 = -32009;
+/// The image's SHA-256 is not the one given.
+pub const DIGEST_MISMATCH: i64 = -32010;
+/// `image_info` of a name without an image file.
+pub const IMAGE_NOT_FOUND: i64 = -32011;
 
 /// A JSON-RPC error object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@
 //! serialised by the target itself.
 
 use super::rpc::{self, RpcError, MAX_LINE};
-use super::{methods, ControlError};
+use super::{images, methods, ControlError};
 use crate::target::Target;
 use serde_json::Value;
 use std::fs;
@@ -22,6 +22,8 @@ use std::time::Duration;
 
 /// Control clients served at once; more are answered with an error and disconnected.
 pub const MAX_CLIENTS: usize = 64;
+/// An upload whose client sends nothing for this long fails (and its connection closes).
+const UPLOAD_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Socket file mode: owner and group may connect.
 const SOCKET_MODE: u32 = 0o660;
 
@@ -217,36 +219,53 @@ fn serve_client(stream: UnixStream, target: &Target) {
     let mut writer = io::BufWriter::new(stream);
     let mut line = Vec::new();
     loop {
-        let answer = match reader.next_line(&mut line) {
+        let (answer, close) = match reader.next_line(&mut line) {
             Ok(Line::Eof) | Err(_) => return,
-            Ok(Line::TooLong) => Some(rpc::response(
-                &Value::Null,
-                Err(RpcError::new(rpc::INVALID_REQUEST, format!("request line longer than {MAX_LINE} bytes"))),
-            )),
-            Ok(Line::Complete) => handle_line(&line, target),
+            Ok(Line::TooLong) => (
+                Some(rpc::response(
+                    &Value::Null,
+                    Err(RpcError::new(rpc::INVALID_REQUEST, format!("request line longer than {MAX_LINE} bytes"))),
+                )),
+                false,
+            ),
+            Ok(Line::Complete) => handle_line(&line, target, &mut reader.inner),
         };
         if let Some(a) = answer {
             if writeln!(writer, "{a}").and_then(|()| writer.flush()).is_err() {
                 return;
             }
         }
+        if close {
+            return;
+        }
     }
 }
 
-/// The response line to one request line; `None` for blank lines and notifications.
-fn handle_line(line: &[u8], target: &Target) -> Option<String> {
+/// The response line to one request line (`None` for blank lines and notifications), and
+/// whether the connection must close after it (an upload's payload was not read to its end).
+fn handle_line(line: &[u8], target: &Target, conn: &mut BufReader<UnixStream>) -> (Option<String>, bool) {
     if line.iter().all(u8::is_ascii_whitespace) {
-        return None;
+        return (None, false);
     }
     match rpc::parse_request(line) {
-        Err((id, e)) => Some(rpc::response(&id, Err(e))),
+        Err((id, e)) => (Some(rpc::response(&id, Err(e))), false),
         Ok(req) => {
             log::debug!("control: {} {}", req.method, req.params);
-            let result = methods::call(target, &req.method, req.params);
+            let (result, close) = if req.method == "upload_image" {
+                // The payload follows on this connection, through the same buffered reader
+                // (it may already hold the first bytes). A client that stalls must not pin
+                // this thread forever.
+                let _ = conn.get_ref().set_read_timeout(Some(UPLOAD_STALL_TIMEOUT));
+                let up = images::upload_image(target, req.params, conn);
+                let _ = conn.get_ref().set_read_timeout(None);
+                (up.result, up.close)
+            } else {
+                (methods::call(target, &req.method, req.params), false)
+            };
             if let Err(e) = &result {
                 log::info!("control: {} failed: {} ({})", req.method, e.message, e.code);
             }
-            req.id.map(|id| rpc::response(&id, result))
+            (req.id.map(|id| rpc::response(&id, result)), close)
         }
     }
 }

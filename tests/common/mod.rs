@@ -288,6 +288,32 @@ impl Control {
         resp
     }
 
+    /// Sends an `upload_image` request line followed by `payload`, and returns the whole
+    /// response.
+    pub fn upload(&mut self, params: serde_json::Value, payload: &[u8]) -> serde_json::Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let req = serde_json::json!({"jsonrpc": "2.0", "id": id, "method": "upload_image", "params": params});
+        let mut line = req.to_string().into_bytes();
+        line.push(b'\n');
+        // One write: the server's line reader buffers the first payload bytes with the line.
+        line.extend_from_slice(payload);
+        self.writer.write_all(&line).unwrap();
+        let resp = self.read_response();
+        assert_eq!(resp["id"], id, "{resp}");
+        resp
+    }
+
+    /// Writes raw bytes (no newline).
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    /// Half-closes the connection: the server reads end-of-stream.
+    pub fn shutdown_write(&mut self) {
+        self.writer.shutdown(std::net::Shutdown::Write).unwrap();
+    }
+
     /// Calls `method`, expecting success; returns the result.
     pub fn ok(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
         let resp = self.call(method, params.clone());
