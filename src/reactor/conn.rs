@@ -366,8 +366,20 @@ impl Conn {
     }
 
     fn scsi_response(&mut self, itt: u32, status: u8, sense: Option<(&Sense, bool)>, residual: Residual) {
+        self.scsi_response_after(itt, status, sense, residual, 0);
+    }
+
+    /// A SCSI Response whose ExpDataSN counts the R2Ts sent for the command (RFC 7143 §11.4.8).
+    fn scsi_response_after(
+        &mut self,
+        itt: u32,
+        status: u8,
+        sense: Option<(&Sense, bool)>,
+        residual: Residual,
+        exp_data_sn: u32,
+    ) {
         let mut b = BhsBuf::new(opcode::SCSI_RESPONSE);
-        b.flags(0x80 | residual.flags()).byte(3, status).itt(itt).word44(residual.count());
+        b.flags(0x80 | residual.flags()).byte(3, status).itt(itt).word44(residual.count()).sn36(exp_data_sn);
         self.stamp_status(&mut b);
         let data = match sense {
             Some((s, descriptor)) => {

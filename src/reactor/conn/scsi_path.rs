@@ -144,21 +144,10 @@ impl Conn {
         if send == 0 {
             return self.scsi_response(itt, status::GOOD, None, residual);
         }
-        let data = env.scratch[..send as usize].to_vec();
-        let max = self.max_xmit() as usize;
-        let chunks = data.len().div_ceil(max);
-        for (i, chunk) in data.chunks(max).enumerate() {
-            let last = i + 1 == chunks;
-            let mut b = BhsBuf::new(opcode::DATA_IN);
-            b.lun(lun_field).itt(itt).ttt(RESERVED_TAG).sn36(i as u32).buffer_offset((i * max) as u32);
-            if last {
-                b.flags(0x80 | 0x01 | residual.flags()).byte(3, status::GOOD).word44(residual.count());
-                self.stamp_status(&mut b);
-            } else {
-                b.exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.max_cmd_sn());
-            }
-            self.push(b, TxData::Inline(chunk.to_vec()), None);
-        }
+        let data = &env.scratch[..send as usize];
+        self.queue_data_in(itt, lun_field, send, residual, None, |off, len| {
+            TxData::Inline(data[off as usize..(off + len) as usize].to_vec())
+        });
     }
 
     /// Copies Data-Out bytes into the task's buffer; bytes past what the command needs are
@@ -267,17 +256,17 @@ impl Conn {
         let data_out: &[u8] = task.buf.as_ref().map_or(&[], |b| &b[..task.xfer as usize]);
         let disposition = scsi::execute_data_out(&req, env.luns, &mut self.nexus, data_out, env.scratch);
         let (itt, lun_field, edtl, needed) = (task.itt, task.lun_field, task.expected_len, task.needed);
-        let d_sense = task.lun.as_ref().is_some_and(|l| l.d_sense());
+        let (d_sense, r2ts) = (task.lun.as_ref().is_some_and(|l| l.d_sense()), task.r2t_sn);
         self.free_task(slot, env.pool);
         match disposition {
             Disposition::DataIn(n) => self.data_in_inline(itt, lun_field, edtl, n, env),
             Disposition::Check(sense) => {
-                self.scsi_response(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None)
+                self.scsi_response_after(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None, r2ts)
             }
-            Disposition::Status(s) => self.scsi_response(itt, s, None, Residual::None),
+            Disposition::Status(s) => self.scsi_response_after(itt, s, None, Residual::None, r2ts),
             other => {
                 debug_assert!(matches!(other, Disposition::Good), "slow path returned {other:?}");
-                self.scsi_response(itt, status::GOOD, None, Residual::of(edtl, needed))
+                self.scsi_response_after(itt, status::GOOD, None, Residual::of(edtl, needed), r2ts)
             }
         }
     }
@@ -328,7 +317,7 @@ impl Conn {
         }
         let (itt, edtl, needed, xfer, lun_field) =
             (task.itt, task.expected_len, task.needed, task.xfer, task.lun_field);
-        let d_sense = task.lun.as_ref().is_some_and(|l| l.d_sense());
+        let (d_sense, r2ts) = (task.lun.as_ref().is_some_and(|l| l.d_sense()), task.r2t_sn);
         let action = task.action;
         if res < 0 || (res as u32) < io_len(task) {
             let err = if res < 0 {
@@ -339,7 +328,8 @@ impl Conn {
             log::warn!("{}: backing {:?} failed: {err}", self.peer, action);
             self.free_task(slot, env.pool);
             let sense = if matches!(action, Action::Read { .. }) { Sense::read_error() } else { Sense::write_error() };
-            return self.scsi_response(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None);
+            let residual = Residual::None;
+            return self.scsi_response_after(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), residual, r2ts);
         }
         if let Some(lun) = &task.lun {
             let latency = env.now.saturating_duration_since(task.started);
@@ -353,38 +343,54 @@ impl Conn {
             Action::Read { .. } if xfer > 0 => self.send_read_data(slot, lun_field, itt, edtl, needed, xfer),
             _ => {
                 self.free_task(slot, env.pool);
-                self.scsi_response(itt, status::GOOD, None, Residual::of(edtl, needed));
+                self.scsi_response_after(itt, status::GOOD, None, Residual::of(edtl, needed), r2ts);
             }
         }
     }
 
     /// Queues a read's Data-In PDUs straight from the task buffer, status in the last one.
     fn send_read_data(&mut self, slot: u16, lun_field: [u8; 8], itt: u32, edtl: u32, needed: u32, xfer: u32) {
-        let neg = self.neg.as_ref().expect("full feature phase");
-        let (max_pdu, max_burst) = (neg.max_xmit_data_segment_length, neg.max_burst_length);
         let task = self.tasks.get_mut(slot).expect("live task");
         task.stage = Stage::Sending;
         let base = task.buf.as_ref().expect("read buffer").as_ptr();
         let residual = Residual::of(edtl, needed);
+        self.queue_data_in(itt, lun_field, xfer, residual, Some(slot), |off, len| {
+            // SAFETY: off + len <= xfer <= the buffer's length; the task (and its buffer)
+            // lives until the last of these PDUs is sent (`release`).
+            TxData::Task { ptr: unsafe { base.add(off as usize) }, len }
+        });
+    }
+
+    /// Queues `total` bytes as Data-In PDUs no larger than the initiator's
+    /// MaxRecvDataSegmentLength, F at the end of each MaxBurstLength sequence, and the status
+    /// (GOOD, with residuals) in the last one. `release` frees that task once it is sent.
+    fn queue_data_in(
+        &mut self,
+        itt: u32,
+        lun_field: [u8; 8],
+        total: u32,
+        residual: Residual,
+        release: Option<u16>,
+        mut data: impl FnMut(u32, u32) -> TxData,
+    ) {
+        let neg = self.neg.as_ref().expect("full feature phase");
+        let (max_pdu, max_burst) = (neg.max_xmit_data_segment_length, neg.max_burst_length);
         let mut offset = 0u32;
         let mut data_sn = 0u32;
-        while offset < xfer {
+        while offset < total {
             let burst_left = max_burst - offset % max_burst;
-            let len = (xfer - offset).min(max_pdu).min(burst_left);
-            let last = offset + len == xfer;
+            let len = (total - offset).min(max_pdu).min(burst_left);
+            let last = offset + len == total;
             let mut b = BhsBuf::new(opcode::DATA_IN);
             b.lun(lun_field).itt(itt).ttt(RESERVED_TAG).sn36(data_sn).buffer_offset(offset);
             if last {
                 b.flags(0x80 | 0x01 | residual.flags()).byte(3, status::GOOD).word44(residual.count());
                 self.stamp_status(&mut b);
             } else {
-                // F marks the end of each MaxBurstLength sequence.
                 b.flags(if len == burst_left { 0x80 } else { 0 });
                 b.exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.max_cmd_sn());
             }
-            // SAFETY: offset + len <= xfer <= the buffer's length.
-            let ptr = unsafe { base.add(offset as usize) };
-            self.push(b, TxData::Task { ptr, len }, last.then_some(slot));
+            self.push(b, data(offset, len), if last { release } else { None });
             offset += len;
             data_sn += 1;
         }
