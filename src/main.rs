@@ -63,27 +63,15 @@ enum CtlCommand {
         #[arg(long)]
         block: bool,
     },
-    /// Upload an image (raw, or .gz .xz .bz2 .zst) into root_dir and export it as a LUN; skipped
-    /// when the target already holds an identical image. Prints `host:port iqn lun_id`.
-    Upload {
-        /// The image file (HTTP(S) URLs are not supported yet).
-        file: String,
-        /// Image and LUN name (default: the file's base name without .img and compression
-        /// suffixes).
-        #[arg(long)]
-        name: Option<String>,
-        /// LUN size in MiB; 0 means the image size rounded up to 512 bytes.
-        #[arg(long, default_value_t = 0)]
-        size_mb: u64,
-        /// Upload even when an identical image is in place.
-        #[arg(long)]
-        force: bool,
-        #[arg(long)]
-        read_only: bool,
-        /// none, gz, xz, bz2 or zstd (default: from the file's extension).
-        #[arg(long)]
-        compression: Option<String>,
-    },
+    /// Upload an image (raw, or .gz .xz .bz2 .zst) from a file or an HTTP(S) URL into root_dir
+    /// and export it as a LUN. A local file is hashed first and not sent when the target
+    /// already holds an identical image; a URL is streamed straight through (no temp copy, no
+    /// pre-hash: that would download it twice) and the target computes the digest. Prints
+    /// `host:port iqn lun_id`.
+    Upload(UploadArgs),
+    /// Open the portal (idempotent), upload an image as `upload` does and print `host:port iqn`,
+    /// then the LUN id on a second line. Other LUNs are left alone.
+    Serve(UploadArgs),
     /// Stop exporting a LUN (its file stays).
     RemoveLun {
         name: String,
@@ -112,6 +100,32 @@ enum CtlCommand {
     Start,
     /// Close the portal and log every session out; LUNs stay.
     Stop,
+}
+
+/// What `ctl upload` and `ctl serve` take.
+#[derive(Args)]
+struct UploadArgs {
+    /// The image: a file, or an http:// or https:// URL whose server sends a Content-Length.
+    #[arg(value_name = "FILE|URL")]
+    file: String,
+    /// Image and LUN name (default: the file's or URL path's base name without .img and
+    /// compression suffixes).
+    #[arg(long)]
+    name: Option<String>,
+    /// LUN size in MiB; 0 means the image size rounded up to 512 bytes.
+    #[arg(long, default_value_t = 0)]
+    size_mb: u64,
+    /// Upload even when an identical image is in place.
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    read_only: bool,
+    /// none, gz, xz, bz2 or zstd (default: from the file's or URL path's extension).
+    #[arg(long)]
+    compression: Option<String>,
+    /// An HTTP request header for a URL source, e.g. 'Authorization: Bearer T' (repeatable).
+    #[arg(long = "header", value_name = "'NAME: VALUE'")]
+    headers: Vec<String>,
 }
 
 /// Flags override the configuration file's keys of the same name.
@@ -195,19 +209,21 @@ fn ctl(args: CtlArgs) -> Result<(), CliError> {
         (None, Some(file)) => Config::load(file)?.control_socket_path(),
         (None, None) => Config::default().control_socket_path(),
     };
-    if let CtlCommand::Upload { file, name, size_mb, force, read_only, compression } = &args.command {
-        let mut client = Client::connect(&socket)?;
-        let req = UploadRequest {
-            file,
-            name: name.clone(),
-            size_mb: *size_mb,
-            force: *force,
-            read_only: *read_only,
-            compression: compression.as_deref(),
-        };
-        let result = upload(&mut client, &req)?;
-        print!("{}", upload_output(&result));
-        return Ok(());
+    match &args.command {
+        CtlCommand::Upload(req) => {
+            let mut client = Client::connect(&socket)?;
+            let result = upload(&mut client, req)?;
+            print!("{}", upload_output(&result));
+            return Ok(());
+        }
+        CtlCommand::Serve(req) => {
+            let mut client = Client::connect(&socket)?;
+            client.call("start", Value::Null)?;
+            let result = upload(&mut client, req)?;
+            print!("{}", serve_output(&result));
+            return Ok(());
+        }
+        _ => {}
     }
     let (method, params) = ctl_request(&args.command);
     let mut client = Client::connect(&socket)?;
@@ -240,39 +256,48 @@ fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
         CtlCommand::GetTargetIqn => ("get_target_iqn", Value::Null),
         CtlCommand::Start => ("start", Value::Null),
         CtlCommand::Stop => ("stop", Value::Null),
-        // Streams a file: served by upload(), not a single call.
-        CtlCommand::Upload { .. } => ("upload_image", Value::Null),
+        // Stream a file: served by upload(), not a single call.
+        CtlCommand::Upload(_) | CtlCommand::Serve(_) => ("upload_image", Value::Null),
     }
 }
 
-/// What `ctl upload` was asked.
-struct UploadRequest<'a> {
-    file: &'a str,
-    name: Option<String>,
-    size_mb: u64,
-    force: bool,
-    read_only: bool,
-    compression: Option<&'a str>,
+/// Uploads a local file (see [`upload_file`]) or streams a URL's body.
+fn upload(client: &mut Client, req: &UploadArgs) -> Result<Value, CliError> {
+    let headers = req.headers.iter().map(|h| images::parse_header(h)).collect::<Result<Vec<_>, _>>()?;
+    let name = req.name.clone().unwrap_or_else(|| images::name_from_source(&req.file));
+    images::validate_name(&name)?;
+    // Checked before a URL is fetched: a bad value should not cost a request.
+    let compression = req.compression.as_deref().map(str::parse::<Compression>).transpose()?;
+    let src = images::open_source(&req.file, &headers)?;
+    let compression = compression.unwrap_or(src.compression);
+    let params = json!({"name": name, "compression": compression.as_str(), "size_mb": req.size_mb,
+                        "force": req.force, "read_only": req.read_only, "size": 0});
+    if images::is_url(&req.file) {
+        // No pre-hash (it would download the image twice) and so no `sha256`: the target
+        // computes it, and skips the write when it equals the image in place.
+        send(client, params, src)
+    } else {
+        upload_file(client, req, params, src, compression)
+    }
 }
 
 /// Hashes the uncompressed image locally, asks `image_info` whether the target holds it
 /// already (then only a 0-byte conditional upload re-exports it), else streams the file.
-fn upload(client: &mut Client, req: &UploadRequest) -> Result<Value, CliError> {
-    let src = images::open_source(req.file)?;
-    let compression = match req.compression {
-        Some(c) => c.parse::<Compression>()?,
-        None => src.compression,
-    };
-    let name = req.name.clone().unwrap_or_else(|| images::name_from_source(req.file));
-    images::validate_name(&name)?;
+fn upload_file(
+    client: &mut Client,
+    req: &UploadArgs,
+    mut params: Value,
+    src: images::Source,
+    compression: Compression,
+) -> Result<Value, CliError> {
+    let name = params["name"].clone();
     let len = src.len.unwrap_or(0);
-    let file = std::fs::File::open(req.file).map_err(|source| CliError::Read { path: req.file.to_owned(), source })?;
+    let file = std::fs::File::open(&req.file).map_err(|source| CliError::Read { path: req.file.clone(), source })?;
     let bar = progress_bar(len, "hashing");
     let (bytes, digest) = images::digest_image(Progress::new(file, |n| bar.set_position(n)), compression)?;
     bar.finish_and_clear();
     let sha256 = images::to_hex(&digest);
-    let mut params = json!({"name": name, "compression": compression.as_str(), "sha256": sha256,
-                            "size_mb": req.size_mb, "force": req.force, "read_only": req.read_only, "size": 0});
+    params["sha256"] = json!(sha256);
     if !req.force {
         match client.call("image_info", json!({"name": name})) {
             Ok(info) if info["sha256"] == json!(sha256) => {
@@ -288,6 +313,12 @@ fn upload(client: &mut Client, req: &UploadRequest) -> Result<Value, CliError> {
         }
     }
     log::debug!("{name}: {bytes} bytes uncompressed, sha256 {sha256}");
+    send(client, params, src)
+}
+
+/// Sends `src` as the upload's payload with a progress bar.
+fn send(client: &mut Client, mut params: Value, src: images::Source) -> Result<Value, CliError> {
+    let len = src.len.unwrap_or(0);
     params["size"] = json!(len);
     let bar = progress_bar(len, "uploading");
     let result = client.upload(params, &mut Progress::new(src.reader, |n| bar.set_position(n)));
@@ -324,6 +355,12 @@ fn upload_output(r: &Value) -> String {
     )
 }
 
+/// `host:port iqn` (the replaced system's `serve` line), then the LUN id.
+fn serve_output(r: &Value) -> String {
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    format!("{} {}\n{}\n", s(&r["address"]), s(&r["iqn"]), s(&r["lun_id"]))
+}
+
 /// What `ctl` prints for a result: JSON when asked, otherwise readable lines.
 fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
     let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
@@ -345,7 +382,8 @@ fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
         CtlCommand::Start => format!("portal open on {}\n", s(&result["address"])),
         CtlCommand::Stop => "portal closed\n".to_owned(),
         CtlCommand::GetHost | CtlCommand::GetPort | CtlCommand::GetTargetIqn => format!("{}\n", s(result)),
-        CtlCommand::Upload { .. } => upload_output(result),
+        CtlCommand::Upload(_) => upload_output(result),
+        CtlCommand::Serve(_) => serve_output(result),
     }
 }
 

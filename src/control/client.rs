@@ -37,18 +37,26 @@ impl Client {
     /// Calls `upload_image` with `params` (whose `size` must be the number of bytes `payload`
     /// holds) and streams `payload` after the request line. The answer may take long: the
     /// server verifies and syncs the image after the last byte.
+    ///
+    /// When reading `payload` fails (an HTTP source that breaks off), the socket's write side is
+    /// shut so the target sees a short upload at once instead of waiting out its stall timeout,
+    /// and the read error is returned as [`ControlError::Payload`].
     pub fn upload(&mut self, params: Value, payload: &mut impl Read) -> Result<Value, ControlError> {
         let id = self.send("upload_image", params)?;
         let mut out = BufWriter::with_capacity(1 << 20, &self.writer);
-        let sent = io::copy(payload, &mut out).and_then(|_| out.flush());
+        let sent = copy_payload(payload, &mut out);
         drop(out);
+        if let Err(PayloadError::Read(e)) = sent {
+            let _ = self.writer.shutdown(std::net::Shutdown::Write);
+            return Err(ControlError::Payload(e));
+        }
         self.writer.set_read_timeout(Some(UPLOAD_ANSWER_TIMEOUT)).map_err(self.io_err("set timeout"))?;
         // The server may have answered an error and closed early (a broken pipe here): its
         // answer says why, so it wins over the send error.
         let answer = self.answer(id);
         self.writer.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(self.io_err("set timeout"))?;
         match (answer, sent) {
-            (Err(ControlError::NoAnswer), Err(e)) => Err(self.io_err("send image")(e)),
+            (Err(ControlError::NoAnswer), Err(PayloadError::Write(e))) => Err(self.io_err("send image")(e)),
             (answer, _) => answer,
         }
     }
@@ -76,6 +84,26 @@ impl Client {
             Err(e) => return Err(self.io_err("receive")(e)),
         }
         parse_response(&line, id)
+    }
+}
+
+/// Which side of a payload copy failed.
+enum PayloadError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// `io::copy` that tells a failing source from a failing socket.
+fn copy_payload(payload: &mut impl Read, out: &mut impl Write) -> Result<(), PayloadError> {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = match payload.read(&mut buf) {
+            Ok(0) => return out.flush().map_err(PayloadError::Write),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(PayloadError::Read(e)),
+        };
+        out.write_all(&buf[..n]).map_err(PayloadError::Write)?;
     }
 }
 

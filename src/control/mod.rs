@@ -39,6 +39,9 @@ pub enum ControlError {
     /// The answer is not a JSON-RPC response to the request.
     #[error("malformed response from the target: {0}")]
     BadResponse(String),
+    /// Reading the image to upload failed; the message names the source.
+    #[error("{0}")]
+    Payload(io::Error),
     /// The server answered with an error.
     #[error("{message}")]
     Server { code: i64, message: String },

@@ -22,7 +22,7 @@ mod writer;
 pub use decompress::Compression;
 pub use import::{import_file, import_image, would_skip};
 pub use sidecar::{image_info, ImageInfo};
-pub use source::{digest_file, digest_image, open_source, Progress, Source};
+pub use source::{digest_file, digest_image, is_url, open_source, parse_header, Progress, Source};
 pub use writer::remove_stale_temp_files;
 
 use std::io;
@@ -77,6 +77,9 @@ pub enum ImageError {
     /// A local source path is unusable.
     #[error("{path}: {reason}")]
     BadSource { path: PathBuf, reason: String },
+    /// A `--header` is not `Name: value`.
+    #[error("--header {header:?}: {reason}")]
+    BadHeader { header: String, reason: &'static str },
     /// Fetching an HTTP(S) source failed.
     #[error("{url}: {reason}")]
     Http { url: String, reason: String },
@@ -171,13 +174,18 @@ pub fn image_file_name(name: &str) -> String {
 /// The name an image gets from its source: the base name without `.img` and compression
 /// suffixes (`https://x/disk.img.gz?sig=1` → `disk`), as the replaced system's `serve` did.
 pub fn name_from_source(spec: &str) -> String {
-    let path = spec.split(['?', '#']).next().unwrap_or(spec);
-    let mut base = path.rsplit('/').next().unwrap_or(path);
+    let mut base = base_name(spec);
     let comp = Compression::from_extension(Path::new(base));
     if comp != Compression::None {
         base = base.rsplit_once('.').map_or(base, |(stem, _)| stem);
     }
     base.strip_suffix(".img").unwrap_or(base).to_owned()
+}
+
+/// The last path component of a file path or URL, without any `?query` or `#fragment`.
+pub(crate) fn base_name(spec: &str) -> &str {
+    let path = spec.split(['?', '#']).next().unwrap_or(spec);
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 /// Lower-case hex of `bytes`.

@@ -1,5 +1,5 @@
-//! Client-side helpers: opening a local image source, digesting it the way the server will,
-//! and counting progress while it streams.
+//! Client-side helpers: opening an image source (a local file or an HTTP(S) URL), digesting
+//! it the way the server will, and counting progress while it streams.
 
 use super::decompress::WireReader;
 use super::writer::read_full;
@@ -8,6 +8,7 @@ use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 /// A source to upload: its bytes, their count (when known) and compression.
 pub struct Source {
@@ -17,11 +18,48 @@ pub struct Source {
     pub compression: Compression,
 }
 
-/// Opens a local file, compression from its extension. URLs are refused with a clear error
-/// until an HTTP client is wired in.
-pub fn open_source(spec: &str) -> Result<Source, ImageError> {
-    if spec.starts_with("http://") || spec.starts_with("https://") {
-        return Err(ImageError::Http { url: spec.to_owned(), reason: "HTTP(S) sources are not supported yet".into() });
+/// Connecting, and waiting for the response head; the body has no overall deadline (multi-GiB).
+const HTTP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const HTTP_RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether `spec` is an HTTP(S) URL rather than a local path.
+pub fn is_url(spec: &str) -> bool {
+    let lower = spec.get(..8).unwrap_or(spec).to_ascii_lowercase();
+    lower.starts_with("http://") || lower.starts_with("https://")
+}
+
+/// Parses a `--header 'Name: value'`: the name an HTTP token, the value free of control
+/// characters (a CR or LF would inject headers), surrounding blanks trimmed.
+pub fn parse_header(spec: &str) -> Result<(String, String), ImageError> {
+    let bad = |reason: &'static str| ImageError::BadHeader { header: spec.to_owned(), reason };
+    let (name, value) = spec.split_once(':').ok_or_else(|| bad("expected 'Name: value'"))?;
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(bad("empty header name"));
+    }
+    // RFC 9110 token characters.
+    let tchar = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c);
+    if !name.chars().all(tchar) {
+        return Err(bad("the name may hold only letters, digits and !#$%&'*+-.^_`|~"));
+    }
+    let value = value.trim_matches([' ', '\t']);
+    if value.chars().any(|c| c.is_control() && c != '\t') {
+        return Err(bad("control characters in the value"));
+    }
+    Ok((name.to_owned(), value.to_owned()))
+}
+
+/// Opens a local file or an HTTP(S) URL (sending `headers`, which only URLs take);
+/// compression from the file name's or URL path's extension.
+pub fn open_source(spec: &str, headers: &[(String, String)]) -> Result<Source, ImageError> {
+    if is_url(spec) {
+        return open_url(spec, headers);
+    }
+    if !headers.is_empty() {
+        return Err(ImageError::BadSource {
+            path: spec.into(),
+            reason: "--header applies to HTTP(S) sources only".into(),
+        });
     }
     let path = PathBuf::from(spec);
     let bad = |reason: String| ImageError::BadSource { path: path.clone(), reason };
@@ -30,7 +68,66 @@ pub fn open_source(spec: &str) -> Result<Source, ImageError> {
     if !meta.is_file() {
         return Err(bad("not a regular file".into()));
     }
-    Ok(Source { reader: Box::new(file), len: Some(meta.len()), compression: Compression::from_extension(&path) })
+    let reader = Named { name: spec.to_owned(), inner: file };
+    Ok(Source { reader: Box::new(reader), len: Some(meta.len()), compression: Compression::from_extension(&path) })
+}
+
+/// GETs `url` and hands back its body unread: it streams straight into the upload, no temp
+/// copy. The upload announces its byte count first, so a body without Content-Length
+/// (chunked) is refused rather than spooled.
+fn open_url(url: &str, headers: &[(String, String)]) -> Result<Source, ImageError> {
+    let http = |reason: String| ImageError::Http { url: url.to_owned(), reason };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        // Statuses are turned into errors below, with the reason phrase.
+        .http_status_as_error(false)
+        .timeout_connect(Some(HTTP_CONNECT_TIMEOUT))
+        .timeout_recv_response(Some(HTTP_RESPONSE_TIMEOUT))
+        .build()
+        .into();
+    let mut req = agent.get(url);
+    for (name, value) in headers {
+        req = req.header(name, value);
+    }
+    // ureq without its gzip feature sends no Accept-Encoding: the body is the file as stored.
+    let resp = req.call().map_err(|e| match e {
+        // Without ureq's "io: " prefix: "Connection refused (os error 111)".
+        ureq::Error::Io(e) => http(e.to_string()),
+        e => http(e.to_string()),
+    })?;
+    let status = resp.status();
+    if status.as_u16() >= 400 {
+        return Err(http(format!("HTTP {status}")));
+    }
+    if !status.is_success() {
+        return Err(http(format!("unexpected HTTP {status}")));
+    }
+    let (_, body) = resp.into_parts();
+    let len = body.content_length().ok_or_else(|| {
+        http(
+            "the server sent no Content-Length (a chunked body); the upload must announce its size up \
+              front and no temp copy is made, so serve the file with a Content-Length"
+                .into(),
+        )
+    })?;
+    let reader = Named { name: url.to_owned(), inner: body.into_reader() };
+    Ok(Source {
+        reader: Box::new(reader),
+        len: Some(len),
+        compression: Compression::from_extension(Path::new(super::base_name(url))),
+    })
+}
+
+/// A reader whose errors name their source (the path or URL), so a failure mid-upload says
+/// what broke.
+struct Named<R> {
+    name: String,
+    inner: R,
+}
+
+impl<R: Read> Read for Named<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.name)))
+    }
 }
 
 /// The uncompressed size and SHA-256 of an image source: what the server's sidecar records, so
@@ -98,7 +195,7 @@ mod tests {
         e.write_all(&image).unwrap();
         e.finish().unwrap();
         let (bytes, digest) = digest_file(&path).unwrap();
-        let src = open_source(path.to_str().unwrap()).unwrap();
+        let src = open_source(path.to_str().unwrap(), &[]).unwrap();
         assert_eq!(src.compression, Compression::Gz);
         let mut seen = 0;
         let opts = super::super::ImportOptions {
@@ -109,7 +206,27 @@ mod tests {
         let r = super::super::import_image(dir.path(), "x", Progress::new(src.reader, |n| seen = n), &opts).unwrap();
         assert_eq!((r.bytes, r.sha256), (bytes, digest));
         assert_eq!(seen, std::fs::metadata(&path).unwrap().len());
-        assert!(matches!(open_source("https://example.invalid/x.img"), Err(ImageError::Http { .. })));
-        assert!(open_source(dir.path().to_str().unwrap()).is_err());
+        assert!(open_source(dir.path().to_str().unwrap(), &[]).is_err());
+        let h = [("X-A".to_owned(), "b".to_owned())];
+        assert!(matches!(open_source(path.to_str().unwrap(), &h), Err(ImageError::BadSource { .. })));
+    }
+
+    #[test]
+    fn headers_parse_or_are_refused() {
+        assert_eq!(parse_header("X-Token: abc").unwrap(), ("X-Token".into(), "abc".into()));
+        assert_eq!(parse_header("Authorization:Bearer a:b ").unwrap(), ("Authorization".into(), "Bearer a:b".into()));
+        assert_eq!(parse_header("X-Empty:").unwrap(), ("X-Empty".into(), String::new()));
+        for bad in ["no colon", ": v", "X Token: v", "X-A: a\r\nX-B: b", "Ä: v"] {
+            let e = parse_header(bad).unwrap_err();
+            assert!(
+                matches!(e, ImageError::BadHeader { .. }) && e.to_string().contains(&format!("{bad:?}")),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn urls_are_told_from_paths() {
+        assert!(is_url("http://h/x") && is_url("HTTPS://h/x") && !is_url("httpx") && !is_url("/tmp/http:/x"));
     }
 }
