@@ -8,12 +8,11 @@ use std::io::Write;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::initiator::{LoginOptions, Response, Session, STATUS_CHECK_CONDITION};
-use common::{run_with_timeout, Control, Target};
+use common::initiator::{LoginOptions, Session};
+use common::{assert_lun_holds, run_with_timeout, Control, Target};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-const BS: u32 = 512;
 /// Application error codes (src/control/rpc.rs).
 const INVALID_PARAMS: i64 = -32602;
 const BAD_UPLOAD: i64 = -32009;
@@ -38,38 +37,6 @@ fn gzip(data: &[u8]) -> Vec<u8> {
 
 fn sha256_hex(data: &[u8]) -> String {
     Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// A command, repeated while it reports a unit attention (LUN table changed, capacity changed).
-fn past_ua(mut cmd: impl FnMut() -> Response) -> Response {
-    for _ in 0..4 {
-        let r = cmd();
-        if r.status == STATUS_CHECK_CONDITION && r.sense_key() == Some(0x06) {
-            continue;
-        }
-        return r;
-    }
-    panic!("unit attention repeated");
-}
-
-/// The whole LUN, checked to be `want` followed by zeros up to the next whole block.
-fn assert_lun_holds(s: &mut Session, lun: u16, want: &[u8]) {
-    let blocks = past_ua(|| s.test_unit_ready(lun).unwrap());
-    assert!(blocks.is_good(), "{blocks:?}");
-    let (n, bs) = s.read_capacity16(lun).unwrap();
-    assert_eq!(bs, BS);
-    assert_eq!(n * u64::from(BS), (want.len() as u64).next_multiple_of(u64::from(BS)), "LUN size");
-    let mut got = Vec::new();
-    let mut lba = 0u64;
-    while lba < n {
-        let count = (n - lba).min(128) as u16;
-        let r = past_ua(|| s.read10(lun, lba as u32, count, BS).unwrap());
-        assert!(r.is_good(), "read at {lba}: {r:?}");
-        got.extend_from_slice(&r.data);
-        lba += u64::from(count);
-    }
-    assert!(got[..want.len()] == *want, "LUN data differs from the image");
-    assert!(got[want.len()..].iter().all(|&b| b == 0), "tail past the image is not zero");
 }
 
 fn upload_params(name: &str, size: usize, compression: &str, sha256: Option<&str>) -> Value {

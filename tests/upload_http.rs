@@ -11,11 +11,10 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::initiator::{LoginOptions, Response, Session, STATUS_CHECK_CONDITION};
-use common::{run_with_timeout, Target};
+use common::initiator::LoginOptions;
+use common::{assert_lun_holds, run_with_timeout, Target};
 use serde_json::{json, Value};
 
-const BS: u32 = 512;
 /// Not a whole number of blocks, so a cut tail would show.
 const IMAGE_LEN: usize = (1 << 20) + 1000;
 
@@ -108,37 +107,6 @@ fn stdout(o: &Output) -> String {
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn past_ua(mut cmd: impl FnMut() -> Response) -> Response {
-    for _ in 0..4 {
-        let r = cmd();
-        if r.status == STATUS_CHECK_CONDITION && r.sense_key() == Some(0x06) {
-            continue;
-        }
-        return r;
-    }
-    panic!("unit attention repeated");
-}
-
-/// The whole LUN is `want` followed by zeros up to the next whole block.
-fn assert_lun_holds(s: &mut Session, lun: u16, want: &[u8]) {
-    let r = past_ua(|| s.test_unit_ready(lun).unwrap());
-    assert!(r.is_good(), "{r:?}");
-    let (n, bs) = s.read_capacity16(lun).unwrap();
-    assert_eq!(bs, BS);
-    assert_eq!(n * u64::from(BS), (want.len() as u64).next_multiple_of(u64::from(BS)), "LUN size");
-    let mut got = Vec::new();
-    let mut lba = 0u64;
-    while lba < n {
-        let count = (n - lba).min(128) as u16;
-        let r = past_ua(|| s.read10(lun, lba as u32, count, BS).unwrap());
-        assert!(r.is_good(), "read at {lba}: {r:?}");
-        got.extend_from_slice(&r.data);
-        lba += u64::from(count);
-    }
-    assert!(got[..want.len()] == *want, "LUN data differs from the image");
-    assert!(got[want.len()..].iter().all(|&b| b == 0), "tail past the image is not zero");
 }
 
 fn temp_files(t: &Target) -> Vec<String> {

@@ -397,6 +397,39 @@ pub fn tool_output(cmd: &mut Command) -> String {
     so
 }
 
+/// A command, repeated while it reports a unit attention (LUN table changed, capacity changed).
+pub fn past_ua(mut cmd: impl FnMut() -> initiator::Response) -> initiator::Response {
+    for _ in 0..4 {
+        let r = cmd();
+        if r.status == initiator::STATUS_CHECK_CONDITION && r.sense_key() == Some(0x06) {
+            continue;
+        }
+        return r;
+    }
+    panic!("unit attention repeated");
+}
+
+/// The whole LUN is `want` followed by zeros up to the next whole 512-byte block.
+pub fn assert_lun_holds(s: &mut Session, lun: u16, want: &[u8]) {
+    const BS: u32 = 512;
+    let r = past_ua(|| s.test_unit_ready(lun).unwrap());
+    assert!(r.is_good(), "{r:?}");
+    let (n, bs) = s.read_capacity16(lun).unwrap();
+    assert_eq!(bs, BS);
+    assert_eq!(n * u64::from(BS), (want.len() as u64).next_multiple_of(u64::from(BS)), "LUN size");
+    let mut got = Vec::new();
+    let mut lba = 0u64;
+    while lba < n {
+        let count = (n - lba).min(128) as u16;
+        let r = past_ua(|| s.read10(lun, lba as u32, count, BS).unwrap());
+        assert!(r.is_good(), "read at {lba}: {r:?}");
+        got.extend_from_slice(&r.data);
+        lba += u64::from(count);
+    }
+    assert!(got[..want.len()] == *want, "LUN data differs from the image");
+    assert!(got[want.len()..].iter().all(|&b| b == 0), "tail past the image is not zero");
+}
+
 #[cfg(test)]
 mod harness_tests {
     use super::*;
