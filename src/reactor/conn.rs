@@ -157,18 +157,6 @@ impl Conn {
         self.stream.as_raw_fd()
     }
 
-    pub fn negotiated(&self) -> Option<&Negotiated> {
-        self.neg.as_ref()
-    }
-
-    pub fn isid(&self) -> [u8; 6] {
-        self.isid
-    }
-
-    pub fn tsih(&self) -> u16 {
-        self.tsih
-    }
-
     /// Where the next receive may write.
     pub fn rx_space(&mut self) -> (*mut u8, usize) {
         let rx = self.rx.as_mut().expect("rx buffer present between events");

@@ -110,11 +110,6 @@ impl TxQueue {
         self.pending.push_back(pdu);
     }
 
-    /// Whether a send is in flight.
-    pub fn busy(&self) -> bool {
-        self.busy
-    }
-
     pub fn is_empty(&self) -> bool {
         self.pending.is_empty() && self.inflight.is_empty()
     }
