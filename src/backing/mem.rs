@@ -63,6 +63,15 @@ impl MemStore {
         unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(off), dst.as_mut_ptr(), dst.len()) }
     }
 
+    /// Where `len` bytes at `offset` live, for sending Data-In straight from the store. The
+    /// pointer stays valid while the store does: callers keep the LUN (and so the store) alive
+    /// until the send completes. Panics when out of range (callers check LBAs).
+    pub fn ptr_at(&self, offset: u64, len: usize) -> *const u8 {
+        let off = self.check(offset, len);
+        // SAFETY: off + len <= size (checked), so the pointer stays inside the mapping.
+        unsafe { self.ptr.as_ptr().add(off) }
+    }
+
     /// Copies `src` to `offset`. Panics when out of range (callers check LBAs).
     pub fn write(&self, offset: u64, src: &[u8]) {
         let off = self.check(offset, src.len());

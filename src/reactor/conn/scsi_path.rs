@@ -114,7 +114,10 @@ impl Conn {
         task.action = action;
         task.needed = needed;
         task.xfer = xfer;
-        if xfer > 0 {
+        // Reads from a RAM LUN need no buffer: Data-In goes out straight from the store.
+        let from_ram =
+            matches!((action, &task.lun), (Action::Read { .. }, Some(l)) if matches!(l.backing, Backing::Mem(_)));
+        if xfer > 0 && !from_ram {
             task.buf = Some(env.pool.get((xfer as usize).next_multiple_of(SECTOR as usize)));
         }
         if is_out {
@@ -293,10 +296,8 @@ impl Conn {
         };
         match &lun.backing {
             Backing::Mem(m) => {
-                match kind {
-                    IoKind::Read => m.read(offset, &mut task.buf.as_mut().expect("buffer")[..task.xfer as usize]),
-                    IoKind::Write { .. } => m.write(offset, &task.buf.as_ref().expect("buffer")[..len as usize]),
-                    IoKind::Flush => {}
+                if let IoKind::Write { .. } = kind {
+                    m.write(offset, &task.buf.as_ref().expect("buffer")[..len as usize]);
                 }
                 self.io_done(slot, len as i32, env);
             }
@@ -352,11 +353,19 @@ impl Conn {
     fn send_read_data(&mut self, slot: u16, lun_field: [u8; 8], itt: u32, edtl: u32, needed: u32, xfer: u32) {
         let task = self.tasks.get_mut(slot).expect("live task");
         task.stage = Stage::Sending;
-        let base = task.buf.as_ref().expect("read buffer").as_ptr();
+        let base = match (&task.buf, &task.lun, task.action) {
+            (Some(buf), _, _) => buf.as_ptr(),
+            (None, Some(lun), Action::Read { offset }) => match &lun.backing {
+                Backing::Mem(m) => m.ptr_at(offset, xfer as usize),
+                Backing::File(_) => unreachable!("file reads land in the task buffer"),
+            },
+            _ => unreachable!("a read task has a buffer or a RAM LUN"),
+        };
         let residual = Residual::of(edtl, needed);
         self.queue_data_in(itt, lun_field, xfer, residual, Some(slot), |off, len| {
-            // SAFETY: off + len <= xfer <= the buffer's length; the task (and its buffer)
-            // lives until the last of these PDUs is sent (`release`).
+            // SAFETY: off + len <= xfer <= the buffer's (or the RAM range's) length; the task,
+            // its buffer and its Arc<Lun> (so the RAM store) live until the last of these
+            // PDUs is sent (`release`).
             TxData::Task { ptr: unsafe { base.add(off as usize) }, len }
         });
     }
