@@ -37,6 +37,10 @@ const NOP_TIMEOUT: Duration = Duration::from_secs(15);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// Target Transfer Tag of our NOP-In pings (never a task's TTT: those have bit 31 clear).
 const PING_TTT: u32 = 0x8000_0000;
+/// Data-Out segments at least this long are received straight into their task's buffer
+/// rather than through the receive buffer and a copy; shorter ones are not worth the extra
+/// receive a split costs.
+const DIRECT_RX_MIN: usize = 32 * 1024;
 
 /// A backing-store operation for the reactor to submit on its ring.
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +73,19 @@ pub struct ConnEnv<'a> {
     pub now: Instant,
 }
 
+/// A Data-Out PDU whose data segment is being received straight into its task's buffer.
+struct DirectRx {
+    bhs: [u8; BHS_LEN],
+    slot: u16,
+    /// Where the segment goes: the task buffer at the PDU's buffer offset.
+    dst: *mut u8,
+    len: usize,
+    /// Bytes of the segment in place so far.
+    got: usize,
+    /// Padding and data digest that follow the segment, read from the receive buffer.
+    tail: usize,
+}
+
 enum Phase {
     Login(Box<Login>),
     FullFeature,
@@ -93,6 +110,8 @@ pub struct Conn {
     rx: Option<AlignedBuf>,
     rx_start: usize,
     rx_end: usize,
+    /// A large Data-Out segment in flight into its task's buffer (the next receive goes there).
+    direct: Option<DirectRx>,
     pub tx: TxQueue,
     tasks: TaskTable,
     nexus: Nexus,
@@ -133,6 +152,7 @@ impl Conn {
             rx: Some(AlignedBuf::new(RX_BUF)),
             rx_start: 0,
             rx_end: 0,
+            direct: None,
             tx: TxQueue::new(),
             tasks: TaskTable::with_capacity(TASK_SLOTS),
             nexus: Nexus::new(),
@@ -159,6 +179,11 @@ impl Conn {
 
     /// Where the next receive may write.
     pub fn rx_space(&mut self) -> (*mut u8, usize) {
+        if let Some(d) = self.direct.as_ref().filter(|d| d.got < d.len) {
+            // SAFETY: got < len and [dst, dst+len) lies inside the task's buffer (checked when
+            // the direct receive began); the task cannot end before this PDU is complete.
+            return (unsafe { d.dst.add(d.got) }, d.len - d.got);
+        }
         let rx = self.rx.as_mut().expect("rx buffer present between events");
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
@@ -201,11 +226,25 @@ impl Conn {
 
     /// `n` bytes arrived in the receive buffer.
     pub fn on_recv(&mut self, n: usize, env: &mut ConnEnv) {
-        self.rx_end += n;
         self.last_rx = env.now;
         self.ping_sent = None;
+        match self.direct.as_mut() {
+            Some(d) if d.got < d.len => {
+                d.got += n;
+                if d.got < d.len {
+                    return;
+                }
+            }
+            _ => self.rx_end += n,
+        }
         let rx = self.rx.take().expect("rx buffer present");
         while !self.closing {
+            if self.direct.is_some() {
+                if !self.finish_direct(&rx, env) {
+                    break;
+                }
+                continue;
+            }
             let avail = &rx[self.rx_start..self.rx_end];
             let Some(bhs) = Bhs::parse(avail) else { break };
             let layout = Layout::of(&bhs, self.header_digest, self.data_digest);
@@ -215,6 +254,13 @@ impl Conn {
                 break;
             }
             if avail.len() < layout.total() {
+                if layout.data_len >= DIRECT_RX_MIN
+                    && avail.len() >= layout.data_offset()
+                    && avail.len() < layout.data_offset() + layout.data_len
+                    && matches!(self.phase, Phase::FullFeature)
+                {
+                    self.start_direct(&bhs, &layout, &rx);
+                }
                 break;
             }
             let pdu_bytes = &avail[..layout.total()];
@@ -255,6 +301,63 @@ impl Conn {
             self.rx_start = 0;
             self.rx_end = 0;
         }
+    }
+
+    /// A Data-Out whose header is in but whose large data segment is not: when it is valid
+    /// for its task, the rest of the segment is received straight into the task's buffer.
+    /// Anything unusual (bad digest, unknown task, out-of-order DataSN) is left to the normal
+    /// path, which sees the whole PDU and answers it.
+    fn start_direct(&mut self, bhs: &Bhs, layout: &Layout, rx: &[u8]) {
+        if bhs.opcode() != opcode::DATA_OUT {
+            return;
+        }
+        let avail = &rx[self.rx_start..self.rx_end];
+        if self.header_digest {
+            let received = digest::from_wire(avail[layout.header_len..][..4].try_into().expect("4"));
+            if received != digest::header(&avail[..layout.header_len]) {
+                return;
+            }
+        }
+        let Some((slot, dst)) = self.data_out_dst(bhs, layout.data_len as u32) else { return };
+        let present = &avail[layout.data_offset()..];
+        // SAFETY: dst has room for data_len bytes (data_out_dst) and present.len() < data_len.
+        unsafe { std::ptr::copy_nonoverlapping(present.as_ptr(), dst, present.len()) };
+        self.direct = Some(DirectRx {
+            bhs: *bhs.bytes(),
+            slot,
+            dst,
+            len: layout.data_len,
+            got: present.len(),
+            tail: layout.pad_len + layout.data_digest_len,
+        });
+        self.rx_start = 0;
+        self.rx_end = 0;
+    }
+
+    /// Completes a direct Data-Out once its padding and digest are in the receive buffer.
+    /// Returns false while they are not.
+    fn finish_direct(&mut self, rx: &[u8], env: &mut ConnEnv) -> bool {
+        let d = self.direct.as_ref().expect("direct receive");
+        if self.rx_end - self.rx_start < d.tail {
+            return false;
+        }
+        let d = self.direct.take().expect("direct receive");
+        let tail = &rx[self.rx_start..self.rx_start + d.tail];
+        self.rx_start += d.tail;
+        // SAFETY: the segment was received into [dst, dst+len) of the live task's buffer.
+        let data = unsafe { std::slice::from_raw_parts(d.dst, d.len) };
+        if self.data_digest {
+            let (pad, wire) = tail.split_at(d.tail - 4);
+            let received = digest::from_wire(wire.try_into().expect("4"));
+            let computed = digest::data(&[data, pad]);
+            if received != computed {
+                self.close(&pdu::PduError::DataDigest { received, computed }.to_string());
+                return false;
+            }
+        }
+        let bhs = Bhs::new(&d.bhs);
+        self.data_out_in_place(bhs, d.slot, d.len as u32, env);
+        true
     }
 
     fn handle_pdu(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {

@@ -191,6 +191,37 @@ impl Conn {
         }
     }
 
+    /// Where a Data-Out's segment would land when it is valid for its task, in order, and
+    /// wholly inside the task's buffer; None sends the PDU down the normal path.
+    pub(super) fn data_out_dst(&mut self, bhs: &Bhs, len: u32) -> Option<(u16, *mut u8)> {
+        let ttt = bhs.ttt();
+        let slot = if ttt == RESERVED_TAG { self.tasks.find_itt(bhs.itt())? } else { (ttt & 0xFFFF) as u16 };
+        let task = self.tasks.get_mut(slot).filter(|t| t.itt == bhs.itt() && !t.aborted)?;
+        let offset = bhs.buffer_offset();
+        let next_sn = if ttt == task.seq_ttt { task.next_data_sn } else { 0 };
+        let fits = u64::from(offset) + u64::from(len) <= u64::from(task.xfer.min(task.out_total));
+        if task.stage != Stage::DataOut || !fits || bhs.data_sn() != next_sn {
+            return None;
+        }
+        let buf = task.buf.as_mut()?;
+        // SAFETY: offset + len <= xfer <= the buffer's length.
+        Some((slot, unsafe { buf.as_mut_ptr().add(offset as usize) }))
+    }
+
+    /// A Data-Out whose segment was received straight into the task's buffer: the sequence
+    /// bookkeeping of [`Self::data_out`] without the copy.
+    pub(super) fn data_out_in_place(&mut self, bhs: Bhs, slot: u16, len: u32, env: &mut ConnEnv) {
+        let task = self.tasks.get_mut(slot).expect("a direct receive's task lives until it ends");
+        if bhs.ttt() != task.seq_ttt {
+            task.seq_ttt = bhs.ttt();
+            task.next_data_sn = 0;
+        }
+        debug_assert_eq!(bhs.data_sn(), task.next_data_sn, "checked by data_out_dst");
+        task.next_data_sn += 1;
+        task.out_received += len;
+        self.data_out_sequence_end(slot, bhs, env);
+    }
+
     pub(super) fn data_out(&mut self, bhs: Bhs, data: &[u8], env: &mut ConnEnv) {
         let ttt = bhs.ttt();
         let slot = if ttt == RESERVED_TAG {
@@ -227,6 +258,13 @@ impl Conn {
         }
         task.next_data_sn += 1;
         self.store_data_out(slot, offset, data);
+        self.data_out_sequence_end(slot, bhs, env);
+    }
+
+    /// After a Data-Out's data is in: the end of an R2T's sequence frees room for the next
+    /// R2T, and the last byte starts the write.
+    fn data_out_sequence_end(&mut self, slot: u16, bhs: Bhs, env: &mut ConnEnv) {
+        let ttt = bhs.ttt();
         if ttt != RESERVED_TAG && bhs.final_bit() {
             let task = self.tasks.get_mut(slot).expect("live task");
             task.r2t_outstanding = task.r2t_outstanding.saturating_sub(1);
