@@ -209,11 +209,14 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), ImageError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(ImageError::io(dir, "fsync directory"))
 }
 
-/// Whether every byte is zero; ORs whole words so it vectorises and does not branch per byte.
+/// Whether every byte is zero. Data blocks almost always have a non-zero byte at the start, so
+/// that is looked at first; then 256-byte pieces, each an OR fold the compiler vectorises, with
+/// an exit after any non-zero piece. (One fold over the whole block read every byte of every
+/// data block: 8% of a random image's import CPU in perf.)
 fn is_zero(block: &[u8]) -> bool {
-    // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned middle.
-    let (head, words, tail) = unsafe { block.align_to::<u64>() };
-    head.iter().all(|&b| b == 0) && tail.iter().all(|&b| b == 0) && words.iter().fold(0, |a, &w| a | w) == 0
+    let or = |piece: &[u8]| piece.iter().fold(0u8, |a, &b| a | b);
+    let (head, rest) = block.split_at(block.len().min(16));
+    or(head) == 0 && rest.chunks(256).all(|piece| or(piece) == 0)
 }
 
 /// Runs `fill` on this thread and writes what it produces on a writer thread. `fill` fills the
@@ -288,6 +291,14 @@ mod tests {
         assert!(!is_zero(&b));
         assert!(!is_zero(&b[3..]));
         assert!(is_zero(&b[..4095]));
+        // Non-zero at the start, in the middle of a piece, and in a short tail.
+        for at in [0, 15, 16, 300, 4094] {
+            b.fill(0);
+            b[at] = 0x80;
+            assert!(!is_zero(&b), "{at}");
+            assert!(is_zero(&b[at + 1..]), "{at}");
+        }
+        assert!(is_zero(&[]));
     }
 
     #[test]
