@@ -126,6 +126,10 @@ struct UploadArgs {
     /// An HTTP request header for a URL source, e.g. 'Authorization: Bearer T' (repeatable).
     #[arg(long = "header", value_name = "'NAME: VALUE'")]
     headers: Vec<String>,
+    /// For an https:// URL: trust the CA certificates in this PEM file instead of the built-in
+    /// Mozilla roots (default: $SSL_CERT_FILE when set).
+    #[arg(long, value_name = "FILE")]
+    cacert: Option<PathBuf>,
 }
 
 /// Flags override the configuration file's keys of the same name.
@@ -268,7 +272,11 @@ fn upload(client: &mut Client, req: &UploadArgs) -> Result<Value, CliError> {
     images::validate_name(&name)?;
     // Checked before a URL is fetched: a bad value should not cost a request.
     let compression = req.compression.as_deref().map(str::parse::<Compression>).transpose()?;
-    let src = images::open_source(&req.file, &headers)?;
+    // SSL_CERT_FILE as OpenSSL, curl and Python read it; --cacert wins. Only for URLs: the
+    // variable set in a CI's environment must not fail a local file's upload.
+    let ssl_cert_file = || std::env::var_os("SSL_CERT_FILE").filter(|v| !v.is_empty()).map(PathBuf::from);
+    let ca_file = req.cacert.clone().or_else(|| images::is_url(&req.file).then(ssl_cert_file).flatten());
+    let src = images::open_source(&req.file, &images::FetchOptions { headers, ca_file })?;
     let compression = compression.unwrap_or(src.compression);
     let params = json!({"name": name, "compression": compression.as_str(), "size_mb": req.size_mb,
                         "force": req.force, "read_only": req.read_only, "size": 0});

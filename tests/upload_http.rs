@@ -1,18 +1,22 @@
 //! `uringtgt ctl upload URL` and `uringtgt ctl serve` against the real binary: a gz image served
 //! by a tiny HTTP server inside the test (127.0.0.1 only) is streamed to the target and reads
-//! back byte-exact; HTTP failures exit non-zero naming the URL; `serve` prints `host:port iqn`.
+//! back byte-exact; HTTP failures exit non-zero naming the URL; `serve` prints `host:port iqn`;
+//! over HTTPS, a server certified by a private CA is trusted through `--cacert` or
+//! `SSL_CERT_FILE` and refused without.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use common::initiator::LoginOptions;
 use common::{assert_lun_holds, run_with_timeout, Target};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
 
 /// Not a whole number of blocks, so a cut tail would show.
@@ -43,8 +47,8 @@ fn http_server(body: Vec<u8>) -> (u16, mpsc::Receiver<String>) {
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
         for conn in listener.incoming() {
-            let Ok(conn) = conn else { continue };
-            let head = answer(conn, &body);
+            let Ok(mut conn) = conn else { continue };
+            let head = answer(&mut conn, &body);
             if tx.send(head).is_err() {
                 return;
             }
@@ -53,8 +57,9 @@ fn http_server(body: Vec<u8>) -> (u16, mpsc::Receiver<String>) {
     (port, rx)
 }
 
-fn answer(conn: TcpStream, body: &[u8]) -> String {
-    let mut reader = BufReader::new(conn.try_clone().unwrap());
+fn answer(conn: &mut (impl Read + Write), body: &[u8]) -> String {
+    // A GET has no body: nothing past the head is buffered away from the writes below.
+    let mut reader = BufReader::new(&mut *conn);
     let mut head = String::new();
     loop {
         let mut line = String::new();
@@ -66,7 +71,8 @@ fn answer(conn: TcpStream, body: &[u8]) -> String {
     let head = head.to_ascii_lowercase();
     let path = head.split_whitespace().nth(1).unwrap_or("").to_owned();
     let path = path.split('?').next().unwrap_or("");
-    let mut out = conn;
+    drop(reader);
+    let out = conn;
     // The client may have gone away: write errors are the test's to see, not the server's.
     let _ = match path {
         "/disk.img.gz" => {
@@ -87,17 +93,24 @@ fn answer(conn: TcpStream, body: &[u8]) -> String {
         }
         _ => out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nnot found"),
     };
+    let _ = out.flush();
     head
 }
 
 /// `uringtgt ctl --socket <target's> ARGS`, without proxy settings that would send a
-/// 127.0.0.1 request elsewhere.
+/// 127.0.0.1 request elsewhere, nor the caller's SSL_CERT_FILE.
 fn ctl(t: &Target, args: &[&str]) -> Output {
+    ctl_env(t, args, &[])
+}
+
+/// [`ctl`] with environment variables set.
+fn ctl_env(t: &Target, args: &[&str], env: &[(&str, &Path)]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_uringtgt"));
     cmd.arg("ctl").arg("--socket").arg(t.control_socket()).args(args);
-    for var in ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"] {
+    for var in ["http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY", "SSL_CERT_FILE"] {
         cmd.env_remove(var);
     }
+    cmd.envs(env.iter().copied());
     run_with_timeout(&mut cmd, Duration::from_secs(60))
 }
 
@@ -225,4 +238,106 @@ fn ctl_serve_prints_the_portal_and_keeps_other_luns() {
     let o = ctl(&t, &["serve", &url, "--name", "fw2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(stdout(&o), format!("{} {}\n2\n", t.addr(), t.iqn));
+}
+
+/// A private CA and a server certificate it signed for 127.0.0.1, as a lab CI rig has.
+struct LabPki {
+    ca_pem: String,
+    server_cert: CertificateDer<'static>,
+    server_key: PrivateKeyDer<'static>,
+}
+
+fn lab_pki(name: &str) -> LabPki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, name);
+    ca.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign, rcgen::KeyUsagePurpose::CrlSign];
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    // An IP address subject alternative name: the URL's host is 127.0.0.1.
+    let server = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert = server.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    LabPki {
+        ca_pem: ca_cert.pem(),
+        server_cert: cert.der().clone(),
+        server_key: PrivatePkcs8KeyDer::from(key.serialize_der()).into(),
+    }
+}
+
+/// [`http_server`] over TLS on 127.0.0.1:0 with `pki`'s server certificate. A client that
+/// refuses the certificate ends the handshake; the server goes on to the next connection.
+fn https_server(body: Vec<u8>, pki: &LabPki) -> u16 {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![pki.server_cert.clone()], pki.server_key.clone_key())
+        .unwrap();
+    let config = Arc::new(config);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(tcp) = conn else { continue };
+            let mut tls = rustls::StreamOwned::new(rustls::ServerConnection::new(config.clone()).unwrap(), tcp);
+            answer(&mut tls, &body);
+            tls.conn.send_close_notify();
+            let _ = tls.flush();
+        }
+    });
+    port
+}
+
+#[test]
+fn https_trusts_a_private_ca_through_cacert_or_ssl_cert_file() {
+    let t = Target::start(&["--reactors", "1"]);
+    let img = image(4);
+    let pki = lab_pki("uringtgt test lab CA");
+    let port = https_server(gzip(&img), &pki);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("lab-ca.pem");
+    std::fs::write(&ca, &pki.ca_pem).unwrap();
+    let other_ca = dir.path().join("other-ca.pem");
+    std::fs::write(&other_ca, lab_pki("another CA").ca_pem).unwrap();
+    let url = format!("https://127.0.0.1:{port}/disk.img.gz");
+    let fails = |o: Output, want: &[&str]| {
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        for w in want {
+            assert!(err.contains(w), "{err:?} lacks {w:?}");
+        }
+    };
+
+    // The built-in roots do not know the lab CA: refused, saying how to trust it.
+    fails(ctl(&t, &["upload", &url]), &[&format!("uringtgt: {url}: "), "certificate", "--cacert FILE"]);
+    // A CA that did not sign the server's certificate: refused, naming the file trusted.
+    let o = ctl(&t, &["upload", &url, "--cacert", other_ca.to_str().unwrap()]);
+    fails(o, &[&format!("uringtgt: {url}: "), "certificate", "other-ca.pem"]);
+    // --cacert wins over SSL_CERT_FILE.
+    let o = ctl_env(&t, &["upload", &url, "--cacert", other_ca.to_str().unwrap()], &[("SSL_CERT_FILE", &ca)]);
+    fails(o, &["other-ca.pem"]);
+    assert_eq!(t.control().ok("list_luns", Value::Null), json!([]));
+
+    // Trusted through --cacert: streamed and read back exact.
+    let o = ctl(&t, &["upload", &url, "--cacert", ca.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(&format!("disk: {IMAGE_LEN} bytes")), "{}", stdout(&o));
+    let mut s = t.login(&LoginOptions::default());
+    assert_lun_holds(&mut s, 0, &img);
+    // Trusted through SSL_CERT_FILE, as curl and OpenSSL read it.
+    let o = ctl_env(&t, &["upload", &url, "--name", "disk2"], &[("SSL_CERT_FILE", &ca)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains(&format!("disk2: {IMAGE_LEN} bytes")), "{}", stdout(&o));
+
+    // A local file: --cacert is refused, SSL_CERT_FILE (even a missing one) is not read.
+    let file = dir.path().join("local.img.gz");
+    std::fs::write(&file, gzip(&img)).unwrap();
+    let file = file.to_str().unwrap();
+    fails(ctl(&t, &["upload", file, "--cacert", ca.to_str().unwrap()]), &["--cacert applies to HTTP(S) sources only"]);
+    let o = ctl_env(&t, &["upload", file], &[("SSL_CERT_FILE", Path::new("/nonexistent/ca.pem"))]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // An unreadable --cacert fails before any request.
+    fails(ctl(&t, &["upload", &url, "--cacert", "/nonexistent/ca.pem"]), &["--cacert /nonexistent/ca.pem: read: "]);
 }

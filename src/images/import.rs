@@ -98,11 +98,11 @@ pub(crate) fn import_with(
     let mut hasher = Sha256::new();
     let bytes = {
         let mut decoder = compression.decoder(&mut wire).map_err(classify)?;
-        writer::pipe(&mut tmp, |buf| {
-            let n = writer::read_full(&mut decoder, buf).map_err(classify)?;
-            hasher.update(&buf[..n]);
-            Ok(n)
-        })?
+        writer::pipe(
+            &mut tmp,
+            |buf| writer::read_full(&mut decoder, buf).map_err(classify),
+            |data| hasher.update(data),
+        )?
     };
     check_wire(&mut wire, &state, compression, opts.expected_size)?;
     if bytes == 0 {

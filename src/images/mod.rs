@@ -22,7 +22,7 @@ mod writer;
 pub use decompress::Compression;
 pub use import::{import_file, import_image, would_skip};
 pub use sidecar::{image_info, ImageInfo};
-pub use source::{digest_file, digest_image, is_url, open_source, parse_header, Progress, Source};
+pub use source::{digest_file, digest_image, is_url, open_source, parse_header, FetchOptions, Progress, Source};
 pub use writer::remove_stale_temp_files;
 
 use std::io;
@@ -80,6 +80,9 @@ pub enum ImageError {
     /// A `--header` is not `Name: value`.
     #[error("--header {header:?}: {reason}")]
     BadHeader { header: String, reason: &'static str },
+    /// A `--cacert` file cannot be read or holds no certificate.
+    #[error("--cacert {path}: {reason}")]
+    BadCaFile { path: PathBuf, reason: String },
     /// Fetching an HTTP(S) source failed.
     #[error("{url}: {reason}")]
     Http { url: String, reason: String },

@@ -8,7 +8,9 @@ use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+use ureq::tls::{PemItem, RootCerts, TlsConfig};
 
 /// A source to upload: its bytes, their count (when known) and compression.
 pub struct Source {
@@ -49,17 +51,32 @@ pub fn parse_header(spec: &str) -> Result<(String, String), ImageError> {
     Ok((name.to_owned(), value.to_owned()))
 }
 
-/// Opens a local file or an HTTP(S) URL (sending `headers`, which only URLs take);
+/// How to fetch a URL source; a local file takes none of it.
+#[derive(Debug, Clone, Default)]
+pub struct FetchOptions {
+    /// Extra request headers (see [`parse_header`]).
+    pub headers: Vec<(String, String)>,
+    /// A PEM file of CA certificates: an https:// server's certificate must chain to one of
+    /// them, instead of to the built-in Mozilla roots (as curl's `--cacert`). A lab CI's
+    /// artifact server usually has a private CA.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Opens a local file or an HTTP(S) URL (fetched as `fetch` says, which only URLs take);
 /// compression from the file name's or URL path's extension.
-pub fn open_source(spec: &str, headers: &[(String, String)]) -> Result<Source, ImageError> {
+pub fn open_source(spec: &str, fetch: &FetchOptions) -> Result<Source, ImageError> {
     if is_url(spec) {
-        return open_url(spec, headers);
+        return open_url(spec, fetch);
     }
-    if !headers.is_empty() {
-        return Err(ImageError::BadSource {
-            path: spec.into(),
-            reason: "--header applies to HTTP(S) sources only".into(),
-        });
+    let url_only = |what: &str| ImageError::BadSource {
+        path: spec.into(),
+        reason: format!("{what} applies to HTTP(S) sources only"),
+    };
+    if !fetch.headers.is_empty() {
+        return Err(url_only("--header"));
+    }
+    if fetch.ca_file.is_some() {
+        return Err(url_only("--cacert"));
     }
     let path = PathBuf::from(spec);
     let bad = |reason: String| ImageError::BadSource { path: path.clone(), reason };
@@ -75,24 +92,38 @@ pub fn open_source(spec: &str, headers: &[(String, String)]) -> Result<Source, I
 /// GETs `url` and hands back its body unread: it streams straight into the upload, no temp
 /// copy. The upload announces its byte count first, so a body without Content-Length
 /// (chunked) is refused rather than spooled.
-fn open_url(url: &str, headers: &[(String, String)]) -> Result<Source, ImageError> {
+fn open_url(url: &str, fetch: &FetchOptions) -> Result<Source, ImageError> {
     let http = |reason: String| ImageError::Http { url: url.to_owned(), reason };
+    // Read before any request: a bad file fails fast, whatever the URL.
+    let roots = fetch.ca_file.as_deref().map(load_ca_file).transpose()?;
+    let tls = TlsConfig::builder().root_certs(roots.clone().unwrap_or(RootCerts::WebPki)).build();
     let agent: ureq::Agent = ureq::Agent::config_builder()
         // Statuses are turned into errors below, with the reason phrase.
         .http_status_as_error(false)
         .timeout_connect(Some(HTTP_CONNECT_TIMEOUT))
         .timeout_recv_response(Some(HTTP_RESPONSE_TIMEOUT))
+        .tls_config(tls)
         .build()
         .into();
     let mut req = agent.get(url);
-    for (name, value) in headers {
+    for (name, value) in &fetch.headers {
         req = req.header(name, value);
     }
     // ureq without its gzip feature sends no Accept-Encoding: the body is the file as stored.
-    let resp = req.call().map_err(|e| match e {
+    let resp = req.call().map_err(|e| {
         // Without ureq's "io: " prefix: "Connection refused (os error 111)".
-        ureq::Error::Io(e) => http(e.to_string()),
-        e => http(e.to_string()),
+        let msg = match e {
+            ureq::Error::Io(e) => e.to_string(),
+            e => e.to_string(),
+        };
+        if msg.contains("certificate") {
+            let trusted = match &fetch.ca_file {
+                Some(f) => format!("the CAs in {}", f.display()),
+                None => "the built-in Mozilla roots; for a private CA pass --cacert FILE or set SSL_CERT_FILE".into(),
+            };
+            return http(format!("{msg} (trusted: {trusted})"));
+        }
+        http(msg)
     })?;
     let status = resp.status();
     if status.as_u16() >= 400 {
@@ -115,6 +146,22 @@ fn open_url(url: &str, headers: &[(String, String)]) -> Result<Source, ImageErro
         len: Some(len),
         compression: Compression::from_extension(Path::new(super::base_name(url))),
     })
+}
+
+/// The CA certificates of a PEM file, as the only roots an https:// server may chain to.
+fn load_ca_file(path: &Path) -> Result<RootCerts, ImageError> {
+    let bad = |reason: String| ImageError::BadCaFile { path: path.to_owned(), reason };
+    let pem = std::fs::read(path).map_err(|e| bad(format!("read: {e}")))?;
+    let mut certs = Vec::new();
+    for item in ureq::tls::parse_pem(&pem) {
+        if let PemItem::Certificate(c) = item.map_err(|e| bad(format!("not a PEM file: {e}")))? {
+            certs.push(c);
+        }
+    }
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+    }
+    Ok(RootCerts::Specific(Arc::new(certs)))
 }
 
 /// A reader whose errors name their source (the path or URL), so a failure mid-upload says
@@ -195,7 +242,7 @@ mod tests {
         e.write_all(&image).unwrap();
         e.finish().unwrap();
         let (bytes, digest) = digest_file(&path).unwrap();
-        let src = open_source(path.to_str().unwrap(), &[]).unwrap();
+        let src = open_source(path.to_str().unwrap(), &FetchOptions::default()).unwrap();
         assert_eq!(src.compression, Compression::Gz);
         let mut seen = 0;
         let opts = super::super::ImportOptions {
@@ -206,9 +253,12 @@ mod tests {
         let r = super::super::import_image(dir.path(), "x", Progress::new(src.reader, |n| seen = n), &opts).unwrap();
         assert_eq!((r.bytes, r.sha256), (bytes, digest));
         assert_eq!(seen, std::fs::metadata(&path).unwrap().len());
-        assert!(open_source(dir.path().to_str().unwrap(), &[]).is_err());
-        let h = [("X-A".to_owned(), "b".to_owned())];
+        assert!(open_source(dir.path().to_str().unwrap(), &FetchOptions::default()).is_err());
+        let h = FetchOptions { headers: vec![("X-A".to_owned(), "b".to_owned())], ..Default::default() };
         assert!(matches!(open_source(path.to_str().unwrap(), &h), Err(ImageError::BadSource { .. })));
+        let ca = FetchOptions { ca_file: Some(path.clone()), ..Default::default() };
+        let e = open_source(path.to_str().unwrap(), &ca).err().unwrap().to_string();
+        assert!(e.contains("--cacert applies to HTTP(S) sources only"), "{e}");
     }
 
     #[test]
@@ -222,6 +272,22 @@ mod tests {
                 matches!(e, ImageError::BadHeader { .. }) && e.to_string().contains(&format!("{bad:?}")),
                 "{bad:?}: {e}"
             );
+        }
+    }
+
+    #[test]
+    fn ca_files_must_hold_a_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no PEM here\n").unwrap();
+        for (file, want) in [(&missing, "read: "), (&empty, "holds no PEM certificate")] {
+            let fetch = FetchOptions { ca_file: Some(file.clone()), ..Default::default() };
+            // Refused before any connection: nothing listens on port 1.
+            let e = open_source("https://127.0.0.1:1/x.img", &fetch).err().unwrap();
+            let msg = e.to_string();
+            assert!(matches!(e, ImageError::BadCaFile { .. }) && msg.contains(want), "{msg}");
+            assert!(msg.starts_with(&format!("--cacert {}: ", file.display())), "{msg}");
         }
     }
 

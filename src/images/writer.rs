@@ -2,25 +2,31 @@
 //! it), all-zero blocks skipped so the image stays sparse, then fsync, atomic rename and a
 //! directory fsync. Dropped before [`TempImage::persist`], it removes itself.
 //!
-//! Writing runs on its own thread, fed chunks through a small pool of buffers, so reading,
-//! decompressing and hashing the next chunk overlap with writing this one.
+//! An import is a three-stage pipeline over a fixed pool of aligned buffers (see [`pipe`]):
+//! the caller's thread reads (and decompresses) into a buffer, a hasher thread runs SHA-256
+//! over it, a writer thread writes it; the buffer then goes back to the reader. SHA-256 alone
+//! takes a whole core at disk speed (about 1.5 GB/s with SHA-NI), so it must not share a thread
+//! with reading or writing.
 
 use super::ImageError;
 use crate::backing::AlignedBuf;
+use crossbeam_channel::bounded;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::sync_channel;
 use std::time::{Duration, SystemTime};
 
-/// Bytes handed to the writer at a time: large sequential writes, few syscalls.
-pub(crate) const CHUNK: usize = 1 << 20;
+/// Bytes per buffer: one read fill, one hash call, and (for data without holes) one direct
+/// write. Against 1 MiB: the disk takes 8 MiB direct writes faster (dd here: ~1.6 vs ~1.3
+/// GB/s), and an import spends ~40% less system time per GiB (fewer syscalls and hand-overs).
+pub(crate) const CHUNK: usize = 8 << 20;
 /// Zero detection granularity, and the padding of the last direct write: a file-system block.
 const GRAIN: usize = 4096;
-/// Buffers in flight between the reader and the writer.
+/// Buffers in the pool: one per stage plus one, so the reader can fill the next while the hasher
+/// and the writer hold theirs (32 MiB per import).
 const POOL: usize = 4;
 
 /// Makes temp names unique within this process; the pid makes them unique across processes.
@@ -209,42 +215,65 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), ImageError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(ImageError::io(dir, "fsync directory"))
 }
 
-/// Whether every byte is zero; ORs whole words so it vectorises and does not branch per byte.
+/// Whether every byte is zero. Data blocks almost always have a non-zero byte at the start, so
+/// that is looked at first; then 256-byte pieces, each an OR fold the compiler vectorises, with
+/// an exit after any non-zero piece. (One fold over the whole block read every byte of every
+/// data block: 8% of a random image's import CPU in perf.)
 fn is_zero(block: &[u8]) -> bool {
-    // SAFETY: every bit pattern is a valid u64; align_to only reinterprets the aligned middle.
-    let (head, words, tail) = unsafe { block.align_to::<u64>() };
-    head.iter().all(|&b| b == 0) && tail.iter().all(|&b| b == 0) && words.iter().fold(0, |a, &w| a | w) == 0
+    let or = |piece: &[u8]| piece.iter().fold(0u8, |a, &b| a | b);
+    let (head, rest) = block.split_at(block.len().min(16));
+    or(head) == 0 && rest.chunks(256).all(|piece| or(piece) == 0)
 }
 
-/// Runs `fill` on this thread and writes what it produces on a writer thread. `fill` fills the
-/// whole buffer unless the stream ends (a short fill is the last). Returns the bytes produced.
+/// A chunk on its way from the reader through the hasher to the writer.
+struct Chunk {
+    buf: AlignedBuf,
+    len: usize,
+    offset: u64,
+}
+
+/// Runs `fill` on this thread, `hash` on a hasher thread and the writes on a writer thread:
+/// reading (or decompressing), hashing and writing of consecutive chunks overlap. Buffers go
+/// round a fixed pool (nothing is allocated per chunk). `fill` fills the whole buffer unless the
+/// stream ends (a short fill is the last). Returns the bytes produced.
 pub(crate) fn pipe(
     tmp: &mut TempImage,
     mut fill: impl FnMut(&mut [u8]) -> Result<usize, ImageError>,
+    mut hash: impl FnMut(&[u8]) + Send,
 ) -> Result<u64, ImageError> {
-    let (full_tx, full_rx) = sync_channel::<(AlignedBuf, usize, u64)>(POOL);
-    let (free_tx, free_rx) = sync_channel::<AlignedBuf>(POOL);
+    let (free_tx, free_rx) = bounded::<AlignedBuf>(POOL);
+    let (read_tx, read_rx) = bounded::<Chunk>(POOL);
+    let (hashed_tx, hashed_rx) = bounded::<Chunk>(POOL);
     for _ in 0..POOL {
         free_tx.send(AlignedBuf::new(CHUNK)).expect("the pool channel holds POOL buffers");
     }
     std::thread::scope(|s| {
+        let hasher = s.spawn(move || {
+            for c in read_rx {
+                hash(&c.buf[..c.len]);
+                // Fails only once the writer stopped on an error, which its join reports.
+                if hashed_tx.send(c).is_err() {
+                    break;
+                }
+            }
+        });
         let writer = s.spawn(move || -> Result<(), ImageError> {
-            for (mut buf, len, offset) in full_rx {
-                tmp.write_chunk(&mut buf, len, offset)?;
+            for mut c in hashed_rx {
+                tmp.write_chunk(&mut c.buf, c.len, c.offset)?;
                 // The reader may have stopped already; then the buffer is just dropped.
-                let _ = free_tx.send(buf);
+                let _ = free_tx.send(c.buf);
             }
             Ok(())
         });
         let mut offset = 0u64;
         let produced = loop {
-            // Fails only once the writer stopped on an error, which join reports.
+            // Fails only once the writer stopped on an error, which its join reports.
             let Ok(mut buf) = free_rx.recv() else { break Ok(()) };
             let len = match fill(&mut buf[..CHUNK]) {
                 Ok(n) => n,
                 Err(e) => break Err(e),
             };
-            if len > 0 && full_tx.send((buf, len, offset)).is_err() {
+            if len > 0 && read_tx.send(Chunk { buf, len, offset }).is_err() {
                 break Ok(());
             }
             offset += len as u64;
@@ -252,9 +281,9 @@ pub(crate) fn pipe(
                 break Ok(());
             }
         };
-        drop(full_tx);
-        let written = writer.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
-        written?;
+        drop(read_tx);
+        hasher.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
+        writer.join().unwrap_or_else(|p| std::panic::resume_unwind(p))?;
         produced?;
         Ok(offset)
     })
@@ -288,6 +317,14 @@ mod tests {
         assert!(!is_zero(&b));
         assert!(!is_zero(&b[3..]));
         assert!(is_zero(&b[..4095]));
+        // Non-zero at the start, in the middle of a piece, and in a short tail.
+        for at in [0, 15, 16, 300, 4094] {
+            b.fill(0);
+            b[at] = 0x80;
+            assert!(!is_zero(&b), "{at}");
+            assert!(is_zero(&b[at + 1..]), "{at}");
+        }
+        assert!(is_zero(&[]));
     }
 
     #[test]
@@ -315,6 +352,87 @@ mod tests {
         assert!(data[CHUNK + 100..].iter().all(|&b| b == 0));
         // Two data blocks written, the rest holes.
         assert!(fs::metadata(&dest).unwrap().blocks() * 512 <= 4 * GRAIN as u64);
+    }
+
+    fn source_error(at: u64) -> ImageError {
+        ImageError::Source { offset: at, source: io::Error::other("test source failure") }
+    }
+
+    /// Several chunks with a hole across the first boundary: every byte hashed in order, the
+    /// file holds the data, the hole stays unallocated.
+    #[test]
+    fn pipe_carries_many_chunks_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let len = CHUNK * 5 / 2 + 100;
+        let hole = CHUNK - 2 * GRAIN..CHUNK + 2 * GRAIN;
+        let data: Vec<u8> = (0..len).map(|i| if hole.contains(&i) { 0 } else { (i % 251) as u8 + 1 }).collect();
+        let mut t = TempImage::create(dir.path(), "m.img", Faults::default()).unwrap();
+        let mut src = &data[..];
+        let mut hashed = Vec::new();
+        let n = pipe(
+            &mut t,
+            |buf| read_full(&mut src, buf).map_err(|e| ImageError::Source { offset: 0, source: e }),
+            |d| hashed.extend_from_slice(d),
+        )
+        .unwrap();
+        assert_eq!(n, len as u64);
+        assert!(hashed == data, "the hasher saw other bytes");
+        let size = (len as u64).next_multiple_of(512);
+        t.finish(size).unwrap();
+        let dest = dir.path().join("m.img");
+        t.persist(&dest).unwrap();
+        let got = fs::read(&dest).unwrap();
+        assert_eq!(got.len() as u64, size);
+        assert!(got[..len] == data[..], "the file holds other bytes");
+        assert!(got[len..].iter().all(|&b| b == 0));
+        assert!(fs::metadata(&dest).unwrap().blocks() * 512 < size, "the hole was written");
+    }
+
+    /// A write failing in the second chunk stops the reader (an endless source) and the hasher,
+    /// and is the error returned.
+    #[test]
+    fn pipe_stops_on_a_write_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let faults = Faults { write_error_at: Some((CHUNK as u64 + 1, libc::EIO)) };
+        let mut t = TempImage::create(dir.path(), "w.img", faults).unwrap();
+        let mut fills = 0;
+        let e = pipe(
+            &mut t,
+            |buf| {
+                fills += 1;
+                buf.fill(1);
+                Ok(buf.len())
+            },
+            |_| {},
+        )
+        .unwrap_err();
+        assert!(matches!(e, ImageError::Write { offset, .. } if offset == CHUNK as u64), "{e:?}");
+        // The reader stopped once the pool ran dry, not at the end of the source.
+        assert!(fills <= 2 + POOL, "{fills} fills");
+    }
+
+    /// A source failing in the third chunk is the error returned; what came before was hashed.
+    #[test]
+    fn pipe_stops_on_a_read_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = TempImage::create(dir.path(), "r.img", Faults::default()).unwrap();
+        let mut fills = 0u64;
+        let mut hashed = 0;
+        let e = pipe(
+            &mut t,
+            |buf| {
+                fills += 1;
+                if fills == 3 {
+                    return Err(source_error(2 * CHUNK as u64));
+                }
+                buf.fill(2);
+                Ok(buf.len())
+            },
+            |d| hashed += d.len(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ImageError::Source { offset, .. } if offset == 2 * CHUNK as u64), "{e:?}");
+        assert_eq!(hashed, 2 * CHUNK);
     }
 
     #[test]
