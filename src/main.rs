@@ -289,8 +289,11 @@ fn upload(client: &mut Client, req: &UploadArgs) -> Result<Value, CliError> {
     }
 }
 
-/// Hashes the uncompressed image locally, asks `image_info` whether the target holds it
-/// already (then only a 0-byte conditional upload re-exports it), else streams the file.
+/// Uploads a local file. When the target holds an image of that name that this one could
+/// equal (a compressed file, or a raw one of the same size), the file is hashed locally first
+/// and an identical image is only re-exported (a 0-byte conditional upload). Otherwise (a
+/// first upload, another size, `--force`) it streams at once, with no local pass over the
+/// file: the target computes the SHA-256 as the bytes arrive and returns it.
 fn upload_file(
     client: &mut Client,
     req: &UploadArgs,
@@ -300,27 +303,36 @@ fn upload_file(
 ) -> Result<Value, CliError> {
     let name = params["name"].clone();
     let len = src.len.unwrap_or(0);
-    let file = std::fs::File::open(&req.file).map_err(|source| CliError::Read { path: req.file.clone(), source })?;
-    let bar = progress_bar(len, "hashing");
-    let (bytes, digest) = images::digest_image(Progress::new(file, |n| bar.set_position(n)), compression)?;
-    bar.finish_and_clear();
-    let sha256 = images::to_hex(&digest);
-    params["sha256"] = json!(sha256);
-    if !req.force {
+    let in_place = if req.force {
+        None
+    } else {
         match client.call("image_info", json!({"name": name})) {
-            Ok(info) if info["sha256"] == json!(sha256) => {
-                match client.upload(params.clone(), &mut std::io::empty()) {
-                    Ok(result) => return Ok(result),
-                    // Changed meanwhile, or another LUN size: send the bytes.
-                    Err(ControlError::Server { code: rpc::DIGEST_MISMATCH | rpc::BAD_UPLOAD, .. }) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-            Ok(_) | Err(ControlError::Server { code: rpc::IMAGE_NOT_FOUND, .. }) => {}
+            Ok(info) => Some(info),
+            Err(ControlError::Server { code: rpc::IMAGE_NOT_FOUND, .. }) => None,
             Err(e) => return Err(e.into()),
         }
+    };
+    let may_match = in_place.as_ref().is_some_and(|info| {
+        info["sha256"].is_string() && (compression != Compression::None || info["image_bytes"] == json!(len))
+    });
+    if may_match {
+        let file =
+            std::fs::File::open(&req.file).map_err(|source| CliError::Read { path: req.file.clone(), source })?;
+        let bar = progress_bar(len, "hashing");
+        let (bytes, digest) = images::digest_image(Progress::new(file, |n| bar.set_position(n)), compression)?;
+        bar.finish_and_clear();
+        let sha256 = images::to_hex(&digest);
+        log::debug!("{name}: {bytes} bytes uncompressed, sha256 {sha256}");
+        params["sha256"] = json!(sha256);
+        if in_place.as_ref().is_some_and(|info| info["sha256"] == json!(sha256)) {
+            match client.upload(params.clone(), &mut std::io::empty()) {
+                Ok(result) => return Ok(result),
+                // Changed meanwhile, or another LUN size: send the bytes.
+                Err(ControlError::Server { code: rpc::DIGEST_MISMATCH | rpc::BAD_UPLOAD, .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
-    log::debug!("{name}: {bytes} bytes uncompressed, sha256 {sha256}");
     send(client, params, src)
 }
 

@@ -215,3 +215,40 @@ fn ctl_upload_prints_the_lun_and_skips_a_repeat() {
     let o = run_with_timeout(&mut cmd, Duration::from_secs(60));
     assert!(!o.status.success());
 }
+
+#[test]
+fn ctl_upload_of_raw_files_skips_only_an_identical_image() {
+    // A raw file is hashed locally only when the target holds a same-named image of its size;
+    // every other upload streams at once. Each outcome must still be right.
+    let t = Target::start(&["--reactors", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("raw.img");
+    let ctl = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uringtgt"));
+        cmd.arg("ctl").arg("--socket").arg(t.control_socket()).arg("upload").arg(&file).args(extra);
+        let o = run_with_timeout(&mut cmd, Duration::from_secs(60));
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "{cmd:?}: {}\n{out}", String::from_utf8_lossy(&o.stderr));
+        out
+    };
+    let first = image(7);
+    std::fs::write(&file, &first).unwrap();
+    let out = ctl(&[]);
+    assert!(out.contains("uploaded") && out.contains(&sha256_hex(&first)), "first upload: {out}");
+    assert!(ctl(&[]).contains("skipped"), "identical repeat");
+    // Same size, other bytes: hashed, found different, sent and verified.
+    let mut changed = first.clone();
+    changed[12345] ^= 0xFF;
+    std::fs::write(&file, &changed).unwrap();
+    let out = ctl(&[]);
+    assert!(out.contains("uploaded") && out.contains(&sha256_hex(&changed)), "same size, changed: {out}");
+    // Another size: streamed without a local pass.
+    let longer = [changed.as_slice(), &image(8)[..4096]].concat();
+    std::fs::write(&file, &longer).unwrap();
+    let out = ctl(&[]);
+    assert!(out.contains("uploaded") && out.contains(&sha256_hex(&longer)), "another size: {out}");
+    // --force sends an identical image again.
+    assert!(ctl(&["--force"]).contains("uploaded"), "forced repeat");
+    let mut s = t.login(&LoginOptions::default());
+    assert_lun_holds(&mut s, 0, &longer);
+}
