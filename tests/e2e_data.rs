@@ -70,7 +70,7 @@ fn round_trips(s: &mut Session, lun: u16, rng: &mut StdRng, rotate: usize, label
             1 => 2 * (rng.next_u64() % (LUN_BLOCKS / 4)) + 1,
             _ => LUN_BLOCKS - blocks as u64,
         };
-        let use10 = (i + rotate) % 2 == 0;
+        let use10 = (i + rotate).is_multiple_of(2);
         let data = random_bytes(rng, (blocks * BS) as usize);
         let w = write(s, lun, lba, &data, use10);
         let len = data.len() as u32;

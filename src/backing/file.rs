@@ -101,7 +101,7 @@ impl FileStore {
             let (start, bounce_len) = self.bounce_window(offset, buf.len());
             let mut bounce = AlignedBuf::new(bounce_len);
             let skip = (offset - start) as usize;
-            if skip != 0 || buf.len() % SECTOR as usize != 0 {
+            if skip != 0 || !buf.len().is_multiple_of(SECTOR as usize) {
                 self.file
                     .read_exact_at(&mut bounce[..bounce_len], start)
                     .map_err(Self::io_err("read", start, bounce_len))?;

@@ -249,7 +249,7 @@ impl Reactor {
             // Reading the clock every spin costs more than the spin: look every 64.
             let wait = self.poll == PollMode::Adaptive
                 && idle_spins >= 64
-                && idle_spins % 64 == 0
+                && idle_spins.is_multiple_of(64)
                 && last_activity.elapsed() > SPIN;
             let res = if wait {
                 self.ring.submit_and_wait(1).map(Some)

@@ -150,7 +150,7 @@ impl Pdu {
     /// Serialises with padding and the negotiated digests; fills TotalAHSLength and
     /// DataSegmentLength from the buffers.
     pub fn encode(&self, header_digest: bool, data_digest: bool) -> Vec<u8> {
-        assert!(self.ahs.len() % 4 == 0, "AHS must be a multiple of 4 bytes");
+        assert!(self.ahs.len().is_multiple_of(4), "AHS must be a multiple of 4 bytes");
         let mut bhs = self.bhs;
         bhs[4] = (self.ahs.len() / 4) as u8;
         put_u24(&mut bhs, 5, self.data.len() as u32);
