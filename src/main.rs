@@ -333,7 +333,20 @@ fn upload_file(
             }
         }
     }
-    send(client, params, src)
+    match src.len {
+        Some(len) => send_file(client, params, &req.file, len),
+        None => send(client, params, src),
+    }
+}
+
+/// Sends a local file as the upload's payload (with `sendfile`), with a progress bar.
+fn send_file(client: &mut Client, mut params: Value, path: &str, len: u64) -> Result<Value, CliError> {
+    let file = std::fs::File::open(path).map_err(|source| CliError::Read { path: path.to_owned(), source })?;
+    params["size"] = json!(len);
+    let bar = progress_bar(len, "uploading");
+    let result = client.upload_file(params, &file, len, |n| bar.set_position(n));
+    bar.finish_and_clear();
+    Ok(result?)
 }
 
 /// Sends `src` as the upload's payload with a progress bar.
