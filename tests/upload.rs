@@ -183,6 +183,16 @@ fn import_image_from_a_server_local_file() {
     assert_eq!(error_code(&c.call("import_image", json!({"name": "x", "src_path": "missing.gz"}))), -32003);
 }
 
+/// `uringtgt ctl upload FILE EXTRA...` against `t`; asserts success, returns stdout.
+fn ctl_upload(t: &Target, file: &std::path::Path, extra: &[&str]) -> String {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_uringtgt"));
+    cmd.arg("ctl").arg("--socket").arg(t.control_socket()).arg("upload").arg(file).args(extra);
+    let o = run_with_timeout(&mut cmd, Duration::from_secs(60));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{cmd:?}: {}\n{out}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
 #[test]
 fn ctl_upload_prints_the_lun_and_skips_a_repeat() {
     let t = Target::start(&["--reactors", "1"]);
@@ -190,14 +200,7 @@ fn ctl_upload_prints_the_lun_and_skips_a_repeat() {
     let img = image(6);
     let file = dir.path().join("fw.img.gz");
     std::fs::write(&file, gzip(&img)).unwrap();
-    let ctl = |extra: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uringtgt"));
-        cmd.arg("ctl").arg("--socket").arg(t.control_socket()).arg("upload").arg(&file).args(extra);
-        let o = run_with_timeout(&mut cmd, Duration::from_secs(60));
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(o.status.success(), "{cmd:?}: {}\n{out}", String::from_utf8_lossy(&o.stderr));
-        out
-    };
+    let ctl = |extra: &[&str]| ctl_upload(&t, &file, extra);
     let out = ctl(&[]);
     let first = out.lines().next().unwrap();
     assert_eq!(first, format!("{} {} 0", t.addr(), t.iqn), "{out}");
@@ -223,14 +226,7 @@ fn ctl_upload_of_raw_files_skips_only_an_identical_image() {
     let t = Target::start(&["--reactors", "1"]);
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("raw.img");
-    let ctl = |extra: &[&str]| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_uringtgt"));
-        cmd.arg("ctl").arg("--socket").arg(t.control_socket()).arg("upload").arg(&file).args(extra);
-        let o = run_with_timeout(&mut cmd, Duration::from_secs(60));
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(o.status.success(), "{cmd:?}: {}\n{out}", String::from_utf8_lossy(&o.stderr));
-        out
-    };
+    let ctl = |extra: &[&str]| ctl_upload(&t, &file, extra);
     let first = image(7);
     std::fs::write(&file, &first).unwrap();
     let out = ctl(&[]);

@@ -195,8 +195,8 @@ impl Conn {
     /// wholly inside the task's buffer; None sends the PDU down the normal path.
     pub(super) fn data_out_dst(&mut self, bhs: &Bhs, len: u32) -> Option<(u16, *mut u8)> {
         let ttt = bhs.ttt();
-        let slot = if ttt == RESERVED_TAG { self.tasks.find_itt(bhs.itt())? } else { (ttt & 0xFFFF) as u16 };
-        let task = self.tasks.get_mut(slot).filter(|t| t.itt == bhs.itt() && !t.aborted)?;
+        let slot = self.data_out_slot(bhs)?;
+        let task = self.tasks.get_mut(slot).expect("found above");
         let offset = bhs.buffer_offset();
         let next_sn = if ttt == task.seq_ttt { task.next_data_sn } else { 0 };
         let fits = u64::from(offset) + u64::from(len) <= u64::from(task.xfer.min(task.out_total));
@@ -222,15 +222,20 @@ impl Conn {
         self.data_out_sequence_end(slot, bhs, env);
     }
 
+    /// The live task a Data-Out belongs to: by ITT for unsolicited data, else by the slot in
+    /// its Target Transfer Tag (which must still hold that ITT).
+    fn data_out_slot(&self, bhs: &Bhs) -> Option<u16> {
+        let ttt = bhs.ttt();
+        if ttt == RESERVED_TAG {
+            return self.tasks.find_itt(bhs.itt());
+        }
+        let slot = (ttt & 0xFFFF) as u16;
+        self.tasks.get(slot).filter(|t| t.itt == bhs.itt() && !t.aborted).map(|_| slot)
+    }
+
     pub(super) fn data_out(&mut self, bhs: Bhs, data: &[u8], env: &mut ConnEnv) {
         let ttt = bhs.ttt();
-        let slot = if ttt == RESERVED_TAG {
-            self.tasks.find_itt(bhs.itt())
-        } else {
-            let slot = (ttt & 0xFFFF) as u16;
-            self.tasks.get(slot).filter(|t| t.itt == bhs.itt() && !t.aborted).map(|_| slot)
-        };
-        let Some(slot) = slot else {
+        let Some(slot) = self.data_out_slot(&bhs) else {
             // Data for a task that already ended (refused, aborted): drop it.
             log::debug!("{}: Data-Out for unknown task {:#x}", self.peer, bhs.itt());
             return;
