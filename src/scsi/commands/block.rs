@@ -19,6 +19,9 @@ pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// MAXIMUM WRITE SAME LENGTH: 16 MiB, so that one command blocks a reactor only briefly; no
 /// more than a READ or WRITE moves, so initiators can check a WRITE SAME with one READ.
 pub const MAX_WRITE_SAME_BLOCKS: u64 = MAX_TRANSFER_BLOCKS as u64;
+/// MAXIMUM ATOMIC TRANSFER LENGTH (block limits VPD): 1 MiB per WRITE ATOMIC(16), written
+/// with one call under the LUN's read-modify-write lock. No alignment or granularity rules.
+pub const MAX_ATOMIC_BLOCKS: u32 = 2048;
 
 const BS: u64 = BLOCK_SIZE as u64;
 /// Largest buffer WRITE SAME writes its pattern from in one call.
@@ -316,6 +319,37 @@ pub(super) fn compare_and_write_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res 
     compare(&medium, &data[..half])?;
     let fua = d.fua() || !lun.write_cache();
     lun.backing.write_at(&data[half..], d.lba * BS, fua).map_err(|_| Sense::write_error())?;
+    Ok(Disposition::Good)
+}
+
+fn write_atomic_check(cdb: &[u8], lun: &Lun) -> Result<BlockCdb, Sense> {
+    let d = decode(cdb)?;
+    no_protect(&d)?;
+    if d.blocks > MAX_ATOMIC_BLOCKS {
+        return Err(Sense::invalid_field_in_cdb(d.len_byte, 7));
+    }
+    check_range(lun, d.lba, u64::from(d.blocks))?;
+    writable(lun)?;
+    Ok(d)
+}
+
+/// WRITE ATOMIC(16): the Data-Out lands in one buffer and is written with one call.
+pub(super) fn write_atomic(cdb: &[u8], lun: &Lun) -> Res {
+    let d = write_atomic_check(cdb, lun)?;
+    if d.blocks == 0 {
+        return Ok(Disposition::Good);
+    }
+    Ok(Disposition::DataOut { len: d.blocks * BLOCK_SIZE })
+}
+
+pub(super) fn write_atomic_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
+    let d = write_atomic_check(cdb, lun)?;
+    let len = d.blocks as usize * BS as usize;
+    let data = data.get(..len).ok_or_else(|| Sense::invalid_field_in_cdb(d.len_byte, 7))?;
+    let fua = d.fua() || !lun.write_cache();
+    // The same lock as COMPARE AND WRITE and ORWRITE: none of them sees half of this write.
+    let _rmw = lun.rmw.lock().unwrap_or_else(|e| e.into_inner());
+    lun.backing.write_at(data, d.lba * BS, fua).map_err(|_| Sense::write_error())?;
     Ok(Disposition::Good)
 }
 
@@ -647,5 +681,26 @@ mod tests {
         assert_eq!(check(exec_out(&t, &mut n, &cdb16(op::ORWRITE_16, 0, BLOCKS, 1), 0, &[0; 512])), OOB);
         assert_eq!(check(exec_out(&t, &mut n, &cdb16(op::ORWRITE_16, 0, 0, 1), 1, &[0; 512])), WP);
         assert_eq!(sense(exec_out(&t, &mut n, &cdb16(op::ORWRITE_16, 0x20, 0, 1), 0, &[0; 512])).asc, 0x24);
+    }
+
+    #[test]
+    fn write_atomic_writes_all_or_refuses() {
+        let (t, mut n) = setup();
+        let wa = |flags, lba, blocks: u16| {
+            let mut c = cdb16(op::WRITE_ATOMIC_16, flags, lba, 0);
+            cdb::put16(&mut c, 12, blocks);
+            c
+        };
+        assert_eq!(exec_out(&t, &mut n, &wa(0x18, 4, 3), 0, &[0x6B; 1536]), Disposition::Good);
+        assert!(medium(&t, 4, 3).iter().all(|&b| b == 0x6B));
+        assert!(medium(&t, 3, 1).iter().all(|&b| b == 0) && medium(&t, 7, 1).iter().all(|&b| b == 0));
+        assert_eq!(run(&t, &mut n, &wa(0, 0, 0), 0), Disposition::Good);
+        assert_eq!(check(run(&t, &mut n, &wa(0, BLOCKS + 1, 0), 0)), OOB);
+        assert_eq!(check(run(&t, &mut n, &wa(0, u64::MAX, 1), 0)), OOB);
+        assert_eq!(check(exec_out(&t, &mut n, &wa(0, BLOCKS - 1, 2), 0, &[0; 1024])), OOB);
+        assert_eq!(check(exec_out(&t, &mut n, &wa(0, 0, 1), 1, &[0; 512])), WP);
+        assert_eq!(sense(run(&t, &mut n, &wa(0x20, 0, 1), 0)).specific, Some([0x4F, 0, 1]));
+        let too_long = MAX_ATOMIC_BLOCKS as u16 + 1;
+        assert_eq!(sense(run(&t, &mut n, &wa(0, 0, too_long), 0)).specific, Some([0x4F, 0, 12]));
     }
 }

@@ -9,11 +9,15 @@ mod info;
 mod inquiry;
 mod mode;
 mod reserve;
+pub(crate) mod xcopy;
 
 use super::cdb::{self, op, sa};
 use super::{Disposition, Lun, LunTable, Nexus, Request, Sense};
 
-pub use block::{MAX_CAW_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS};
+pub use block::{
+    MAX_ATOMIC_BLOCKS, MAX_CAW_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS,
+    MAX_WRITE_SAME_BLOCKS,
+};
 
 /// A command's outcome before it becomes a [`Disposition`]: errors are sense data.
 type Res = Result<Disposition, Sense>;
@@ -93,6 +97,10 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
         op::UNMAP => block::unmap(cdb, lun),
         op::COMPARE_AND_WRITE => block::compare_and_write(cdb, lun, req.expected_len),
         op::ORWRITE_16 => block::orwrite(cdb, lun),
+        op::WRITE_ATOMIC_16 => block::write_atomic(cdb, lun),
+        op::READ_DEFECT_DATA_10 | op::READ_DEFECT_DATA_12 => info::read_defect_data(cdb, data_in),
+        op::EXTENDED_COPY => xcopy::extended_copy(cdb),
+        op::RECEIVE_COPY_RESULTS => xcopy::receive_copy_results(cdb, lun, nexus, data_in),
         op::REQUEST_SENSE => info::request_sense(cdb, lun, nexus, data_in),
         op::INQUIRY => inquiry::inquiry(cdb, Some(lun), data_in),
         op::MODE_SENSE_6 | op::MODE_SENSE_10 => mode::mode_sense(cdb, lun, data_in),
@@ -126,6 +134,8 @@ fn run_data_out(req: &Request, table: &LunTable, nexus: &Nexus, data_out: &[u8])
         op::UNMAP => block::unmap_data(cdb, lun, data_out),
         op::COMPARE_AND_WRITE => block::compare_and_write_data(cdb, lun, data_out),
         op::ORWRITE_16 => block::orwrite_data(cdb, lun, data_out),
+        op::WRITE_ATOMIC_16 => block::write_atomic_data(cdb, lun, data_out),
+        op::EXTENDED_COPY => xcopy::extended_copy_data(cdb, lun, table, nexus, data_out),
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify_data(cdb, lun, data_out),
         op::PERSISTENT_RESERVE_OUT => reserve::prout_data(cdb, lun, nexus, data_out),
         _ => Err(Sense::invalid_opcode()),
