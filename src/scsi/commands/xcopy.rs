@@ -100,8 +100,17 @@ struct Segment {
     dst_lba: u64,
 }
 
+/// An EXTENDED COPY parameter list, decoded: the copy targets (`None` for a designator that
+/// names no LUN of this target) and the segments.
+struct CopyList {
+    list_id: u8,
+    usage: u8,
+    targets: Vec<Option<Arc<Lun>>>,
+    segments: Vec<Segment>,
+}
+
 /// The parameter list, checked in the order SPC-4 gives the errors.
-fn parse(data: &[u8], table: &LunTable) -> Result<(u8, u8, Vec<Option<Arc<Lun>>>, Vec<Segment>), Sense> {
+fn parse(data: &[u8], table: &LunTable) -> Result<CopyList, Sense> {
     if data.len() < HEADER_LEN {
         return Err(Sense::parameter_list_length_error());
     }
@@ -166,7 +175,7 @@ fn parse(data: &[u8], table: &LunTable) -> Result<(u8, u8, Vec<Option<Arc<Lun>>>
         });
         rest = &rest[len..];
     }
-    Ok((list_id, usage, targets, segments))
+    Ok(CopyList { list_id, usage, targets, segments })
 }
 
 /// The LUN of this target whose NAA or T10 vendor ID designator (as VPD page 83h shows it) is
@@ -214,7 +223,7 @@ fn copy_segment(src: &Lun, dst: &Lun, seg: &Segment) -> Result<u64, Sense> {
 /// COPY RESULTS (unless LIST ID USAGE is 11b).
 pub(super) fn extended_copy_data(cdb: &[u8], lun: &Lun, table: &LunTable, nexus: &Nexus, data: &[u8]) -> Res {
     let len = (be32(cdb, 10) as usize).min(data.len());
-    let (list_id, usage, targets, segments) = parse(&data[..len], table)?;
+    let CopyList { list_id, usage, targets, segments } = parse(&data[..len], table)?;
     let mut st = CopyStatus { ok: true, segments: 0, bytes: 0 };
     let mut outcome = Ok(Disposition::Good);
     for seg in &segments {
