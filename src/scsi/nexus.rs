@@ -17,6 +17,8 @@ pub mod ua {
     pub const TARGET_RESET: (u8, u8) = (0x29, 0x00);
     /// REPORTED LUNS DATA HAS CHANGED.
     pub const LUNS_CHANGED: (u8, u8) = (0x3F, 0x0E);
+    /// MODE PARAMETERS CHANGED (another nexus changed WCE or D_SENSE).
+    pub const MODE_PARAMETERS_CHANGED: (u8, u8) = (0x2A, 0x01);
     /// RESERVATIONS PREEMPTED.
     pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x03);
     /// RESERVATIONS RELEASED.
@@ -174,6 +176,13 @@ impl Nexus {
         let me = &self.inbox;
         lun.sessions.post(lun.id, code, |i| !std::ptr::eq(i, &**me));
         lun.pr.reset();
+    }
+
+    /// Establishes a unit attention for `lun` on every other session that used it (SPC-4
+    /// 5.14: a change one I_T nexus makes that the others must learn of).
+    pub fn notify_others(&self, lun: &Lun, code: (u8, u8)) {
+        let me = &self.inbox;
+        lun.sessions.post(lun.id, code, |i| !std::ptr::eq(i, &**me));
     }
 
     /// A target reset: a LUN reset of every LUN, reported with the generic reset code.

@@ -65,8 +65,7 @@ pub(super) fn read(cdb: &[u8], lun: &Lun) -> Res {
     Ok(Disposition::Read { offset: d.lba * BS, len: d.blocks * BLOCK_SIZE })
 }
 
-/// WRITE(6/10/12/16) and WRITE AND VERIFY(10/12/16); the verify is the write's own success.
-pub(super) fn write(cdb: &[u8], lun: &Lun) -> Res {
+fn write_check(cdb: &[u8], lun: &Lun) -> Result<BlockCdb, Sense> {
     let d = decode(cdb)?;
     no_protect(&d)?;
     let verify = matches!(cdb[0], op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16);
@@ -76,12 +75,38 @@ pub(super) fn write(cdb: &[u8], lun: &Lun) -> Res {
     max_transfer(&d)?;
     check_range(lun, d.lba, u64::from(d.blocks))?;
     writable(lun)?;
+    Ok(d)
+}
+
+/// WRITE(6/10/12/16): a byte range for the transport.
+pub(super) fn write(cdb: &[u8], lun: &Lun) -> Res {
+    let d = write_check(cdb, lun)?;
     if d.blocks == 0 {
         return Ok(Disposition::Good);
     }
-    // WRITE AND VERIFY has no FUA bit (byte 1 bit 3 is reserved there).
-    let fua = (!verify && d.fua()) || !lun.write_cache();
+    let fua = d.fua() || !lun.write_cache();
     Ok(Disposition::Write { offset: d.lba * BS, len: d.blocks * BLOCK_SIZE, fua })
+}
+
+/// WRITE AND VERIFY(10/12/16): takes the Data-Out on the slow path, writes it through to the
+/// medium, reads it back and compares (BYTCHK 0 or 1 alike: the data is at hand).
+pub(super) fn write_verify(cdb: &[u8], lun: &Lun) -> Res {
+    let d = write_check(cdb, lun)?;
+    if d.blocks == 0 {
+        return Ok(Disposition::Good);
+    }
+    Ok(Disposition::DataOut { len: d.blocks * BLOCK_SIZE })
+}
+
+pub(super) fn write_verify_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
+    let d = write_check(cdb, lun)?;
+    let len = d.blocks as usize * BS as usize;
+    let data = data.get(..len).ok_or_else(|| Sense::invalid_field_in_cdb(d.len_byte, 7))?;
+    lun.backing.write_at(data, d.lba * BS, true).map_err(|_| Sense::write_error())?;
+    let mut medium = vec![0u8; len];
+    lun.backing.read_at(&mut medium, d.lba * BS).map_err(|_| Sense::read_error())?;
+    compare(&medium, data)?;
+    Ok(Disposition::Good)
 }
 
 /// SYNCHRONIZE CACHE(10/16): a whole-store flush; 0 blocks means "to the end".
@@ -98,15 +123,19 @@ pub(super) fn prefetch(cdb: &[u8], lun: &Lun) -> Res {
     Ok(Disposition::Good)
 }
 
-/// VERIFY(10/12/16). BYTCHK 00b: the medium is always readable, so a range check is all;
-/// 01b compares the Data-Out with the medium; 11b compares one block against every block.
+/// VERIFY(10/12/16). BYTCHK 00b reads the range (a read failure is a MEDIUM ERROR with the
+/// first LBA of the chunk that failed); 01b compares the Data-Out with the medium; 11b compares
+/// one block against every block.
 pub(super) fn verify(cdb: &[u8], lun: &Lun) -> Res {
     let d = verify_check(cdb, lun)?;
     if d.blocks == 0 {
         return Ok(Disposition::Good);
     }
     match d.bytchk() {
-        0 => Ok(Disposition::Good),
+        0 => {
+            read_through(lun, d.lba, d.blocks)?;
+            Ok(Disposition::Good)
+        }
         1 => Ok(Disposition::DataOut { len: d.blocks * BLOCK_SIZE }),
         _ => Ok(Disposition::DataOut { len: BLOCK_SIZE }),
     }
@@ -119,10 +148,23 @@ fn verify_check(cdb: &[u8], lun: &Lun) -> Result<BlockCdb, Sense> {
         return Err(Sense::invalid_field_in_cdb(1, 2));
     }
     check_range(lun, d.lba, u64::from(d.blocks))?;
-    if d.bytchk() != 0 {
-        max_transfer(&d)?;
-    }
+    max_transfer(&d)?;
     Ok(d)
+}
+
+/// Reads `blocks` blocks from `lba` in [`WRITE_SAME_CHUNK`] steps, for VERIFY's medium check.
+fn read_through(lun: &Lun, lba: u64, blocks: u32) -> Result<(), Sense> {
+    let total = u64::from(blocks) * BS;
+    let mut buf = vec![0u8; (total as usize).min(WRITE_SAME_CHUNK)];
+    let mut done = 0u64;
+    while done < total {
+        let n = (total - done).min(buf.len() as u64) as usize;
+        lun.backing
+            .read_at(&mut buf[..n], lba * BS + done)
+            .map_err(|_| Sense { info: Some(lba + done / BS), ..Sense::read_error() })?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 pub(super) fn verify_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
@@ -451,9 +493,11 @@ mod tests {
         assert_eq!(run(&t, &mut n, &cdb10(op::WRITE_10, 0x08, 5, 2), 0), w(true));
         assert_eq!(run(&t, &mut n, &cdb12(op::WRITE_12, 0x0A, 5, 2), 0), w(true));
         assert_eq!(run(&t, &mut n, &cdb16(op::WRITE_16, 0x08, 5, 2), 0), w(true));
-        assert_eq!(run(&t, &mut n, &cdb10(op::WRITE_VERIFY_10, 0x12, 5, 2), 0), w(false));
-        assert_eq!(run(&t, &mut n, &cdb12(op::WRITE_VERIFY_12, 0, 5, 2), 0), w(false));
-        assert_eq!(run(&t, &mut n, &cdb16(op::WRITE_VERIFY_16, 0, 5, 2), 0), w(false));
+        let wv = Disposition::DataOut { len: 2 * 512 };
+        assert_eq!(run(&t, &mut n, &cdb10(op::WRITE_VERIFY_10, 0x12, 5, 2), 0), wv);
+        assert_eq!(run(&t, &mut n, &cdb12(op::WRITE_VERIFY_12, 0, 5, 2), 0), wv);
+        assert_eq!(run(&t, &mut n, &cdb16(op::WRITE_VERIFY_16, 0, 5, 2), 0), wv);
+        assert_eq!(run(&t, &mut n, &cdb16(op::WRITE_VERIFY_16, 0, 5, 0), 0), Disposition::Good);
         assert_eq!(run(&t, &mut n, &cdb10(op::WRITE_10, 0, 5, 0), 0), Disposition::Good);
         assert_eq!(
             run(&t, &mut n, &[op::WRITE_6, 0, 0, 0, 0, 0], 0),
@@ -702,5 +746,24 @@ mod tests {
         assert_eq!(sense(run(&t, &mut n, &wa(0x20, 0, 1), 0)).specific, Some([0x4F, 0, 1]));
         let too_long = MAX_ATOMIC_BLOCKS as u16 + 1;
         assert_eq!(sense(run(&t, &mut n, &wa(0, 0, too_long), 0)).specific, Some([0x4F, 0, 12]));
+    }
+
+    #[test]
+    fn write_and_verify_writes_and_reads_back() {
+        let (t, mut n) = setup();
+        let data: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
+        assert_eq!(exec_out(&t, &mut n, &cdb10(op::WRITE_VERIFY_10, 0x02, 9, 2), 0, &data), Disposition::Good);
+        assert_eq!(medium(&t, 9, 2), data);
+        assert_eq!(exec_out(&t, &mut n, &cdb16(op::WRITE_VERIFY_16, 0, 30, 2), 0, &data), Disposition::Good);
+        assert_eq!(medium(&t, 30, 2), data);
+        assert_eq!(check(exec_out(&t, &mut n, &cdb12(op::WRITE_VERIFY_12, 0, 0, 1), 1, &[0; 512])), WP);
+    }
+
+    #[test]
+    fn verify_bytchk_0_reads_the_range() {
+        let (t, mut n) = setup();
+        assert_eq!(run(&t, &mut n, &cdb16(op::VERIFY_16, 0, 0, BLOCKS as u32), 0), Disposition::Good);
+        assert_eq!(run(&t, &mut n, &cdb10(op::VERIFY_10, 0, BLOCKS as u32 - 1, 1), 0), Disposition::Good);
+        assert_eq!(check(run(&t, &mut n, &cdb10(op::VERIFY_10, 0, BLOCKS as u32 - 1, 2), 0)), OOB);
     }
 }

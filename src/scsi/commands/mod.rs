@@ -88,7 +88,7 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
     match opcode {
         op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 => block::read(cdb, lun),
         op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16 => block::write(cdb, lun),
-        op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16 => block::write(cdb, lun),
+        op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16 => block::write_verify(cdb, lun),
         op::SYNC_CACHE_10 | op::SYNC_CACHE_16 => block::sync_cache(cdb, lun),
         op::TEST_UNIT_READY => Ok(Disposition::Good),
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify(cdb, lun),
@@ -129,12 +129,13 @@ fn run_data_out(req: &Request, table: &LunTable, nexus: &Nexus, data_out: &[u8])
     let cdb = checked_cdb(req)?;
     let lun = req.lun.and_then(|id| table.get(id)).ok_or_else(Sense::lun_not_supported)?;
     match cdb[0] {
-        op::MODE_SELECT_6 | op::MODE_SELECT_10 => mode::select_data(cdb, lun, data_out),
+        op::MODE_SELECT_6 | op::MODE_SELECT_10 => mode::select_data(cdb, lun, nexus, data_out),
         op::WRITE_SAME_10 | op::WRITE_SAME_16 => block::write_same_data(cdb, lun, data_out),
         op::UNMAP => block::unmap_data(cdb, lun, data_out),
         op::COMPARE_AND_WRITE => block::compare_and_write_data(cdb, lun, data_out),
         op::ORWRITE_16 => block::orwrite_data(cdb, lun, data_out),
         op::WRITE_ATOMIC_16 => block::write_atomic_data(cdb, lun, data_out),
+        op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16 => block::write_verify_data(cdb, lun, data_out),
         op::EXTENDED_COPY => xcopy::extended_copy_data(cdb, lun, table, nexus, data_out),
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify_data(cdb, lun, data_out),
         op::PERSISTENT_RESERVE_OUT => reserve::prout_data(cdb, lun, nexus, data_out),
