@@ -135,7 +135,6 @@ fn run_data_out(req: &Request, table: &LunTable, nexus: &Nexus, data_out: &[u8])
         op::COMPARE_AND_WRITE => block::compare_and_write_data(cdb, lun, data_out),
         op::ORWRITE_16 => block::orwrite_data(cdb, lun, data_out),
         op::WRITE_ATOMIC_16 => block::write_atomic_data(cdb, lun, data_out),
-        op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16 => block::write_verify_data(cdb, lun, data_out),
         op::EXTENDED_COPY => xcopy::extended_copy_data(cdb, lun, table, nexus, data_out),
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify_data(cdb, lun, data_out),
         op::PERSISTENT_RESERVE_OUT => reserve::prout_data(cdb, lun, nexus, data_out),
