@@ -63,7 +63,7 @@ fn login(t: &Target, opts: &LoginOptions) -> Session {
 }
 
 fn read_back(t: &Target, lba: u32, len: u32) -> Vec<u8> {
-    let mut s = login(&t, &LoginOptions::default());
+    let mut s = login(t, &LoginOptions::default());
     let r = s.read10(0, lba, (len / BS) as u16, BS).unwrap().check().unwrap();
     s.logout().unwrap();
     r.data
