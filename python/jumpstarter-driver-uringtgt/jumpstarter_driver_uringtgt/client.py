@@ -14,7 +14,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import click
 import zstandard
-from anyio import EndOfStream
 from anyio.abc import ObjectStream
 from anyio.streams.file import FileReadStream
 from jumpstarter_driver_composite.client import CompositeClient

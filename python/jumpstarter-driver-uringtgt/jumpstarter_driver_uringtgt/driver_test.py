@@ -112,7 +112,8 @@ def test_unknown_log_level_is_refused():
 
 
 @pytest.mark.parametrize(
-    "code, caller", [(INVALID_PARAMS, True), (LUN_NOT_FOUND, True), (BAD_SIZE, True), (IO_ERROR, False), (PORTAL, False)]
+    "code, caller",
+    [(INVALID_PARAMS, True), (LUN_NOT_FOUND, True), (BAD_SIZE, True), (IO_ERROR, False), (PORTAL, False)],
 )
 def test_error_mapping_caller_errors_are_value_errors(code, caller):
     e = control_error("add_lun", code, "why")

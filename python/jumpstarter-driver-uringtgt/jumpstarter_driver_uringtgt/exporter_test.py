@@ -62,7 +62,8 @@ def test_exporter_yaml_is_loaded_and_instantiated(binary, workdir, libiscsi):
         with serve(root) as client:
             iscsi = client.iscsi
             raw = make_image(workdir / "disk.img", 2 * MiB + 512)
-            assert iscsi.upload_image("disk", str(compress(workdir / "disk.img", "xz"))) == "iqn.2024-06.dev.jumpstarter:lab"
+            src = compress(workdir / "disk.img", "xz")
+            assert iscsi.upload_image("disk", str(src)) == "iqn.2024-06.dev.jumpstarter:lab"
             assert lun_bytes(iscsi, "disk") == raw
     finally:
         root.close()

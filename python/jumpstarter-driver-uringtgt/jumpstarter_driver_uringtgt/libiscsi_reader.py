@@ -88,7 +88,9 @@ class Session:
     def read(self, lba: int, nbytes: int, block: int) -> bytes:
         buf = ctypes.create_string_buffer(nbytes)
         iov = _Iovec(ctypes.cast(buf, ctypes.c_void_p), nbytes)
-        task = self.lib.iscsi_read16_iov_sync(self.ctx, self.lun, lba, nbytes, block, 0, 0, 0, 0, 0, ctypes.byref(iov), 1)
+        task = self.lib.iscsi_read16_iov_sync(
+            self.ctx, self.lun, lba, nbytes, block, 0, 0, 0, 0, 0, ctypes.byref(iov), 1
+        )
         if not task:
             raise OSError(f"READ 16 at {lba}: {self._error()}")
         try:
