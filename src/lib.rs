@@ -5,6 +5,7 @@
 //! - [`protocol`]: iSCSI PDUs, text keys, login negotiation, digests.
 //! - [`scsi`]: CDB decoding, command execution for a disk LUN, sense data, LUN tables.
 //! - [`backing`]: the stores behind a LUN (O_DIRECT image files, RAM).
+//! - [`offload`]: the worker pool and LBA range lock that keep blocking work off reactors.
 //! - [`reactor`]: per-core threads, each owning an io_uring, its connections and buffers.
 //! - [`target`]: the listener, reactor start-up and the shared target state.
 //! - [`config`]: the YAML configuration and its defaults.
@@ -15,6 +16,7 @@ pub mod backing;
 pub mod config;
 pub mod control;
 pub mod images;
+pub mod offload;
 pub mod protocol;
 pub mod reactor;
 pub mod scsi;
