@@ -188,3 +188,14 @@ def test_upload_url_failure_names_the_url(client, http_server):
         client.upload_url(f"{server.url}/missing.img")
     with pytest.raises(DriverInvalidArgument, match="not an http"):
         client.upload_url("ftp://127.0.0.1/x.img")
+
+
+def test_identical_image_with_a_new_size_mb_is_resized(client, workdir, libiscsi):
+    img = workdir / "z.img"
+    raw = make_image(img, 16 * 512, seed=11)
+    src = compress(img, "zstd")
+    client.upload("z", src)
+    result = client.upload("z", src, size_mb=2)
+    assert result["size"] == 2 * MiB
+    data = lun_bytes(client, "z")
+    assert len(data) == 2 * MiB and data[: len(raw)] == raw
