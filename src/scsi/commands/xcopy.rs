@@ -26,8 +26,10 @@ pub const MAX_TARGET_DESCRIPTORS: u16 = 2;
 pub const MAX_SEGMENT_DESCRIPTORS: u16 = 1;
 /// MAXIMUM DESCRIPTOR LIST LENGTH: target plus segment descriptors, in bytes.
 pub const MAX_DESCRIPTOR_LIST: u32 = 1024;
-/// MAXIMUM SEGMENT LENGTH in bytes (the 16-bit block count allows 32 MiB).
-pub const MAX_SEGMENT_BYTES: u32 = 32 << 20;
+/// MAXIMUM SEGMENT LENGTH in bytes: 4 MiB, what VMware sends per segment, so a copy (which
+/// still runs on the reactor that received it: the worker pool's work functions see one LUN,
+/// a copy two) holds the reactor no longer than a few large writes do.
+pub const MAX_SEGMENT_BYTES: u32 = 4 << 20;
 /// Bytes read and written per step of a copy.
 const COPY_CHUNK: usize = 1 << 20;
 /// Copy results held per LUN (the oldest go first).
