@@ -1,7 +1,7 @@
 //! The target: LUN table, reactors, the listener, sessions, and orderly shutdown.
 
 use crate::backing::BackingKind;
-use crate::config::{self, Config, ConfigError, LunConfig};
+use crate::config::{self, Config, ConfigError, ConnLimits, LunConfig};
 use crate::protocol::login::LoginConfig;
 use crate::reactor::{Msg, Reactor, ReactorError, ReactorStats, Waker};
 use crate::scsi::{lun, Lun, LunTable};
@@ -101,6 +101,7 @@ pub struct Shared {
     next_tsih: Mutex<u16>,
     reactors: OnceLock<Vec<ReactorHandle>>,
     next_token: AtomicU64,
+    limits: ConnLimits,
 }
 
 impl Shared {
@@ -113,7 +114,18 @@ impl Shared {
             next_tsih: Mutex::new(0),
             reactors: OnceLock::new(),
             next_token: AtomicU64::new(1),
+            limits: ConnLimits::default(),
         }
+    }
+
+    /// Sets the per-connection limits (before any connection exists).
+    pub fn with_limits(mut self, limits: ConnLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &ConnLimits {
+        &self.limits
     }
 
     pub fn login_config(&self) -> Arc<LoginConfig> {
@@ -317,7 +329,7 @@ impl Target {
         let iqn = cfg.target_iqn();
         let login =
             LoginConfig { target_name: iqn.clone(), addresses: vec![format!("{local},1")], ..LoginConfig::default() };
-        let shared = Arc::new(Shared::new(login, luns));
+        let shared = Arc::new(Shared::new(login, luns).with_limits(cfg.limits.clone()));
         let mut handles = Vec::new();
         let mut reactors = Vec::new();
         let poll = cfg.poll_mode;
