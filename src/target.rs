@@ -102,6 +102,8 @@ pub struct Shared {
     reactors: OnceLock<Vec<ReactorHandle>>,
     next_token: AtomicU64,
     limits: ConnLimits,
+    /// Worker threads for commands whose work would block a reactor.
+    offload: OnceLock<crate::offload::Pool>,
 }
 
 impl Shared {
@@ -115,6 +117,7 @@ impl Shared {
             reactors: OnceLock::new(),
             next_token: AtomicU64::new(1),
             limits: ConnLimits::default(),
+            offload: OnceLock::new(),
         }
     }
 
@@ -126,6 +129,11 @@ impl Shared {
 
     pub fn limits(&self) -> &ConnLimits {
         &self.limits
+    }
+
+    /// The offload pool (started with the reactors, before the portal opens).
+    pub fn offload(&self) -> &crate::offload::Pool {
+        self.offload.get().expect("the offload pool starts before any connection")
     }
 
     pub fn login_config(&self) -> Arc<LoginConfig> {
@@ -361,7 +369,18 @@ impl Target {
             handles.push(ReactorHandle { tx, waker });
             reactors.push(thread);
         }
+        // Offloaded work completes to its reactor's channel and wakes its ring.
+        let routes: Vec<(Sender<Msg>, Arc<Waker>)> = handles.iter().map(|h| (h.tx.clone(), h.waker.clone())).collect();
         let _ = shared.reactors.set(handles);
+        let threads = cfg.offload_threads.unwrap_or(crate::offload::DEFAULT_THREADS);
+        let pool = crate::offload::Pool::new(threads, move |done| {
+            let (tx, waker) = &routes[done.route.reactor];
+            if tx.send(Msg::Offloaded(done)).is_ok() {
+                waker.wake();
+            }
+        })
+        .map_err(|e| TargetError::Thread(std::io::Error::other(e.to_string())))?;
+        let _ = shared.offload.set(pool);
         let target = Self {
             shared,
             cfg: cfg.clone(),
@@ -541,6 +560,10 @@ impl Target {
         let reactors = std::mem::take(&mut *self.reactors.lock().expect("reactor list lock poisoned"));
         for r in reactors {
             let _ = r.join();
+        }
+        // After the reactors: they waited for their offloaded work before exiting.
+        if let Some(pool) = self.shared.offload.get() {
+            pool.shutdown();
         }
     }
 
