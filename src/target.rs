@@ -1,7 +1,7 @@
 //! The target: LUN table, reactors, the listener, sessions, and orderly shutdown.
 
 use crate::backing::BackingKind;
-use crate::config::{self, Config, ConfigError, LunConfig};
+use crate::config::{self, Config, ConfigError, ConnLimits, LunConfig};
 use crate::protocol::login::LoginConfig;
 use crate::reactor::{Msg, Reactor, ReactorError, ReactorStats, Waker};
 use crate::scsi::{lun, Lun, LunTable};
@@ -33,6 +33,8 @@ pub enum TargetError {
     /// io_uring is switched off here or lacks operations (with the cause and the fix).
     #[error(transparent)]
     Uring(#[from] crate::uring_check::UringError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("signal handling: {0}")]
@@ -76,6 +78,8 @@ pub struct SessionInfo {
     pub token: u64,
     /// Negotiated login keys.
     pub negotiated: Vec<(&'static str, String)>,
+    /// The connection's protocol trace switch (`trace_session`).
+    pub trace: crate::protocol::trace::Switch,
 }
 
 struct ReactorHandle {
@@ -101,6 +105,9 @@ pub struct Shared {
     next_tsih: Mutex<u16>,
     reactors: OnceLock<Vec<ReactorHandle>>,
     next_token: AtomicU64,
+    limits: ConnLimits,
+    /// Worker threads for commands whose work would block a reactor.
+    offload: OnceLock<crate::offload::Pool>,
 }
 
 impl Shared {
@@ -113,7 +120,24 @@ impl Shared {
             next_tsih: Mutex::new(0),
             reactors: OnceLock::new(),
             next_token: AtomicU64::new(1),
+            limits: ConnLimits::default(),
+            offload: OnceLock::new(),
         }
+    }
+
+    /// Sets the per-connection limits (before any connection exists).
+    pub fn with_limits(mut self, limits: ConnLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &ConnLimits {
+        &self.limits
+    }
+
+    /// The offload pool (started with the reactors, before the portal opens).
+    pub fn offload(&self) -> &crate::offload::Pool {
+        self.offload.get().expect("the offload pool starts before any connection")
     }
 
     pub fn login_config(&self) -> Arc<LoginConfig> {
@@ -309,6 +333,7 @@ impl Target {
         cfg.validate()?;
         // Before anything is opened: say why io_uring is unusable rather than a bare EPERM.
         crate::uring_check::check()?;
+        crate::protocol::trace::set_initiators(&cfg.trace_initiators);
         let (luns, created) = build_luns(cfg)?;
         let host = cfg.resolve_host();
         let addr = if host.contains(':') { format!("[{host}]:{}", cfg.port) } else { format!("{host}:{}", cfg.port) };
@@ -317,7 +342,7 @@ impl Target {
         let iqn = cfg.target_iqn();
         let login =
             LoginConfig { target_name: iqn.clone(), addresses: vec![format!("{local},1")], ..LoginConfig::default() };
-        let shared = Arc::new(Shared::new(login, luns));
+        let shared = Arc::new(Shared::new(login, luns).with_limits(cfg.limits.clone()));
         let mut handles = Vec::new();
         let mut reactors = Vec::new();
         let poll = cfg.poll_mode;
@@ -349,7 +374,18 @@ impl Target {
             handles.push(ReactorHandle { tx, waker });
             reactors.push(thread);
         }
+        // Offloaded work completes to its reactor's channel and wakes its ring.
+        let routes: Vec<(Sender<Msg>, Arc<Waker>)> = handles.iter().map(|h| (h.tx.clone(), h.waker.clone())).collect();
         let _ = shared.reactors.set(handles);
+        let threads = cfg.offload_threads.unwrap_or(crate::offload::DEFAULT_THREADS);
+        let pool = crate::offload::Pool::new(threads, move |done| {
+            let (tx, waker) = &routes[done.route.reactor];
+            if tx.send(Msg::Offloaded(done)).is_ok() {
+                waker.wake();
+            }
+        })
+        .map_err(|e| TargetError::Thread(std::io::Error::other(e.to_string())))?;
+        let _ = shared.offload.set(pool);
         let target = Self {
             shared,
             cfg: cfg.clone(),
@@ -530,6 +566,10 @@ impl Target {
         for r in reactors {
             let _ = r.join();
         }
+        // After the reactors: they waited for their offloaded work before exiting.
+        if let Some(pool) = self.shared.offload.get() {
+            pool.shutdown();
+        }
     }
 
     /// [`Target::shutdown`], consuming the target.
@@ -636,6 +676,18 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
         }
     };
     log::info!("control socket {}", control.path().display());
+    let metrics = match cfg.metrics_listen.as_deref().map(|a| crate::metrics::MetricsServer::start(a, target.clone())) {
+        Some(Ok(m)) => {
+            log::info!("metrics on http://{}/metrics", m.local_addr());
+            Some(m)
+        }
+        Some(Err(e)) => {
+            control.stop();
+            target.shutdown();
+            return Err(e.into());
+        }
+        None => None,
+    };
     // The readiness line scripts and tests wait for.
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening on {} {}", target.local_addr(), target.iqn());
@@ -645,6 +697,9 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
     // SAFETY: set holds the blocked signals; sig receives the one that arrived.
     unsafe { libc::sigwait(&set, &mut sig) };
     log::info!("signal {sig}: stopping");
+    if let Some(m) = metrics {
+        m.stop();
+    }
     control.stop();
     target.shutdown();
     if cfg.remove_created_on_close {

@@ -66,6 +66,9 @@ pub fn run(input: &[u8]) {
         let lun = req.lun.and_then(|id| table.get(id)).cloned();
         let d = scsi::execute(&req, &table, &mut nexus, &mut scratch);
         check(&d, lun.as_deref(), &mut scratch, data);
+        if let Disposition::Offload { .. } = d {
+            offloaded(&req, lun.as_deref(), &[], &mut scratch, data);
+        }
         if let Disposition::DataOut { len } = d {
             assert!(len <= MAX_BUF, "a parameter list of {len} bytes");
             let n = len.min(edtl) as usize;
@@ -74,8 +77,19 @@ pub fn run(input: &[u8]) {
             let d2 = scsi::execute_data_out(&req, &table, &mut nexus, &out, &mut scratch);
             assert!(!matches!(d2, Disposition::DataOut { .. }), "Data-Out asked twice");
             check(&d2, lun.as_deref(), &mut scratch, data);
+            if let Disposition::Offload { .. } = d2 {
+                offloaded(&req, lun.as_deref(), &out, &mut scratch, data);
+            }
         }
     }
+}
+
+/// The work of a command the reactor would hand to the offload pool, run inline.
+fn offloaded(req: &Request, lun: Option<&Lun>, out: &[u8], scratch: &mut [u8], data: &[u8]) {
+    let lun = lun.expect("offloaded work runs on a LUN");
+    let d = scsi::execute_offloaded(req, lun, out, scratch);
+    assert!(!matches!(d, Disposition::Offload { .. } | Disposition::DataOut { .. }), "offloaded work asked again");
+    check(&d, Some(lun), scratch, data);
 }
 
 fn check(d: &Disposition, lun: Option<&Lun>, scratch: &mut [u8], data: &[u8]) {
@@ -103,6 +117,12 @@ fn check(d: &Disposition, lun: Option<&Lun>, scratch: &mut [u8], data: &[u8]) {
             assert!(n <= out.len());
             let n = sense.encode(true, &mut out);
             assert!(n <= out.len());
+        }
+        Disposition::Offload { lock } => {
+            let lun = lun.expect("offloaded work runs on a LUN");
+            if let Some(r) = lock {
+                assert!(r.start <= r.end && r.end <= lun.num_blocks(), "range lock past the end");
+            }
         }
         Disposition::Good | Disposition::Flush | Disposition::Status(_) | Disposition::DataOut { .. } => {}
     }
