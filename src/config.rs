@@ -101,6 +101,11 @@ pub struct Config {
     pub log_level: Option<String>,
     /// LUNs exported at start.
     pub luns: Vec<LunConfig>,
+    // ---- observability (README "Protocol tracing", "Metrics") ----
+    /// Initiator IQNs whose sessions are traced PDU by PDU from their first login PDU.
+    pub trace_initiators: Vec<String>,
+    /// `ADDRESS:PORT` of the Prometheus `/metrics` endpoint; `None`: off.
+    pub metrics_listen: Option<String>,
     /// Per-connection resource bounds.
     pub limits: ConnLimits,
 }
@@ -122,6 +127,8 @@ impl Default for Config {
             offload_threads: None,
             log_level: None,
             luns: Vec::new(),
+            trace_initiators: Vec::new(),
+            metrics_listen: None,
             limits: ConnLimits::default(),
         }
     }
@@ -284,7 +291,26 @@ impl Config {
                 ));
             }
         }
+        self.validate_observability()?;
         self.validate_luns()
+    }
+
+    /// `trace_initiators` and `metrics_listen`.
+    fn validate_observability(&self) -> Result<(), ConfigError> {
+        for (i, name) in self.trace_initiators.iter().enumerate() {
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(invalid(format!("trace_initiators[{i}]"), format!("not an iSCSI name: {name:?}")));
+            }
+        }
+        if let Some(addr) = &self.metrics_listen {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "metrics_listen",
+                    format!("not an ADDRESS:PORT: {addr:?} (e.g. 127.0.0.1:9460, [::1]:9460)"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn validate_reactors(&self) -> Result<(), ConfigError> {

@@ -33,6 +33,8 @@ pub enum TargetError {
     /// io_uring is switched off here or lacks operations (with the cause and the fix).
     #[error(transparent)]
     Uring(#[from] crate::uring_check::UringError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("signal handling: {0}")]
@@ -76,6 +78,8 @@ pub struct SessionInfo {
     pub token: u64,
     /// Negotiated login keys.
     pub negotiated: Vec<(&'static str, String)>,
+    /// The connection's protocol trace switch (`trace_session`).
+    pub trace: crate::protocol::trace::Switch,
 }
 
 struct ReactorHandle {
@@ -329,6 +333,7 @@ impl Target {
         cfg.validate()?;
         // Before anything is opened: say why io_uring is unusable rather than a bare EPERM.
         crate::uring_check::check()?;
+        crate::protocol::trace::set_initiators(&cfg.trace_initiators);
         let (luns, created) = build_luns(cfg)?;
         let host = cfg.resolve_host();
         let addr = if host.contains(':') { format!("[{host}]:{}", cfg.port) } else { format!("{host}:{}", cfg.port) };
@@ -671,6 +676,18 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
         }
     };
     log::info!("control socket {}", control.path().display());
+    let metrics = match cfg.metrics_listen.as_deref().map(|a| crate::metrics::MetricsServer::start(a, target.clone())) {
+        Some(Ok(m)) => {
+            log::info!("metrics on http://{}/metrics", m.local_addr());
+            Some(m)
+        }
+        Some(Err(e)) => {
+            control.stop();
+            target.shutdown();
+            return Err(e.into());
+        }
+        None => None,
+    };
     // The readiness line scripts and tests wait for.
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening on {} {}", target.local_addr(), target.iqn());
@@ -680,6 +697,9 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
     // SAFETY: set holds the blocked signals; sig receives the one that arrived.
     unsafe { libc::sigwait(&set, &mut sig) };
     log::info!("signal {sig}: stopping");
+    if let Some(m) = metrics {
+        m.stop();
+    }
     control.stop();
     target.shutdown();
     if cfg.remove_created_on_close {

@@ -12,6 +12,7 @@ use super::tx::{TxData, TxQueue};
 use crate::backing::{AlignedBuf, Backing};
 use crate::protocol::login::{Login, LoginOutcome, LoginRequest, Negotiated, SessionType};
 use crate::protocol::pdu::{self, opcode, reject, Bhs, BhsBuf, Layout, BHS_LEN, RESERVED_TAG};
+use crate::protocol::trace::{self, Dir};
 use crate::protocol::{digest, text};
 use crate::scsi::{self, lun, status, Disposition, LunTable, Nexus, Request, Sense};
 use crate::target::{SessionError, SessionInfo, Shared};
@@ -148,6 +149,8 @@ pub struct Conn {
     proto_errors: u64,
     proto_unlogged: u64,
     proto_logged_at: Option<Instant>,
+    /// Protocol trace switch (src/protocol/trace.rs); shared with the session entry.
+    trace: trace::Switch,
     /// Commands a session may have outstanding (the CmdSN window).
     queue_depth: u32,
     dataout_timeout: Duration,
@@ -208,6 +211,7 @@ impl Conn {
             proto_errors: 0,
             proto_unlogged: 0,
             proto_logged_at: None,
+            trace: trace::Switch::new(),
             queue_depth: limits.max_cmds_per_session,
             dataout_timeout: Duration::from_secs(limits.dataout_timeout_secs),
             tx_limit: limits.max_tx_queue_kib as usize * 1024,
@@ -343,6 +347,7 @@ impl Conn {
             let layout = Layout::of(&bhs, self.header_digest, self.data_digest);
             let limit = if matches!(self.phase, Phase::Login(_)) { LOGIN_DSL } else { MAX_RECV_DSL };
             if layout.data_len as u32 > limit || layout.header_len > BHS_LEN + 1024 {
+                crate::metrics::protocol_error("data_too_long");
                 let err = pdu::PduError::DataTooLong { len: layout.data_len as u32, max: limit };
                 self.protocol_error(&err);
                 self.close(&err.to_string());
@@ -364,6 +369,7 @@ impl Conn {
                 let computed = digest::header(&pdu_bytes[..layout.header_len]);
                 if received != computed {
                     // Without a trustworthy header the stream cannot be resynchronised (ERL 0).
+                    crate::metrics::protocol_error("header_digest");
                     let err = pdu::PduError::HeaderDigest { received, computed };
                     self.protocol_error(&err);
                     self.close(&err.to_string());
@@ -382,6 +388,7 @@ impl Conn {
                     if bhs.opcode() == opcode::DATA_OUT {
                         // ERL 0 cannot ask for the data again (no SNACK recovery): a task
                         // would wait for it forever, so the connection ends.
+                        crate::metrics::protocol_error("data_digest");
                         self.protocol_error(&err);
                         self.close(&err.to_string());
                         break;
@@ -484,6 +491,7 @@ impl Conn {
             let received = digest::from_wire(wire.try_into().expect("4"));
             let computed = digest::data(&[data, pad]);
             if received != computed {
+                crate::metrics::protocol_error("data_digest");
                 let err = pdu::PduError::DataDigest { received, computed };
                 self.protocol_error(&err);
                 self.close(&err.to_string());
@@ -491,15 +499,25 @@ impl Conn {
             }
         }
         let bhs = Bhs::new(&d.bhs);
+        if self.trace.on() {
+            trace::pdu(Dir::In, self.peer, self.tsih, &d.bhs, &[], d.len);
+        }
         self.data_out_in_place(bhs, d.slot, d.len as u32, env);
         true
     }
 
     fn handle_pdu(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
         if matches!(self.phase, Phase::Login(_)) {
+            self.trace.login_pdu(data);
+        }
+        if self.trace.on() {
+            trace::pdu(Dir::In, self.peer, self.tsih, bhs.bytes(), data, data.len());
+        }
+        if matches!(self.phase, Phase::Login(_)) {
             if bhs.opcode() == opcode::LOGIN_REQUEST {
                 self.login(bhs, data, env);
             } else {
+                crate::metrics::protocol_error("non_login_pdu_during_login");
                 self.close("non-login PDU during login");
             }
             return;
@@ -575,6 +593,14 @@ impl Conn {
     // ---- transmit helpers ----
 
     fn push(&mut self, bhs: BhsBuf, data: TxData, release: Option<u16>) {
+        if self.trace.on() {
+            let (seg, len) = match &data {
+                TxData::Inline(v) => (&v[..], v.len()),
+                TxData::Task { len, .. } => (&[][..], *len as usize),
+                TxData::None => (&[][..], 0),
+            };
+            trace::pdu(Dir::Out, self.peer, self.tsih, &bhs.0, seg, len);
+        }
         self.tx.push(bhs, data, self.header_digest, self.data_digest, release);
     }
 
@@ -592,6 +618,7 @@ impl Conn {
     }
 
     fn push_reject(&mut self, rejected: &[u8; BHS_LEN], reason: u8) {
+        crate::metrics::protocol_error(crate::metrics::reject_kind(reason));
         let mut b = BhsBuf::new(opcode::REJECT);
         b.flags(0x80).byte(2, reason).itt(RESERVED_TAG);
         self.stamp_status(&mut b);
@@ -665,6 +692,7 @@ impl Conn {
                     reactor: env.reactor,
                     token: self.token,
                     negotiated: neg.pairs(),
+                    trace: self.trace.clone(),
                 };
                 match env.shared.register_session(info) {
                     Ok(tsih) => self.tsih = tsih,
@@ -707,7 +735,10 @@ impl Conn {
         self.push(b, TxData::Inline(rsp.data), None);
         match outcome {
             LoginOutcome::Continue => {}
-            LoginOutcome::Failed => self.close_after_send = true,
+            LoginOutcome::Failed => {
+                crate::metrics::login_failed(rsp.status_class, rsp.status_detail);
+                self.close_after_send = true;
+            }
             LoginOutcome::FullFeature => {
                 let neg = self.neg.as_ref().expect("set above");
                 // Digests start with the first PDU after the final login response.
