@@ -10,11 +10,13 @@
 //! - [`config`]: the YAML configuration and its defaults.
 //! - [`control`]: the control plane (JSON-RPC on a Unix socket) and its client.
 //! - [`images`]: disk image import: streaming decompression, hashing, sparse atomic writes.
+//! - [`portals`]: the addresses a portal is reachable on (wildcard binds).
 
 pub mod backing;
 pub mod config;
 pub mod control;
 pub mod images;
+pub mod portals;
 pub mod protocol;
 pub mod reactor;
 pub mod scsi;

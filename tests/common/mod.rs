@@ -118,7 +118,8 @@ impl Target {
         self.logs.path().join("stderr.log")
     }
 
-    fn stderr_text(&self) -> String {
+    /// What the target logged on stderr so far.
+    pub fn stderr_text(&self) -> String {
         std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
     }
 
