@@ -489,7 +489,9 @@ fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
         CtlCommand::GetHost | CtlCommand::GetPort | CtlCommand::GetTargetIqn => format!("{}\n", s(result)),
         CtlCommand::Upload(_) | CtlCommand::ImportImage(_) => upload_output(result),
         CtlCommand::ImageInfo { json: false, .. } => image_info_output(result),
-        CtlCommand::GetPortals { json: false } => result.as_array().into_iter().flatten().map(|a| s(a) + "\n").collect(),
+        CtlCommand::GetPortals { json: false } => {
+            result.as_array().into_iter().flatten().map(|a| s(a) + "\n").collect()
+        }
         CtlCommand::Serve(_) => serve_output(result),
     }
 }
@@ -787,7 +789,8 @@ mod tests {
                 called.insert("start");
             }
         }
-        let missing: Vec<&&str> = uringtgt::control::methods::METHODS.iter().filter(|m| !called.contains(**m)).collect();
+        let missing: Vec<&&str> =
+            uringtgt::control::methods::METHODS.iter().filter(|m| !called.contains(**m)).collect();
         assert!(missing.is_empty(), "methods without a ctl subcommand: {missing:?}");
     }
 

@@ -111,7 +111,10 @@ fn import_image_reads_only_root_dir_and_import_dirs() {
     // ctl image-info: lines, and --json.
     let sock = t.control_socket();
     let out = ok_stdout(&uringtgt(&["ctl", "--socket", sock.to_str().unwrap(), "image-info", "dut2"], allowed.path()));
-    assert!(out.starts_with("name: dut2\npath: ") && out.contains("\nsize: 5120\nimage_bytes: 5000\nsha256: "), "{out}");
+    assert!(
+        out.starts_with("name: dut2\npath: ") && out.contains("\nsize: 5120\nimage_bytes: 5000\nsha256: "),
+        "{out}"
+    );
     let out = ok_stdout(&uringtgt(
         &["ctl", "--socket", sock.to_str().unwrap(), "image-info", "dut2", "--json"],
         allowed.path(),
@@ -149,17 +152,15 @@ fn relative_paths_are_taken_against_the_config_files_directory() {
     // ctl --config from a third directory finds the socket.
     let out = ok_stdout(&uringtgt(&["ctl", "--config", "etc/t.yaml", "list-luns"], top.path()));
     assert!(out.lines().nth(1).is_some_and(|l| l.contains(" d ") && l.contains(&root.display().to_string())), "{out}");
-    let out = ok_stdout(&uringtgt(&["ctl", "--config", conf_dir.join("t.yaml").to_str().unwrap(), "get-port"], &elsewhere));
+    let out =
+        ok_stdout(&uringtgt(&["ctl", "--config", conf_dir.join("t.yaml").to_str().unwrap(), "get-port"], &elsewhere));
     assert!(out.trim().parse::<u16>().is_ok_and(|p| p > 0), "{out}");
     stop(child);
 
     // A relative --root-dir flag is the working directory's, printed absolute.
     let log2 = top.path().join("serve2.log");
-    let (child, _) = serve(
-        &["--host", "127.0.0.1", "--port", "0", "--reactors", "1", "--root-dir", "flagroot"],
-        &elsewhere,
-        &log2,
-    );
+    let (child, _) =
+        serve(&["--host", "127.0.0.1", "--port", "0", "--reactors", "1", "--root-dir", "flagroot"], &elsewhere, &log2);
     let logged = std::fs::read_to_string(&log2).unwrap();
     assert!(logged.contains(&format!("root_dir {}", elsewhere.join("flagroot").display())), "{logged}");
     stop(child);
@@ -175,10 +176,17 @@ fn command_line_errors_are_one_line_and_name_their_flag() {
         one_line_failure(&uringtgt(&args, dir.path()))
     };
     let err = run(&["--lun", "name=a,size_mb=1", "--lun", "name=a,size_mb=2"]);
-    assert_eq!(err.trim_end(), "uringtgt: --lun name=a,size_mb=2: name: \"a\" is already the name of --lun name=a,size_mb=1");
+    assert_eq!(
+        err.trim_end(),
+        "uringtgt: --lun name=a,size_mb=2: name: \"a\" is already the name of --lun name=a,size_mb=1"
+    );
     assert!(!err.contains("luns["), "{err}");
-    let err = run(&["--lun", "name=b,lun_id=3,backing=mem,size_mb=1", "--lun", "name=c,lun_id=3,backing=mem,size_mb=1"]);
-    assert!(err.contains("--lun name=c,lun_id=3,backing=mem,size_mb=1: lun_id: 3 is already the lun_id of --lun name=b"), "{err}");
+    let err =
+        run(&["--lun", "name=b,lun_id=3,backing=mem,size_mb=1", "--lun", "name=c,lun_id=3,backing=mem,size_mb=1"]);
+    assert!(
+        err.contains("--lun name=c,lun_id=3,backing=mem,size_mb=1: lun_id: 3 is already the lun_id of --lun name=b"),
+        "{err}"
+    );
 
     let err = run(&["--reactors", "2", "--cpus", "0"]);
     assert!(err.starts_with("uringtgt: --reactors: cannot be combined with --cpus"), "{err}");
@@ -196,7 +204,8 @@ fn isid_prints_alike_and_inquiry_revision_is_clean() {
     let t = Target::start(&["--reactors", "1", "--lun", "name=m,backing=mem,size_mb=1"]);
     let isid = [0x80, 0x12, 0x34, 0x56, 0x78, 0x9a];
     let mut s = t.login(&LoginOptions { isid: Some(isid), ..Default::default() });
-    let sessions = ok_stdout(&uringtgt(&["ctl", "--socket", t.control_socket().to_str().unwrap(), "sessions"], t.root()));
+    let sessions =
+        ok_stdout(&uringtgt(&["ctl", "--socket", t.control_socket().to_str().unwrap(), "sessions"], t.root()));
     assert!(sessions.contains("80123456789a"), "{sessions}");
     assert!(sessions.lines().next().unwrap().contains("PORTAL"), "{sessions}");
     assert!(sessions.contains(&t.addr()), "the portal column shows the address connected to: {sessions}");

@@ -64,8 +64,9 @@ pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcEr
     match method {
         // Never a wildcard: the address a device can be handed (see crate::portals).
         "get_host" => no_params(&params).map(|()| json!(target.advertised_addr().ip().to_string())),
-        "get_portals" => no_params(&params)
-            .map(|()| Value::Array(target.portals().iter().map(|a| json!(a.to_string())).collect())),
+        "get_portals" => {
+            no_params(&params).map(|()| Value::Array(target.portals().iter().map(|a| json!(a.to_string())).collect()))
+        }
         "get_port" => no_params(&params).map(|()| json!(target.local_addr().port())),
         "get_target_iqn" => no_params(&params).map(|()| json!(target.iqn())),
         "start" => {

@@ -61,8 +61,10 @@ pub fn import_file_within(
     let real = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .or_else(|_| fs::canonicalize(&path))
         .map_err(|e| bad(format!("resolve: {e}")))?;
-    let dirs: Vec<PathBuf> =
-        std::iter::once(root_dir).chain(allowed_dirs.iter().map(PathBuf::as_path)).filter_map(|d| fs::canonicalize(d).ok()).collect();
+    let dirs: Vec<PathBuf> = std::iter::once(root_dir)
+        .chain(allowed_dirs.iter().map(PathBuf::as_path))
+        .filter_map(|d| fs::canonicalize(d).ok())
+        .collect();
     if !dirs.iter().any(|d| real.starts_with(d)) {
         let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
         return Err(bad(format!(
