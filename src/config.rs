@@ -202,7 +202,11 @@ impl Config {
             serde_norway::Value::Mapping(m) if m.contains_key("export") => {
                 let file: ExporterFile = serde_norway::from_str(s).map_err(yaml_err(origin.to_owned()))?;
                 file.export.0.ok_or_else(|| {
-                    invalid("export", "no export has an iSCSI type (e.g. jumpstarter_driver_iscsi.driver.ISCSI)")
+                    invalid(
+                        "export",
+                        "no export has an iSCSI type (e.g. jumpstarter_driver_iscsi.driver.ISCSI), nested \
+                         children: included",
+                    )
                 })?
             }
             // Parsed again from the text so errors carry their line and column.
@@ -553,7 +557,8 @@ struct ExporterFile {
 /// The `config:` block of the first export whose `type` names iSCSI, if any.
 struct IscsiExport(Option<Config>);
 
-/// One export: its `config:` when its `type` names iSCSI.
+/// One export: its `config:` when its `type` names iSCSI, else the first iSCSI export among
+/// its `children:` (a composite driver nests the drivers it groups), searched depth first.
 struct ExportEntry(Option<Config>);
 
 fn is_iscsi_type(ty: &str) -> bool {
@@ -594,6 +599,7 @@ impl<'de> Deserialize<'de> for ExportEntry {
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ExportEntry, A::Error> {
                 let mut ty: Option<String> = None;
                 let mut config: Option<Config> = None;
+                let mut children: Option<Config> = None;
                 // `config` before `type`: kept as a value until the type is known.
                 let mut early: Option<serde_norway::Value> = None;
                 while let Some(key) = map.next_key::<String>()? {
@@ -604,13 +610,18 @@ impl<'de> Deserialize<'de> for ExportEntry {
                             config = Some(map.next_value::<Option<Config>>()?.unwrap_or_default())
                         }
                         ("config", None) => early = Some(map.next_value()?),
+                        ("children", _) => {
+                            if let Some(found) = map.next_value::<Option<IscsiExport>>()?.and_then(|c| c.0) {
+                                children.get_or_insert(found);
+                            }
+                        }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }
                 }
                 if !ty.as_deref().is_some_and(is_iscsi_type) {
-                    return Ok(ExportEntry(None));
+                    return Ok(ExportEntry(children));
                 }
                 if let Some(v) = early.filter(|v| !v.is_null()) {
                     config = Some(serde_norway::from_value(v).map_err(|e| A::Error::custom(format!("config: {e}")))?);
@@ -893,6 +904,11 @@ mod tests {
         assert_eq!(c.port, 1);
         let e = err("export:\n  iscsi:\n    config: {prot: 1}\n    type: ISCSI\n");
         assert!(e.contains("prot"), "{e}");
+        // Nested under a composite's children, at any depth.
+        let nested = "export:\n  dut:\n    type: jumpstarter_driver_composite.driver.Composite\n    children:\n      \
+                      power:\n        type: MockPower\n      box:\n        type: Composite\n        children:\n          \
+                      storage:\n            type: jumpstarter_driver_iscsi.driver.ISCSI\n            config: {port: 7}\n";
+        assert_eq!(Config::from_yaml_str(nested).unwrap().port, 7);
     }
 
     #[test]
