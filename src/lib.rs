@@ -3,6 +3,7 @@
 //!
 //! Where things live:
 //! - [`protocol`]: iSCSI PDUs, text keys, login negotiation, digests.
+//! - [`iscsi`]: the iSCSI engine's ring-free logic (Data-Out acceptance).
 //! - [`scsi`]: CDB decoding, command execution for a disk LUN, sense data, LUN tables.
 //! - [`backing`]: the stores behind a LUN (O_DIRECT image files, RAM).
 //! - [`reactor`]: per-core threads, each owning an io_uring, its connections and buffers.
@@ -11,13 +12,16 @@
 //! - [`control`]: the control plane (JSON-RPC on a Unix socket) and its client.
 //! - [`images`]: disk image import: streaming decompression, hashing, sparse atomic writes.
 //! - [`portals`]: the addresses a portal is reachable on (wildcard binds).
+//! - [`uring_check`]: the start-up io_uring check and why it fails (sysctl, group, seccomp).
 
 pub mod backing;
 pub mod config;
 pub mod control;
 pub mod images;
+pub mod iscsi;
 pub mod portals;
 pub mod protocol;
 pub mod reactor;
 pub mod scsi;
 pub mod target;
+pub mod uring_check;
