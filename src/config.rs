@@ -17,6 +17,8 @@ use std::path::{Component, Path, PathBuf};
 
 /// Reactors beyond this are a typo, not a deployment.
 const MAX_REACTORS: usize = 1024;
+/// Most offload worker threads a target may start.
+const MAX_OFFLOAD_THREADS: usize = 64;
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 /// RFC 7143 section 4.2.7.1: iSCSI names are at most 223 bytes.
@@ -92,6 +94,9 @@ pub struct Config {
     /// Explicit CPUs to pin one reactor each to; excludes `reactors`.
     pub cpus: Option<Vec<usize>>,
     pub poll_mode: PollMode,
+    /// Worker threads for commands whose work would block a reactor (WRITE SAME, UNMAP,
+    /// COMPARE AND WRITE, ...); `None` means [`crate::offload::DEFAULT_THREADS`].
+    pub offload_threads: Option<usize>,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, `off`); the CLI and RUST_LOG win.
     pub log_level: Option<String>,
     /// LUNs exported at start.
@@ -103,6 +108,8 @@ pub struct Config {
     /// than an index into a list the user never wrote.
     #[serde(skip)]
     pub lun_flags: Vec<String>,
+    /// Per-connection resource bounds.
+    pub limits: ConnLimits,
 }
 
 impl Default for Config {
@@ -119,11 +126,60 @@ impl Default for Config {
             reactors: None,
             cpus: None,
             poll_mode: PollMode::Adaptive,
+            offload_threads: None,
             log_level: None,
             luns: Vec::new(),
             import_dirs: Vec::new(),
             lun_flags: Vec::new(),
+            limits: ConnLimits::default(),
         }
+    }
+}
+
+/// What one connection (one session: MaxConnections=1) may hold; the `limits` block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnLimits {
+    /// Commands a session may have outstanding: the CmdSN window (MaxCmdSN) is sized from it.
+    pub max_cmds_per_session: u32,
+    /// A command waiting for Data-Out that makes no progress for this long is aborted.
+    pub dataout_timeout_secs: u64,
+    /// Bytes of PDUs queued for sending beyond which the connection stops reading requests
+    /// until the queue drains.
+    pub max_tx_queue_kib: u32,
+    /// A connection whose queue stays over `max_tx_queue_kib` this long is dropped.
+    pub tx_stall_timeout_secs: u64,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            max_cmds_per_session: 128,
+            dataout_timeout_secs: 30,
+            max_tx_queue_kib: 16 * 1024,
+            tx_stall_timeout_secs: 30,
+        }
+    }
+}
+
+impl ConnLimits {
+    /// Most commands per session: task slots are preallocated per connection.
+    pub const MAX_CMDS: u32 = 1024;
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=Self::MAX_CMDS).contains(&self.max_cmds_per_session) {
+            return Err(invalid("limits.max_cmds_per_session", format!("must be 1 to {}", Self::MAX_CMDS)));
+        }
+        if self.dataout_timeout_secs == 0 {
+            return Err(invalid("limits.dataout_timeout_secs", "must be at least 1"));
+        }
+        if self.max_tx_queue_kib < 64 {
+            return Err(invalid("limits.max_tx_queue_kib", "must be at least 64"));
+        }
+        if self.tx_stall_timeout_secs == 0 {
+            return Err(invalid("limits.tx_stall_timeout_secs", "must be at least 1"));
+        }
+        Ok(())
     }
 }
 
@@ -260,6 +316,12 @@ impl Config {
             ));
         }
         self.validate_reactors()?;
+        self.limits.validate()?;
+        if let Some(n) = self.offload_threads {
+            if !(1..=MAX_OFFLOAD_THREADS).contains(&n) {
+                return Err(invalid("offload_threads", format!("{n} is not between 1 and {MAX_OFFLOAD_THREADS}")));
+            }
+        }
         if let Some(level) = &self.log_level {
             if level.parse::<log::LevelFilter>().is_err() {
                 return Err(invalid(
@@ -841,6 +903,21 @@ mod tests {
 
     fn cfg_in(dir: &Path) -> Config {
         Config { root_dir: dir.join("root"), ..Config::default() }
+    }
+
+    #[test]
+    fn limits_block_defaults_and_checks() {
+        let c = Config::from_yaml_str("").unwrap();
+        assert_eq!(c.limits, ConnLimits::default());
+        assert_eq!(c.limits.max_cmds_per_session, 128);
+        let c = Config::from_yaml_str("limits:\n  dataout_timeout_secs: 5\n").unwrap();
+        assert_eq!(c.limits.dataout_timeout_secs, 5);
+        assert_eq!(c.limits.max_tx_queue_kib, 16 * 1024, "unset keys keep their defaults");
+        assert!(err("limits:\n  max_cmds_per_session: 0\n").contains("limits.max_cmds_per_session"));
+        assert!(err("limits:\n  max_cmds_per_session: 5000\n").contains("limits.max_cmds_per_session"));
+        assert!(err("limits:\n  max_tx_queue_kib: 1\n").contains("limits.max_tx_queue_kib"));
+        assert!(err("limits:\n  tx_stall_timeout_secs: 0\n").contains("limits.tx_stall_timeout_secs"));
+        assert!(err("limits:\n  bogus: 1\n").contains("bogus"));
     }
 
     fn file_lun(name: &str, size_mb: u64) -> LunConfig {

@@ -1,7 +1,7 @@
 //! The target: LUN table, reactors, the listener, sessions, and orderly shutdown.
 
 use crate::backing::BackingKind;
-use crate::config::{self, Config, ConfigError, LunConfig};
+use crate::config::{self, Config, ConfigError, ConnLimits, LunConfig};
 use crate::protocol::login::LoginConfig;
 use crate::reactor::{Msg, Reactor, ReactorError, ReactorStats, Waker};
 use crate::scsi::{lun, Lun, LunTable};
@@ -121,6 +121,9 @@ pub struct Shared {
     next_tsih: Mutex<u16>,
     reactors: OnceLock<Vec<ReactorHandle>>,
     next_token: AtomicU64,
+    limits: ConnLimits,
+    /// Worker threads for commands whose work would block a reactor.
+    offload: OnceLock<crate::offload::Pool>,
 }
 
 impl Shared {
@@ -133,7 +136,24 @@ impl Shared {
             next_tsih: Mutex::new(0),
             reactors: OnceLock::new(),
             next_token: AtomicU64::new(1),
+            limits: ConnLimits::default(),
+            offload: OnceLock::new(),
         }
+    }
+
+    /// Sets the per-connection limits (before any connection exists).
+    pub fn with_limits(mut self, limits: ConnLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &ConnLimits {
+        &self.limits
+    }
+
+    /// The offload pool (started with the reactors, before the portal opens).
+    pub fn offload(&self) -> &crate::offload::Pool {
+        self.offload.get().expect("the offload pool starts before any connection")
     }
 
     pub fn login_config(&self) -> Arc<LoginConfig> {
@@ -339,7 +359,7 @@ impl Target {
         // for a wildcard one).
         let addresses = crate::portals::portals(local).iter().map(|a| format!("{a},1")).collect();
         let login = LoginConfig { target_name: iqn.clone(), addresses, ..LoginConfig::default() };
-        let shared = Arc::new(Shared::new(login, luns));
+        let shared = Arc::new(Shared::new(login, luns).with_limits(cfg.limits.clone()));
         let mut handles = Vec::new();
         let mut reactors = Vec::new();
         let poll = cfg.poll_mode;
@@ -371,7 +391,18 @@ impl Target {
             handles.push(ReactorHandle { tx, waker });
             reactors.push(thread);
         }
+        // Offloaded work completes to its reactor's channel and wakes its ring.
+        let routes: Vec<(Sender<Msg>, Arc<Waker>)> = handles.iter().map(|h| (h.tx.clone(), h.waker.clone())).collect();
         let _ = shared.reactors.set(handles);
+        let threads = cfg.offload_threads.unwrap_or(crate::offload::DEFAULT_THREADS);
+        let pool = crate::offload::Pool::new(threads, move |done| {
+            let (tx, waker) = &routes[done.route.reactor];
+            if tx.send(Msg::Offloaded(done)).is_ok() {
+                waker.wake();
+            }
+        })
+        .map_err(|e| TargetError::Thread(std::io::Error::other(e.to_string())))?;
+        let _ = shared.offload.set(pool);
         let target = Self {
             shared,
             cfg: cfg.clone(),
@@ -561,6 +592,10 @@ impl Target {
         let reactors = std::mem::take(&mut *self.reactors.lock().expect("reactor list lock poisoned"));
         for r in reactors {
             let _ = r.join();
+        }
+        // After the reactors: they waited for their offloaded work before exiting.
+        if let Some(pool) = self.shared.offload.get() {
+            pool.shutdown();
         }
     }
 

@@ -21,16 +21,19 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Commands a session may have outstanding (the CmdSN window).
-pub const QUEUE_DEPTH: u32 = 128;
-/// Task slots: the window plus room for immediate commands.
-const TASK_SLOTS: usize = QUEUE_DEPTH as usize + 32;
+/// Task slots beyond the CmdSN window (`limits.max_cmds_per_session`): room for immediate
+/// commands.
+const IMMEDIATE_SLOTS: usize = 32;
 /// Data segment we accept per PDU; declared at login.
 pub const MAX_RECV_DSL: u32 = 256 * 1024;
 /// Receive buffer: a full PDU (header, AHS, digests, data) plus room to batch small ones.
 const RX_BUF: usize = 2 * MAX_RECV_DSL as usize;
 /// Before login completes the initiator may send at most 8192 data bytes per PDU.
 const LOGIN_DSL: u32 = 8192;
+/// Receive buffer until login completes: one login PDU (header, AHS, digests, 8 KiB of data).
+/// The full-size buffer and the task table come with the full feature phase, so an accepted
+/// socket that never logs in holds little.
+const LOGIN_RX_BUF: usize = 16 * 1024;
 /// Idle time before the target pings with a NOP-In, and how long the answer may take.
 const NOP_INTERVAL: Duration = Duration::from_secs(5);
 const NOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -106,6 +109,8 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// Unique id, for closing it from elsewhere (session reinstatement).
     pub token: u64,
+    /// Its slot in the reactor's connection table (routes offloaded work back to it).
+    pub slot: u32,
     phase: Phase,
     neg: Option<Negotiated>,
     header_digest: bool,
@@ -143,26 +148,48 @@ pub struct Conn {
     proto_errors: u64,
     proto_unlogged: u64,
     proto_logged_at: Option<Instant>,
+    /// Commands a session may have outstanding (the CmdSN window).
+    queue_depth: u32,
+    dataout_timeout: Duration,
+    /// Bytes queued for sending beyond which requests are not read.
+    tx_limit: usize,
+    tx_stall_timeout: Duration,
+    /// Since when the transmit queue has been over `tx_limit`.
+    tx_full_since: Option<Instant>,
+    /// Data-In bytes of reads in progress (not queued yet): they count against `tx_limit`.
+    tx_reserved: usize,
+    /// Received PDUs wait for the transmit queue to drain.
+    held_back: bool,
+    /// Limits already logged for this connection ([`limit`] bits): each is logged once.
+    limits_logged: u8,
+}
+
+/// Bits of [`Conn::limits_logged`].
+mod limit {
+    pub const TX_QUEUE: u8 = 1;
+    pub const DATA_OUT_TIMEOUT: u8 = 2;
 }
 
 impl Conn {
     pub fn new(stream: TcpStream, peer: SocketAddr, token: u64, shared: &Shared, now: Instant) -> Self {
         let _ = stream.set_nodelay(true);
         set_user_timeout(&stream, NOP_TIMEOUT);
+        let limits = shared.limits();
         Self {
             stream,
             peer,
             token,
+            slot: 0,
             phase: Phase::Login(Box::new(Login::new(shared.login_config()))),
             neg: None,
             header_digest: false,
             data_digest: false,
-            rx: Some(AlignedBuf::new(RX_BUF)),
+            rx: Some(AlignedBuf::new(LOGIN_RX_BUF)),
             rx_start: 0,
             rx_end: 0,
             direct: None,
             tx: TxQueue::new(),
-            tasks: TaskTable::with_capacity(TASK_SLOTS),
+            tasks: TaskTable::with_capacity(0),
             nexus: Nexus::new(),
             isid: [0; 6],
             tsih: 0,
@@ -181,6 +208,14 @@ impl Conn {
             proto_errors: 0,
             proto_unlogged: 0,
             proto_logged_at: None,
+            queue_depth: limits.max_cmds_per_session,
+            dataout_timeout: Duration::from_secs(limits.dataout_timeout_secs),
+            tx_limit: limits.max_tx_queue_kib as usize * 1024,
+            tx_stall_timeout: Duration::from_secs(limits.tx_stall_timeout_secs),
+            tx_full_since: None,
+            tx_reserved: 0,
+            held_back: false,
+            limits_logged: 0,
         }
     }
 
@@ -273,7 +308,7 @@ impl Conn {
     /// Whether a receive should be posted: not once the connection only waits to send its
     /// last PDUs (after a logout, a failed login or a protocol error).
     pub fn wants_recv(&self) -> bool {
-        !self.close_after_send
+        !self.close_after_send && !self.tx_full()
     }
 
     /// `n` bytes arrived in the receive buffer.
@@ -289,8 +324,14 @@ impl Conn {
             }
             _ => self.rx_end += n,
         }
+        self.parse(env);
+    }
+
+    /// Handles the complete PDUs in the receive buffer, unless the transmit queue is over its
+    /// limit: then they wait until it drains ([`Self::sent`]).
+    fn parse(&mut self, env: &mut ConnEnv) {
         let rx = self.rx.take().expect("rx buffer present");
-        while !self.closing && !self.close_after_send {
+        while !self.closing && !self.close_after_send && !self.tx_full() {
             if self.direct.is_some() {
                 if !self.finish_direct(&rx, env) {
                     break;
@@ -354,9 +395,44 @@ impl Conn {
             self.handle_pdu(bhs, ahs, data, env);
         }
         self.rx = Some(rx);
+        self.held_back = self.tx_full();
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
+        }
+        if matches!(self.phase, Phase::FullFeature) && self.tasks.capacity() == 0 {
+            self.enter_full_feature();
+        }
+    }
+
+    /// Login is complete: the full-size receive buffer (keeping any bytes already received)
+    /// and the task table.
+    fn enter_full_feature(&mut self) {
+        let old = self.rx.take().expect("rx buffer present");
+        let mut rx = AlignedBuf::new(RX_BUF);
+        let n = self.rx_end - self.rx_start;
+        rx[..n].copy_from_slice(&old[self.rx_start..self.rx_end]);
+        (self.rx_start, self.rx_end) = (0, n);
+        self.rx = Some(rx);
+        self.tasks = TaskTable::with_capacity(self.queue_depth as usize + IMMEDIATE_SLOTS);
+    }
+
+    /// Whether the transmit queue (with the Data-In of reads in progress) is over its limit:
+    /// requests are not read meanwhile.
+    fn tx_full(&self) -> bool {
+        self.tx.queued_bytes() + self.tx_reserved > self.tx_limit
+    }
+
+    /// A send completed: requests held back by a full transmit queue may go on.
+    pub fn sent(&mut self, env: &mut ConnEnv) {
+        if !self.held_back || self.closing || self.tx_full() {
+            return;
+        }
+        self.held_back = false;
+        self.tx_full_since = None;
+        // A direct receive still filling its task buffer resumes with its next receive.
+        if self.direct.as_ref().is_none_or(|d| d.got >= d.len) {
+            self.parse(env);
         }
     }
 
@@ -442,7 +518,7 @@ impl Conn {
     }
 
     fn max_cmd_sn(&self) -> u32 {
-        let free = QUEUE_DEPTH.saturating_sub(self.tasks.in_use() as u32);
+        let free = self.queue_depth.saturating_sub(self.tasks.in_use() as u32);
         self.exp_cmd_sn.wrapping_add(free).wrapping_sub(1)
     }
 
@@ -665,7 +741,32 @@ impl Conn {
     }
 
     /// Periodic liveness and timeout checks.
-    pub fn tick(&mut self, now: Instant) {
+    pub fn tick(&mut self, now: Instant, pool: &mut BufPool) {
+        if self.closing {
+            return;
+        }
+        if self.tx_full() {
+            let since = *self.tx_full_since.get_or_insert(now);
+            if self.limits_logged & limit::TX_QUEUE == 0 {
+                self.limits_logged |= limit::TX_QUEUE;
+                log::warn!(
+                    "{}: transmit queue over limits.max_tx_queue_kib ({} KiB): not reading requests until it drains",
+                    self.peer,
+                    self.tx_limit / 1024
+                );
+            }
+            if now.duration_since(since) > self.tx_stall_timeout {
+                log::warn!(
+                    "{}: transmit queue stalled for {:?}: dropping the connection",
+                    self.peer,
+                    self.tx_stall_timeout
+                );
+                return self.close("transmit queue stalled");
+            }
+        } else {
+            self.tx_full_since = None;
+        }
+        self.dataout_timeouts(now, pool);
         if self.closing {
             return;
         }

@@ -11,7 +11,7 @@ use std::time::Instant;
 pub enum Stage {
     /// Receiving Data-Out (immediate, unsolicited, then solicited by R2Ts).
     DataOut,
-    /// A backing-store operation is in flight on the ring.
+    /// A backing-store operation is in flight on the ring or on the offload pool.
     Io,
     /// Data-In and status are queued for sending; freed when the last byte is sent.
     Sending,
@@ -28,6 +28,8 @@ pub enum Action {
     SlowPath,
     /// Flush the backing store.
     Flush,
+    /// Run the command's work on the offload pool (see [`crate::offload`]), holding `lock`.
+    Offload { lock: Option<crate::offload::LbaRange> },
 }
 
 /// Longest CDB we accept (16 in the BHS plus an extended-CDB AHS).
@@ -58,6 +60,11 @@ pub struct Task {
     pub r2t_sn: u32,
     /// When the command arrived, for latency statistics.
     pub started: Instant,
+    /// Data-In bytes this read will queue, counted against the connection's transmit limit
+    /// from when its read starts until they are queued.
+    pub tx_reserved: u32,
+    /// When its last Data-Out arrived (or the command, before any): for the Data-Out timeout.
+    pub last_data: Instant,
     /// Aborted by task management: no further PDUs, freed when quiet.
     pub aborted: bool,
     /// ITT of the task management request that aborted it and waits for it to end.
@@ -84,6 +91,8 @@ impl Task {
             r2t_next: 0,
             r2t_sn: 0,
             started,
+            last_data: started,
+            tx_reserved: 0,
             aborted: false,
             abort_tmf: 0,
         }

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::iscsi::dataout::{Accepted, DataOut, DataOutError, MAX_OUTSTANDING_R2T};
+use crate::offload::{Job, Output, Route, Work};
 
 /// Task management functions (RFC 7143 §11.5.1) and responses (§11.6.1).
 mod tmf {
@@ -32,9 +33,12 @@ fn io_len(task: &Task) -> u32 {
     match task.action {
         Action::Read { .. } => task.xfer.next_multiple_of(SECTOR),
         Action::Write { .. } => task.xfer - task.xfer % SECTOR,
-        Action::Flush | Action::SlowPath => 0,
+        Action::Flush | Action::SlowPath | Action::Offload { .. } => 0,
     }
 }
+
+/// Largest Data-In an offloaded command may return (GET LBA STATUS): the reactor's scratch.
+const OFFLOAD_DATA_IN_MAX: usize = 256 * 1024;
 
 impl Conn {
     pub(super) fn scsi_command(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
@@ -80,6 +84,7 @@ impl Conn {
             Disposition::Write { offset, len, fua } => (Action::Write { offset, fua }, len),
             Disposition::DataOut { len } => (Action::SlowPath, len),
             Disposition::Flush => (Action::Flush, 0),
+            Disposition::Offload { lock } => (Action::Offload { lock }, 0),
         };
         let is_out = matches!(action, Action::Write { .. } | Action::SlowPath);
         if needed as usize > MAX_BUF {
@@ -213,7 +218,10 @@ impl Conn {
         let task = self.tasks.get_mut(slot).expect("a direct receive's task lives until it ends");
         // Checked by data_out_dst, and nothing of this connection ran in between.
         match task.dout.accept(bhs.ttt(), bhs.data_sn(), bhs.buffer_offset(), len, bhs.final_bit()) {
-            Ok(a) => self.data_out_sequence_end(slot, a, env),
+            Ok(a) => {
+                task.last_data = env.now;
+                self.data_out_sequence_end(slot, a, env)
+            }
             Err(e) => self.protocol_error_close(bhs.bytes(), &e),
         }
     }
@@ -248,7 +256,9 @@ impl Conn {
         match checked {
             Ok(a) => {
                 self.store_data_out(slot, offset, data);
-                self.tasks.get_mut(slot).expect("found above").dout.commit(a);
+                let task = self.tasks.get_mut(slot).expect("found above");
+                task.dout.commit(a);
+                task.last_data = env.now;
                 self.data_out_sequence_end(slot, a, env);
             }
             Err(e @ DataOutError::DataSn { .. }) => {
@@ -264,6 +274,43 @@ impl Conn {
                 Err(e) => self.protocol_error_close(bhs.bytes(), &e),
             },
             Err(e) => self.protocol_error_close(bhs.bytes(), &e),
+        }
+    }
+
+    /// Aborts the commands whose Data-Out made no progress for `limits.dataout_timeout_secs`:
+    /// CHECK CONDITION, ABORTED COMMAND, INITIATOR RESPONSE TIMEOUT; later Data-Out for them
+    /// is dropped as data for an unknown task. A peer stalled in the middle of a PDU received
+    /// straight into a task's buffer loses the connection instead (the buffer is the kernel's
+    /// until that receive completes).
+    pub(super) fn dataout_timeouts(&mut self, now: Instant, pool: &mut BufPool) {
+        let timeout = self.dataout_timeout;
+        let expired: Vec<u16> = self
+            .tasks
+            .slots()
+            .filter(|(_, t)| {
+                t.stage == Stage::DataOut && !t.aborted && now.saturating_duration_since(t.last_data) > timeout
+            })
+            .map(|(s, _)| s)
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        if self.limits_logged & limit::DATA_OUT_TIMEOUT == 0 {
+            self.limits_logged |= limit::DATA_OUT_TIMEOUT;
+            log::warn!(
+                "{}: no Data-Out for {timeout:?} (limits.dataout_timeout_secs): aborting the command",
+                self.peer
+            );
+        }
+        for slot in expired {
+            if self.direct.as_ref().is_some_and(|d| d.slot == slot) {
+                return self.close("Data-Out stalled in the middle of a PDU");
+            }
+            let task = self.tasks.get(slot).expect("listed above");
+            let (itt, r2ts, d_sense) = (task.itt, task.r2t_sn, task.lun.as_ref().is_some_and(|l| l.d_sense()));
+            self.free_task(slot, pool);
+            let sense = Sense::aborted_command(0x4B, 0x06);
+            self.scsi_response_after(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None, r2ts);
         }
     }
 
@@ -313,6 +360,18 @@ impl Conn {
         };
         let data_out: &[u8] = task.buf.as_ref().map_or(&[], |b| &b[..task.xfer as usize]);
         let disposition = scsi::execute_data_out(&req, env.luns, &mut self.nexus, data_out, env.scratch);
+        if let Disposition::Offload { lock } = disposition {
+            // Checked; the work itself (backing I/O) runs on a worker.
+            let task = self.tasks.get_mut(slot).expect("live task");
+            task.action = Action::Offload { lock };
+            return self.start_io(slot, env);
+        }
+        self.finish_slow_path(slot, disposition, env);
+    }
+
+    /// Answers a slow-path command with its disposition and frees its task.
+    fn finish_slow_path(&mut self, slot: u16, disposition: Disposition, env: &mut ConnEnv) {
+        let task = self.tasks.get(slot).expect("live task");
         let (itt, lun_field, edtl, needed) = (task.itt, task.lun_field, task.expected_len, task.needed);
         let (d_sense, r2ts) = (task.lun.as_ref().is_some_and(|l| l.d_sense()), task.r2t_sn);
         self.free_task(slot, env.pool);
@@ -334,11 +393,16 @@ impl Conn {
     fn start_io(&mut self, slot: u16, env: &mut ConnEnv) {
         let task = self.tasks.get_mut(slot).expect("live task");
         task.stage = Stage::Io;
+        if let Action::Read { .. } = task.action {
+            task.tx_reserved = task.xfer;
+            self.tx_reserved += task.xfer as usize;
+        }
         let Some(lun) = task.lun.clone() else {
             unreachable!("I/O dispositions come only for existing LUNs");
         };
         let len = io_len(task);
         let kind = match task.action {
+            Action::Offload { lock } => return self.offload(slot, lock, env),
             Action::Read { .. } | Action::Write { .. } if len == 0 => return self.io_done(slot, 0, env),
             Action::Read { .. } => IoKind::Read,
             Action::Write { fua, .. } => IoKind::Write { dsync: fua || !lun.write_cache() },
@@ -362,6 +426,55 @@ impl Conn {
                 self.ops_inflight += 1;
             }
         }
+    }
+
+    /// Hands a task's work to the offload pool; its completion comes back through
+    /// [`Conn::offload_done`]. The task (and the connection) stay alive until then, like a
+    /// task with ring I/O in flight.
+    fn offload(&mut self, slot: u16, lock: Option<crate::offload::LbaRange>, env: &mut ConnEnv) {
+        let task = self.tasks.get_mut(slot).expect("live task");
+        let lun = task.lun.clone().expect("offloaded commands run on an existing LUN");
+        let (cdb, cdb_len, expected_len) = (task.cdb, usize::from(task.cdb_len), task.expected_len);
+        let (read, write, xfer) = (task.read_bit, task.write_bit, task.xfer as usize);
+        let buf = task.buf.take();
+        let route = Route { reactor: env.reactor, conn: self.slot, task: slot };
+        let lock = lock.map(|r| (lun.ranges.clone(), r));
+        let work: Work = Box::new(move || {
+            let req = Request { cdb: &cdb[..cdb_len], lun: Some(lun.id), expected_len, read, write };
+            let data_out = buf.as_ref().map_or(&[][..], |b| &b[..xfer]);
+            let mut data_in =
+                if read { vec![0u8; (expected_len as usize).clamp(64, OFFLOAD_DATA_IN_MAX)] } else { Vec::new() };
+            let disposition = scsi::execute_offloaded(&req, &lun, data_out, &mut data_in);
+            match disposition {
+                Disposition::DataIn(n) => data_in.truncate(n),
+                _ => data_in.clear(),
+            }
+            Output { disposition, data_in, buf }
+        });
+        match env.shared.offload().submit(Job { route, lock, work }) {
+            Ok(()) => self.ops_inflight += 1,
+            Err(e) => {
+                log::info!("{}: {e}: BUSY", self.peer);
+                self.finish_slow_path(slot, Disposition::Status(status::BUSY), env);
+            }
+        }
+    }
+
+    /// An offloaded job of task `slot` finished.
+    pub fn offload_done(&mut self, slot: u16, out: Output, env: &mut ConnEnv) {
+        let task = self.tasks.get_mut(slot).expect("offloaded work completes for a live task");
+        if let Some(b) = out.buf {
+            task.buf = Some(b); // recycled by free_task
+        }
+        if task.aborted || self.closing {
+            self.free_task(slot, env.pool);
+            return;
+        }
+        if let Disposition::DataIn(n) = out.disposition {
+            let n = n.min(out.data_in.len()).min(env.scratch.len());
+            env.scratch[..n].copy_from_slice(&out.data_in[..n]);
+        }
+        self.finish_slow_path(slot, out.disposition, env);
     }
 
     /// A backing-store operation finished with `res` (bytes, or a negative errno).
@@ -408,6 +521,8 @@ impl Conn {
     fn send_read_data(&mut self, slot: u16, lun_field: [u8; 8], itt: u32, edtl: u32, needed: u32, xfer: u32) {
         let task = self.tasks.get_mut(slot).expect("live task");
         task.stage = Stage::Sending;
+        // From here the Data-In counts in the transmit queue itself.
+        self.tx_reserved -= std::mem::take(&mut task.tx_reserved) as usize;
         let base = match (&task.buf, &task.lun, task.action) {
             (Some(buf), _, _) => buf.as_ptr(),
             (None, Some(lun), Action::Read { offset }) => match &lun.backing {
@@ -469,6 +584,7 @@ impl Conn {
     /// task management response.
     pub(super) fn free_task(&mut self, slot: u16, pool: &mut BufPool) {
         if let Some(mut t) = self.tasks.remove(slot) {
+            self.tx_reserved -= t.tx_reserved as usize;
             if let Some(buf) = t.buf.take() {
                 pool.put(buf);
             }
