@@ -106,6 +106,13 @@ pub struct Config {
     pub trace_initiators: Vec<String>,
     /// `ADDRESS:PORT` of the Prometheus `/metrics` endpoint; `None`: off.
     pub metrics_listen: Option<String>,
+    /// Directories besides root_dir that `import_image` may read source files from (compared
+    /// after resolving symlinks); empty means root_dir only.
+    pub import_dirs: Vec<PathBuf>,
+    /// The `--lun` specs the last entries of `luns` came from, so errors name the flag rather
+    /// than an index into a list the user never wrote.
+    #[serde(skip)]
+    pub lun_flags: Vec<String>,
     /// Per-connection resource bounds.
     pub limits: ConnLimits,
 }
@@ -129,6 +136,8 @@ impl Default for Config {
             luns: Vec::new(),
             trace_initiators: Vec::new(),
             metrics_listen: None,
+            import_dirs: Vec::new(),
+            lun_flags: Vec::new(),
             limits: ConnLimits::default(),
         }
     }
@@ -212,13 +221,42 @@ impl Config {
         Self::parse(s, "config")
     }
 
-    /// Reads, parses and checks a configuration file.
+    /// Reads, parses and checks a configuration file. Relative paths in it (`root_dir`,
+    /// `control_socket`, `import_dirs`) are resolved against the file's directory, as most
+    /// daemons do, so the file means the same from any working directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = fs::read_to_string(path).map_err(io_err(path, "read config"))?;
-        Self::parse(&text, &path.display().to_string())
+        let origin = path.display().to_string();
+        let mut cfg = Self::parse_unchecked(&text, &origin)?;
+        // Canonical, so the paths printed and used carry no `..` of a relative --config.
+        let file = fs::canonicalize(path).map_err(io_err(path, "resolve config path"))?;
+        if let Some(dir) = file.parent() {
+            cfg.resolve_relative_paths(dir);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Makes `root_dir`, `control_socket` and `import_dirs` absolute, relative ones taken
+    /// against `base` (the config file's directory, or for flags the working directory).
+    pub fn resolve_relative_paths(&mut self, base: &Path) {
+        let abs = |p: &Path| if p.is_relative() && !p.as_os_str().is_empty() { base.join(p) } else { p.to_owned() };
+        self.root_dir = abs(&self.root_dir);
+        if let Some(sock) = &self.control_socket {
+            self.control_socket = Some(abs(sock));
+        }
+        for d in &mut self.import_dirs {
+            *d = abs(d);
+        }
     }
 
     fn parse(s: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg = Self::parse_unchecked(s, origin)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn parse_unchecked(s: &str, origin: &str) -> Result<Config, ConfigError> {
         let yaml_err = |origin: String| move |source| ConfigError::Yaml { origin, source };
         let doc: serde_norway::Value = serde_norway::from_str(s).map_err(yaml_err(origin.to_owned()))?;
         let mut cfg = match &doc {
@@ -227,7 +265,11 @@ impl Config {
             serde_norway::Value::Mapping(m) if m.contains_key("export") => {
                 let file: ExporterFile = serde_norway::from_str(s).map_err(yaml_err(origin.to_owned()))?;
                 file.export.0.ok_or_else(|| {
-                    invalid("export", "no export has an iSCSI type (e.g. jumpstarter_driver_iscsi.driver.ISCSI)")
+                    invalid(
+                        "export",
+                        "no export has an iSCSI type (e.g. jumpstarter_driver_iscsi.driver.ISCSI), nested \
+                         children: included",
+                    )
                 })?
             }
             // Parsed again from the text so errors carry their line and column.
@@ -236,7 +278,6 @@ impl Config {
         for lun in &mut cfg.luns {
             lun.fill_defaults();
         }
-        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -258,6 +299,11 @@ impl Config {
                     format!("block_device_allowlist[{i}]"),
                     format!("must be an absolute path: {}", p.display()),
                 ));
+            }
+        }
+        for (i, p) in self.import_dirs.iter().enumerate() {
+            if p.as_os_str().is_empty() {
+                return Err(invalid(format!("import_dirs[{i}]"), "must not be empty"));
             }
         }
         if let Some(p) = &self.control_socket {
@@ -345,19 +391,19 @@ impl Config {
         let mut ids = HashMap::new();
         let mut files: HashMap<PathBuf, &str> = HashMap::new();
         for (i, lun) in self.luns.iter().enumerate() {
-            let key = format!("luns[{i}]");
+            let key = self.lun_key(i);
             lun.validate(&key)?;
             if let Some(first) = names.insert(lun.name.as_str(), i) {
                 return Err(invalid(
-                    format!("{key}.name"),
-                    format!("{:?} is already the name of luns[{first}]", lun.name),
+                    field_key(&key, "name"),
+                    format!("{:?} is already the name of {}", lun.name, self.lun_key(first)),
                 ));
             }
             if let Some(id) = lun.lun_id {
                 if let Some(first) = ids.insert(id, i) {
                     return Err(invalid(
-                        format!("{key}.lun_id"),
-                        format!("{id} is already the lun_id of luns[{first}]"),
+                        field_key(&key, "lun_id"),
+                        format!("{id} is already the lun_id of {}", self.lun_key(first)),
                     ));
                 }
             }
@@ -366,13 +412,22 @@ impl Config {
                 let path: PathBuf = path.components().filter(|c| *c != Component::CurDir).collect();
                 if let Some(other) = files.insert(path.clone(), &lun.name) {
                     return Err(invalid(
-                        format!("{key}.file_path"),
+                        field_key(&key, "file_path"),
                         format!("{} is already exported by lun {other}", path.display()),
                     ));
                 }
             }
         }
         Ok(())
+    }
+
+    /// How errors name `luns[i]`: its index in the file, or the `--lun` flag it came from.
+    fn lun_key(&self, i: usize) -> String {
+        let first_flag = self.luns.len().saturating_sub(self.lun_flags.len());
+        match i.checked_sub(first_flag).and_then(|k| self.lun_flags.get(k)) {
+            Some(spec) => format!("--lun {spec}"),
+            None => format!("luns[{i}]"),
+        }
     }
 
     /// The target's IQN, `iqn_prefix:target_name`, lower-cased: iSCSI names compare
@@ -474,7 +529,7 @@ impl LunConfig {
 
     /// Checks this LUN on its own; `key` prefixes error keys (`luns[1]`, `--lun ...`).
     pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
-        let k = |field: &str| format!("{key}.{field}");
+        let k = |field: &str| field_key(key, field);
         if self.name.is_empty() {
             return Err(invalid(k("name"), "must not be empty"));
         }
@@ -522,6 +577,16 @@ impl LunConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// `luns[1].name`, or for a flag `--lun name=a,size_mb=1: name` (as [`LunConfig::parse_spec`]
+/// words its errors).
+fn field_key(key: &str, field: &str) -> String {
+    if key.starts_with("--") {
+        format!("{key}: {field}")
+    } else {
+        format!("{key}.{field}")
     }
 }
 
@@ -580,7 +645,8 @@ struct ExporterFile {
 /// The `config:` block of the first export whose `type` names iSCSI, if any.
 struct IscsiExport(Option<Config>);
 
-/// One export: its `config:` when its `type` names iSCSI.
+/// One export: its `config:` when its `type` names iSCSI, else the first iSCSI export among
+/// its `children:` (a composite driver nests the drivers it groups), searched depth first.
 struct ExportEntry(Option<Config>);
 
 fn is_iscsi_type(ty: &str) -> bool {
@@ -621,6 +687,7 @@ impl<'de> Deserialize<'de> for ExportEntry {
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ExportEntry, A::Error> {
                 let mut ty: Option<String> = None;
                 let mut config: Option<Config> = None;
+                let mut children: Option<Config> = None;
                 // `config` before `type`: kept as a value until the type is known.
                 let mut early: Option<serde_norway::Value> = None;
                 while let Some(key) = map.next_key::<String>()? {
@@ -631,13 +698,18 @@ impl<'de> Deserialize<'de> for ExportEntry {
                             config = Some(map.next_value::<Option<Config>>()?.unwrap_or_default())
                         }
                         ("config", None) => early = Some(map.next_value()?),
+                        ("children", _) => {
+                            if let Some(found) = map.next_value::<Option<IscsiExport>>()?.and_then(|c| c.0) {
+                                children.get_or_insert(found);
+                            }
+                        }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }
                 }
                 if !ty.as_deref().is_some_and(is_iscsi_type) {
-                    return Ok(ExportEntry(None));
+                    return Ok(ExportEntry(children));
                 }
                 if let Some(v) = early.filter(|v| !v.is_null()) {
                     config = Some(serde_norway::from_value(v).map_err(|e| A::Error::custom(format!("config: {e}")))?);
@@ -651,7 +723,7 @@ impl<'de> Deserialize<'de> for ExportEntry {
 
 /// The local address a UDP socket "connected" to a public address gets: connect() on UDP sends
 /// nothing, it only asks the kernel for the route.
-fn default_route_addr() -> Option<IpAddr> {
+pub(crate) fn default_route_addr() -> Option<IpAddr> {
     let sock = UdpSocket::bind("0.0.0.0:0").ok()?;
     sock.connect("8.8.8.8:53").ok()?;
     let ip = sock.local_addr().ok()?.ip();
@@ -935,6 +1007,11 @@ mod tests {
         assert_eq!(c.port, 1);
         let e = err("export:\n  iscsi:\n    config: {prot: 1}\n    type: ISCSI\n");
         assert!(e.contains("prot"), "{e}");
+        // Nested under a composite's children, at any depth.
+        let nested = "export:\n  dut:\n    type: jumpstarter_driver_composite.driver.Composite\n    children:\n      \
+                      power:\n        type: MockPower\n      box:\n        type: Composite\n        children:\n          \
+                      storage:\n            type: jumpstarter_driver_iscsi.driver.ISCSI\n            config: {port: 7}\n";
+        assert_eq!(Config::from_yaml_str(nested).unwrap().port, 7);
     }
 
     #[test]

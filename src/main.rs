@@ -109,6 +109,21 @@ enum CtlCommand {
     GetHost,
     GetPort,
     GetTargetIqn,
+    /// Every address the portal is reachable on, one per line (a wildcard bind lists each
+    /// interface's address).
+    GetPortals {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Size and (while it is known) SHA-256 of the image <root_dir>/<NAME>.img.
+    ImageInfo {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import an image file already on the target's machine (under root_dir or an import_dirs
+    /// directory) and export it as a LUN. Prints `host:port iqn lun_id`, then what happened.
+    ImportImage(ImportArgs),
     /// Open the portal (after stop).
     Start,
     /// Close the portal and log every session out; LUNs stay.
@@ -145,6 +160,31 @@ struct UploadArgs {
     cacert: Option<PathBuf>,
 }
 
+/// What `ctl import-image` takes.
+#[derive(Args)]
+struct ImportArgs {
+    /// The file on the target's machine: absolute, or relative to root_dir.
+    #[arg(value_name = "SRC")]
+    src_path: PathBuf,
+    /// Image and LUN name (default: the file's base name without .img and compression suffixes).
+    #[arg(long)]
+    name: Option<String>,
+    /// LUN size in MiB; 0 means the image size rounded up to 512 bytes.
+    #[arg(long, default_value_t = 0)]
+    size_mb: u64,
+    /// Import even when an identical image is in place.
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    read_only: bool,
+    /// none, gz, xz, bz2 or zstd (default: from the file's extension).
+    #[arg(long)]
+    compression: Option<String>,
+    /// Expected SHA-256 of the uncompressed image (hex); a mismatch keeps the old image.
+    #[arg(long)]
+    sha256: Option<String>,
+}
+
 /// Flags override the configuration file's keys of the same name.
 #[derive(Args)]
 struct ServeArgs {
@@ -165,7 +205,7 @@ struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     target_name: Option<String>,
     /// Number of reactors (replaces the file's reactors or cpus).
-    #[arg(long, value_name = "N", conflicts_with = "cpus")]
+    #[arg(long, value_name = "N")]
     reactors: Option<usize>,
     /// CPUs to pin one reactor each to, e.g. 0,1 (replaces the file's reactors or cpus).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
@@ -230,20 +270,21 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
 fn ctl(args: CtlArgs) -> Result<(), CliError> {
     let socket = match (&args.socket, &args.config) {
         (Some(s), _) => s.clone(),
+        // Relative paths in the file are taken against its directory, so this works from anywhere.
         (None, Some(file)) => Config::load(file)?.control_socket_path(),
         (None, None) => Config::default().control_socket_path(),
     };
     match &args.command {
         CtlCommand::Upload(req) => {
             let mut client = Client::connect(&socket)?;
-            let result = upload(&mut client, req)?;
+            let result = upload(&mut client, req).map_err(|e| naming_source(e, &req.file))?;
             print!("{}", upload_output(&result));
             return Ok(());
         }
         CtlCommand::Serve(req) => {
             let mut client = Client::connect(&socket)?;
             client.call("start", Value::Null)?;
-            let result = upload(&mut client, req)?;
+            let result = upload(&mut client, req).map_err(|e| naming_source(e, &req.file))?;
             print!("{}", serve_output(&result));
             return Ok(());
         }
@@ -252,9 +293,24 @@ fn ctl(args: CtlArgs) -> Result<(), CliError> {
     }
     let (method, params) = ctl_request(&args.command);
     let mut client = Client::connect(&socket)?;
-    let result = client.call(method, params)?;
+    let result = client.call(method, params).map_err(CliError::from);
+    let result = match &args.command {
+        CtlCommand::ImportImage(a) => result.map_err(|e| naming_source(e, &a.src_path.to_string_lossy()))?,
+        _ => result?,
+    };
     print!("{}", ctl_output(&args.command, &result));
     Ok(())
+}
+
+/// The target's answer to a failed upload (a truncated or corrupt stream, a digest mismatch)
+/// prefixed with the file or URL it came from, unless it names it already.
+fn naming_source(e: CliError, src: &str) -> CliError {
+    match e {
+        CliError::Control(ControlError::Server { code, message }) if !message.contains(src) => {
+            CliError::Control(ControlError::Server { code, message: format!("{src}: {message}") })
+        }
+        e => e,
+    }
 }
 
 /// The method and params a `ctl` subcommand calls.
@@ -279,9 +335,23 @@ fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
         CtlCommand::GetHost => ("get_host", Value::Null),
         CtlCommand::GetPort => ("get_port", Value::Null),
         CtlCommand::GetTargetIqn => ("get_target_iqn", Value::Null),
+        CtlCommand::GetPortals { .. } => ("get_portals", Value::Null),
         CtlCommand::Start => ("start", Value::Null),
         CtlCommand::Stop => ("stop", Value::Null),
         CtlCommand::TraceSession { tsih, off } => ("trace_session", json!({"tsih": tsih, "enable": !off})),
+        CtlCommand::ImageInfo { name, .. } => ("image_info", json!({"name": name})),
+        CtlCommand::ImportImage(a) => {
+            let name = a.name.clone().unwrap_or_else(|| images::name_from_source(&a.src_path.to_string_lossy()));
+            let mut p = json!({"name": name, "src_path": a.src_path, "size_mb": a.size_mb, "force": a.force,
+                               "read_only": a.read_only});
+            if let Some(c) = &a.compression {
+                p["compression"] = json!(c);
+            }
+            if let Some(d) = &a.sha256 {
+                p["sha256"] = json!(d);
+            }
+            ("import_image", p)
+        }
         // Stream a file: served by upload(), not a single call.
         CtlCommand::Upload(_) | CtlCommand::Serve(_) => ("upload_image", Value::Null),
     }
@@ -422,7 +492,9 @@ fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
     match cmd {
         CtlCommand::ListLuns { json: true }
         | CtlCommand::Stats { json: true, .. }
-        | CtlCommand::Sessions { json: true } => {
+        | CtlCommand::Sessions { json: true }
+        | CtlCommand::ImageInfo { json: true, .. }
+        | CtlCommand::GetPortals { json: true } => {
             format!("{result}\n")
         }
         CtlCommand::ListLuns { json: false } => lun_table(result),
@@ -443,9 +515,28 @@ fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
         CtlCommand::Start => format!("portal open on {}\n", s(&result["address"])),
         CtlCommand::Stop => "portal closed\n".to_owned(),
         CtlCommand::GetHost | CtlCommand::GetPort | CtlCommand::GetTargetIqn => format!("{}\n", s(result)),
-        CtlCommand::Upload(_) => upload_output(result),
+        CtlCommand::Upload(_) | CtlCommand::ImportImage(_) => upload_output(result),
+        CtlCommand::ImageInfo { json: false, .. } => image_info_output(result),
+        CtlCommand::GetPortals { json: false } => {
+            result.as_array().into_iter().flatten().map(|a| s(a) + "\n").collect()
+        }
         CtlCommand::Serve(_) => serve_output(result),
     }
+}
+
+/// `image_info` as `key: value` lines.
+fn image_info_output(r: &Value) -> String {
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let unknown = "unknown (not imported, or changed since)";
+    let opt = |v: &Value| if v.is_null() { unknown.to_owned() } else { s(v) };
+    format!(
+        "name: {}\npath: {}\nsize: {}\nimage_bytes: {}\nsha256: {}\n",
+        s(&r["name"]),
+        s(&r["path"]),
+        s(&r["size"]),
+        opt(&r["image_bytes"]),
+        opt(&r["sha256"])
+    )
 }
 
 /// Rows padded to their columns' widths.
@@ -529,12 +620,13 @@ fn sessions_table(sessions: &Value) -> String {
                 s(&x["initiator"]),
                 s(&x["isid"]),
                 s(&x["address"]),
+                s(&x["portal"]),
                 s(&x["reactor"]),
                 if x["discovery"] == json!(true) { "discovery".into() } else { "normal".into() },
             ]
         })
         .collect();
-    table(&["TSIH", "INITIATOR", "ISID", "ADDRESS", "REACTOR", "TYPE"], &rows)
+    table(&["TSIH", "INITIATOR", "ISID", "ADDRESS", "PORTAL", "REACTOR", "TYPE"], &rows)
 }
 
 // ---- ctl stats --watch ----
@@ -603,6 +695,13 @@ fn build_config(args: &ServeArgs) -> Result<Config, ConfigError> {
         cfg.target_name = v.clone();
     }
     // reactors and cpus exclude each other: a flag for one replaces the file's choice of either.
+    // Both flags at once is refused here, in the one-line format, rather than by clap.
+    if args.reactors.is_some() && args.cpus.is_some() {
+        return Err(ConfigError::Invalid {
+            key: "--reactors".into(),
+            message: "cannot be combined with --cpus (set one: N reactors, or one per listed CPU)".into(),
+        });
+    }
     if let Some(v) = args.reactors {
         cfg.reactors = Some(v);
         cfg.cpus = None;
@@ -619,6 +718,12 @@ fn build_config(args: &ServeArgs) -> Result<Config, ConfigError> {
     }
     for spec in &args.luns {
         cfg.luns.push(LunConfig::parse_spec(spec)?);
+        cfg.lun_flags.push(spec.clone());
+    }
+    // The file's relative paths are already taken against its directory; the flags' against
+    // the working directory. Absolute from here on, so the paths printed at start are too.
+    if let Ok(cwd) = std::env::current_dir() {
+        cfg.resolve_relative_paths(&cwd);
     }
     cfg.trace_initiators.extend(args.trace_initiators.iter().cloned());
     if let Some(v) = &args.metrics_listen {
@@ -695,13 +800,14 @@ mod tests {
 
     #[test]
     fn duplicate_cli_luns_are_refused() {
-        let err = build_config(&args(&["--lun", "name=a", "--lun", "name=a"])).unwrap_err();
-        assert!(err.to_string().contains("luns[1].name"), "{err}");
+        let err = build_config(&args(&["--lun", "name=a", "--lun", "name=a,size_mb=1"])).unwrap_err();
+        assert_eq!(err.to_string(), "--lun name=a,size_mb=1: name: \"a\" is already the name of --lun name=a");
     }
 
     #[test]
     fn reactors_and_cpus_flags_conflict() {
-        assert!(Cli::try_parse_from(["uringtgt", "serve", "--reactors", "2", "--cpus", "0"]).is_err());
+        let err = build_config(&args(&["--reactors", "2", "--cpus", "0"])).unwrap_err().to_string();
+        assert!(err.starts_with("--reactors: cannot be combined with --cpus"), "{err}");
     }
 
     #[test]
@@ -735,6 +841,33 @@ mod tests {
         assert_eq!(ctl_request(&ctl_cmd(&["clear-luns"])).0, "clear_all_luns");
         assert_eq!(ctl_request(&ctl_cmd(&["stats", "--json"])).0, "get_stats");
         assert!(Cli::try_parse_from(["uringtgt", "ctl", "add-lun", "x", "--backing", "disk"]).is_err());
+    }
+
+    /// Every method of the control plane's dispatch table is reachable from a `ctl` subcommand:
+    /// each subcommand is parsed with placeholder values for its required arguments and the
+    /// methods it calls are collected.
+    #[test]
+    fn ctl_covers_every_method() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let ctl = cli.find_subcommand("ctl").expect("ctl subcommand");
+        let mut called = std::collections::BTreeSet::new();
+        for sub in ctl.get_subcommands() {
+            let mut argv = vec![sub.get_name().to_owned()];
+            for a in sub.get_arguments().filter(|a| a.is_positional() && a.is_required_set()) {
+                argv.push(format!("1{}", a.get_id()));
+            }
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let cmd = ctl_cmd(&argv);
+            called.insert(ctl_request(&cmd).0);
+            // `ctl serve` opens the portal before uploading.
+            if matches!(cmd, CtlCommand::Serve(_)) {
+                called.insert("start");
+            }
+        }
+        let missing: Vec<&&str> =
+            uringtgt::control::methods::METHODS.iter().filter(|m| !called.contains(**m)).collect();
+        assert!(missing.is_empty(), "methods without a ctl subcommand: {missing:?}");
     }
 
     #[test]

@@ -24,7 +24,9 @@ pub enum TargetError {
     /// The portal address cannot be bound (in use, not local, no permission).
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
-    #[error("LUN {name}: {source}")]
+    /// The configuration error names the LUN itself when it can (`lun x: ...`); only the
+    /// others get the `LUN x:` prefix, so no message reads `LUN x: lun x: ...`.
+    #[error("{}", lun_message(name, source))]
     Lun { name: String, source: ConfigError },
     #[error("LUN {name}: no free LUN id")]
     NoLunId { name: String },
@@ -50,6 +52,17 @@ pub enum TargetError {
     /// Two LUNs over one image would corrupt each other's data.
     #[error("{path} is already exported by LUN {by:?}")]
     FileInUse { path: PathBuf, by: String },
+}
+
+fn lun_message(name: &str, source: &ConfigError) -> String {
+    match source {
+        ConfigError::Lun { .. }
+        | ConfigError::PathRejected { .. }
+        | ConfigError::NoSpace { .. }
+        | ConfigError::Backing { .. } => source.to_string(),
+        ConfigError::Invalid { key, .. } if key.starts_with(&format!("lun {name}.")) => source.to_string(),
+        _ => format!("LUN {name}: {source}"),
+    }
 }
 
 /// Why a login cannot join or start a session.
@@ -80,6 +93,13 @@ pub struct SessionInfo {
     pub negotiated: Vec<(&'static str, String)>,
     /// The connection's protocol trace switch (`trace_session`).
     pub trace: crate::protocol::trace::Switch,
+    /// The address the initiator reached the portal on (never a wildcard).
+    pub portal: Option<SocketAddr>,
+}
+
+/// An ISID as logs and `list_sessions` print it: 12 hex digits.
+pub fn isid_hex(isid: &[u8; 6]) -> String {
+    isid.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 struct ReactorHandle {
@@ -340,8 +360,10 @@ impl Target {
         let listener = TcpListener::bind(&addr).map_err(|source| TargetError::Bind { addr: addr.clone(), source })?;
         let local = listener.local_addr().map_err(|source| TargetError::Bind { addr: addr.clone(), source })?;
         let iqn = cfg.target_iqn();
-        let login =
-            LoginConfig { target_name: iqn.clone(), addresses: vec![format!("{local},1")], ..LoginConfig::default() };
+        // SendTargets lists every portal address (one for a specific bind, each interface's
+        // for a wildcard one).
+        let addresses = crate::portals::portals(local).iter().map(|a| format!("{a},1")).collect();
+        let login = LoginConfig { target_name: iqn.clone(), addresses, ..LoginConfig::default() };
         let shared = Arc::new(Shared::new(login, luns).with_limits(cfg.limits.clone()));
         let mut handles = Vec::new();
         let mut reactors = Vec::new();
@@ -409,6 +431,16 @@ impl Target {
     /// The portal address (also while the portal is stopped).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The portal address to hand to initiators: never a wildcard (see [`crate::portals`]).
+    pub fn advertised_addr(&self) -> SocketAddr {
+        crate::portals::advertised(self.local)
+    }
+
+    /// Every address the portal is reachable on, the advertised one first.
+    pub fn portals(&self) -> Vec<SocketAddr> {
+        crate::portals::portals(self.local)
     }
 
     pub fn iqn(&self) -> &str {
@@ -675,7 +707,7 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
             return Err(e.into());
         }
     };
-    log::info!("control socket {}", control.path().display());
+    log::info!("root_dir {}, control socket {}", cfg.root_dir.display(), control.path().display());
     let metrics = match cfg.metrics_listen.as_deref().map(|a| crate::metrics::MetricsServer::start(a, target.clone())) {
         Some(Ok(m)) => {
             log::info!("metrics on http://{}/metrics", m.local_addr());
@@ -688,6 +720,11 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
         }
         None => None,
     };
+    // Where initiators can connect: `host: ""` picks the default-route interface's address and
+    // a wildcard bind listens on every interface, so neither is obvious from the config.
+    let portals: Vec<String> = target.portals().iter().map(ToString::to_string).collect();
+    let bound = if cfg.host.is_empty() { " (host \"\": the default-route interface's address)" } else { "" };
+    log::info!("listening on {}{bound}; portal addresses: {}", target.local_addr(), portals.join(" "));
     // The readiness line scripts and tests wait for.
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening on {} {}", target.local_addr(), target.iqn());

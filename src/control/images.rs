@@ -13,7 +13,8 @@
 //! when the digests match (and `force` is not asked) it sends `upload_image` with `size: 0`
 //! and the digest, a conditional re-export that succeeds with `skipped: true` only if that
 //! image is still in place. An `upload_image` that carries the bytes of an image already in
-//! place is skipped too: the server drains the bytes without writing them.
+//! place is skipped too: the server drains the bytes without writing them when the client
+//! gave the digest, or hashes them and drops the copy when it did not (a URL, a raw upload).
 
 use super::methods::map_target_error;
 use super::rpc::{self, decode_params, RpcError};
@@ -163,7 +164,8 @@ pub fn import_image(target: &Target, params: Value) -> Result<Value, RpcError> {
     let run = || {
         let plan =
             plan(target, p.name, p.compression.as_deref(), p.sha256.as_deref(), p.size_mb, p.force, p.read_only)?;
-        let res = images::import_file(&target.config().root_dir, &plan.name, &p.src_path, &plan.opts)?;
+        let cfg = target.config();
+        let res = images::import_file_within(&cfg.root_dir, &cfg.import_dirs, &plan.name, &p.src_path, &plan.opts)?;
         export(target, &plan, &res)
     };
     let started = std::time::Instant::now();
@@ -216,6 +218,10 @@ fn upload(target: &Target, p: UploadParams, wire: &mut impl Read) -> Result<Valu
     if images::would_skip(root, &plan.name, &plan.opts)? {
         drain(wire, size).map_err(|e| ImageError::Source { offset: 0, source: e })?;
         return export_in_place(target, &plan);
+    }
+    // Without a digest, 0 bytes are not a conditional re-export but an empty image.
+    if size == 0 && plan.opts.sha256.is_none() {
+        return Err(ImageError::Empty.into());
     }
     if size == 0 {
         let sha256 = plan.opts.sha256.map_or_else(|| "(none given)".into(), |d| images::to_hex(&d));
@@ -318,7 +324,7 @@ fn add(target: &Target, plan: &Plan, path: &Path) -> Result<std::sync::Arc<Lun>,
 fn answer(target: &Target, lun: &Lun, bytes: u64, sha256: &[u8; 32], skipped: bool) -> Value {
     json!({
         "name": lun.name,
-        "address": target.local_addr().to_string(),
+        "address": target.advertised_addr().to_string(),
         "iqn": target.iqn(),
         "lun_id": lun.id,
         "size": lun.size_bytes(),

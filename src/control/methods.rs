@@ -18,6 +18,7 @@ pub const METHODS: &[&str] = &[
     "get_host",
     "get_port",
     "get_target_iqn",
+    "get_portals",
     "start",
     "stop",
     "add_lun",
@@ -62,13 +63,17 @@ struct RemoveLun {
 /// Runs one method.
 pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcError> {
     match method {
-        "get_host" => no_params(&params).map(|()| json!(target.local_addr().ip().to_string())),
+        // Never a wildcard: the address a device can be handed (see crate::portals).
+        "get_host" => no_params(&params).map(|()| json!(target.advertised_addr().ip().to_string())),
+        "get_portals" => {
+            no_params(&params).map(|()| Value::Array(target.portals().iter().map(|a| json!(a.to_string())).collect()))
+        }
         "get_port" => no_params(&params).map(|()| json!(target.local_addr().port())),
         "get_target_iqn" => no_params(&params).map(|()| json!(target.iqn())),
         "start" => {
             no_params(&params)?;
             let started = target.start_portal().map_err(map_target_error)?;
-            Ok(json!({"address": target.local_addr().to_string(), "started": started}))
+            Ok(json!({"address": target.advertised_addr().to_string(), "started": started}))
         }
         "stop" => {
             no_params(&params)?;
@@ -234,13 +239,14 @@ fn stats(target: &Target) -> Value {
 }
 
 fn session_info(s: &SessionInfo) -> Value {
-    let isid: String = s.isid.iter().map(|b| format!("{b:02x}")).collect();
+    let isid = crate::target::isid_hex(&s.isid);
     let negotiated: Map<String, Value> = s.negotiated.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect();
     json!({
         "tsih": s.tsih,
         "initiator": s.initiator,
         "isid": isid,
         "address": s.peer.to_string(),
+        "portal": s.portal.map(|a| a.to_string()),
         "reactor": s.reactor,
         "discovery": s.discovery,
         "negotiated": negotiated,

@@ -693,6 +693,7 @@ impl Conn {
                     token: self.token,
                     negotiated: neg.pairs(),
                     trace: self.trace.clone(),
+                    portal: self.stream.local_addr().ok(),
                 };
                 match env.shared.register_session(info) {
                     Ok(tsih) => self.tsih = tsih,
@@ -712,11 +713,11 @@ impl Conn {
             }
             if matches!(outcome, LoginOutcome::FullFeature) {
                 log::info!(
-                    "{}: {} login from {} (ISID {:02x?}, TSIH {})",
+                    "{}: {} login from {} (ISID {}, TSIH {})",
                     self.peer,
                     if neg.session_type == SessionType::Normal { "session" } else { "discovery" },
                     neg.initiator_name,
-                    req.isid,
+                    crate::target::isid_hex(&req.isid),
                     self.tsih
                 );
                 self.nexus.set_identity(&neg.initiator_name, req.isid);
@@ -827,13 +828,15 @@ impl Conn {
         let local = self.stream.local_addr().ok();
         let negotiator = self.text.get_or_insert_with(|| {
             let cfg = env.shared.login_config();
-            // Answer SendTargets with the address this connection reached us on: right
-            // whether we listen on one address or on all of them.
+            // Every portal address (RFC 7143 TargetAddress, one per address), the one this
+            // connection reached us on first: the address the initiator already knows works.
             let tpgt = cfg.portal_group_tag;
-            let addresses = match local {
-                Some(a) => vec![format!("{a},{tpgt}")],
-                None => cfg.addresses.clone(),
-            };
+            let mut addresses = cfg.addresses.clone();
+            if let Some(a) = local {
+                let own = format!("{a},{tpgt}");
+                addresses.retain(|x| *x != own);
+                addresses.insert(0, own);
+            }
             text::TextNegotiator::new(session_type, &cfg.target_name, &addresses, max_xmit)
         });
         let req = text::TextRequest {
