@@ -6,6 +6,8 @@
 //! the semantics of the old driver's `add_lun`, minus its defects.
 
 use crate::backing::{Backing, BackingError, BackingKind};
+use crate::protocol::acl::{Acl, Cidr};
+use crate::protocol::chap::{self, AuthConfig, Credentials, Secret};
 use crate::scsi::lun::{BLOCK_SIZE, MAX_LUN_ID};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -96,7 +98,71 @@ pub struct Config {
     pub log_level: Option<String>,
     /// LUNs exported at start.
     pub luns: Vec<LunConfig>,
+    // ---- access control (README "Security") ----
+    /// CHAP credentials; `None`: no authentication (demo mode).
+    pub auth: Option<AuthSection>,
+    /// Initiator names that may log in; empty: any.
+    pub allowed_initiators: Vec<String>,
+    /// Source address blocks (CIDR) that may log in; empty: any.
+    pub allowed_networks: Vec<String>,
+    /// Group that owns the control socket (name or numeric id); `None`: the process's group.
+    pub control_socket_group: Option<String>,
+    /// Open iSCSI connections at most; further ones are closed at once.
+    pub max_connections: usize,
+    /// Sessions one initiator name may hold at once; `None`: no limit.
+    pub max_sessions_per_initiator: Option<u32>,
 }
+
+/// The `auth:` key.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// What initiators must prove.
+    pub chap: Option<ChapSection>,
+    /// What the target proves to initiators that ask (mutual CHAP).
+    pub mutual_chap: Option<ChapSection>,
+    /// Discovery sessions authenticate too.
+    #[serde(default)]
+    pub discovery: bool,
+}
+
+/// A CHAP user: `{username, secret}` or `{username, secret_file}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChapSection {
+    pub username: String,
+    #[serde(default)]
+    pub secret: Option<SecretText>,
+    /// A file holding the secret (one trailing newline ignored); mode 0600 or stricter.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+/// A secret as written in the configuration: prints and serialises as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(String);
+
+impl SecretText {
+    pub fn new(s: impl Into<String>) -> Self {
+        SecretText(s.into())
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for SecretText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// Default of `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -114,6 +180,12 @@ impl Default for Config {
             poll_mode: PollMode::Adaptive,
             log_level: None,
             luns: Vec::new(),
+            auth: None,
+            allowed_initiators: Vec::new(),
+            allowed_networks: Vec::new(),
+            control_socket_group: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_sessions_per_initiator: None,
         }
     }
 }
@@ -141,6 +213,9 @@ pub struct LunConfig {
     /// Export an allow-listed block device instead of an image file.
     #[serde(default)]
     pub is_block: bool,
+    /// Initiator names that see this LUN; empty: every initiator.
+    #[serde(default)]
+    pub initiators: Vec<String>,
 }
 
 impl Config {
@@ -222,7 +297,69 @@ impl Config {
                 ));
             }
         }
+        self.validate_access()?;
         self.validate_luns()
+    }
+
+    /// The access-control keys, short of reading secret files (see [`Config::auth_config`]).
+    fn validate_access(&self) -> Result<(), ConfigError> {
+        if let Some(auth) = &self.auth {
+            let Some(chap) = &auth.chap else {
+                return Err(invalid("auth.chap", "required: mutual_chap and discovery need the initiator's CHAP user"));
+            };
+            chap.validate("auth.chap")?;
+            if let Some(m) = &auth.mutual_chap {
+                m.validate("auth.mutual_chap")?;
+            }
+        }
+        for (i, name) in self.allowed_initiators.iter().enumerate() {
+            if name.is_empty() || name.len() > MAX_ISCSI_NAME || name.contains(|c: char| c.is_whitespace() || c == ',')
+            {
+                return Err(invalid(format!("allowed_initiators[{i}]"), format!("{name:?} is not an iSCSI name")));
+            }
+        }
+        self.acl()?;
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.max_sessions_per_initiator == Some(0) {
+            return Err(invalid("max_sessions_per_initiator", "must be at least 1 (leave it out for no limit)"));
+        }
+        if let Some(g) = &self.control_socket_group {
+            if g.is_empty() {
+                return Err(invalid("control_socket_group", "must not be empty"));
+            }
+        }
+        for (i, lun) in self.luns.iter().enumerate() {
+            validate_initiator_list(&lun.initiators, &format!("luns[{i}].initiators"))?;
+        }
+        Ok(())
+    }
+
+    /// `allowed_initiators` and `allowed_networks`, parsed.
+    pub fn acl(&self) -> Result<Acl, ConfigError> {
+        let networks = self
+            .allowed_networks
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.parse::<Cidr>().map_err(|e| invalid(format!("allowed_networks[{i}]"), e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Acl { initiators: self.allowed_initiators.clone(), networks })
+    }
+
+    /// The CHAP credentials, with secret files read and checked (mode 0600 or stricter,
+    /// 12 to 255 bytes). Errors name the key, never the secret.
+    pub fn auth_config(&self) -> Result<AuthConfig, ConfigError> {
+        let Some(auth) = &self.auth else { return Ok(AuthConfig::default()) };
+        let chap = auth.chap.as_ref().map(|c| c.credentials("auth.chap")).transpose()?;
+        let mutual = auth.mutual_chap.as_ref().map(|c| c.credentials("auth.mutual_chap")).transpose()?;
+        if let (Some(c), Some(m)) = (&chap, &mutual) {
+            // RFC 7143 §12.1.3: a secret must not authenticate both directions.
+            if c.secret == m.secret {
+                return Err(invalid("auth.mutual_chap", "the secret must differ from auth.chap's"));
+            }
+        }
+        Ok(AuthConfig { chap, mutual, discovery: auth.discovery })
     }
 
     fn validate_reactors(&self) -> Result<(), ConfigError> {
@@ -332,6 +469,7 @@ impl LunConfig {
             read_only: false,
             lun_id: None,
             is_block: false,
+            initiators: Vec::new(),
         };
         for pair in spec.split(',').filter(|p| !p.is_empty()) {
             let Some((k, v)) = pair.split_once('=') else {
@@ -353,11 +491,13 @@ impl LunConfig {
                 "read_only" => lun.read_only = flag(v)?,
                 "lun_id" => lun.lun_id = Some(num(v)?),
                 "is_block" => lun.is_block = flag(v)?,
+                // Repeatable: initiator=iqn.a,initiator=iqn.b
+                "initiator" => lun.initiators.push(v.to_owned()),
                 _ => {
                     return Err(invalid(
                         format!("--lun {spec}"),
                         format!(
-                            "unknown key {k:?}, expected one of name, file_path, size_mb, backing, read_only, lun_id, is_block"
+                            "unknown key {k:?}, expected one of name, file_path, size_mb, backing, read_only, lun_id, is_block, initiator"
                         ),
                     ))
                 }
@@ -435,6 +575,91 @@ impl LunConfig {
         }
         Ok(())
     }
+}
+
+/// A list of initiator names (a LUN's `initiators`).
+pub fn validate_initiator_list(names: &[String], key: &str) -> Result<(), ConfigError> {
+    for (i, name) in names.iter().enumerate() {
+        if name.is_empty() || name.len() > MAX_ISCSI_NAME || name.contains(|c: char| c.is_whitespace() || c == ',') {
+            return Err(invalid(format!("{key}[{i}]"), format!("{name:?} is not an iSCSI name")));
+        }
+    }
+    Ok(())
+}
+
+impl ChapSection {
+    /// Checks what can be checked without reading `secret_file`.
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.username.is_empty() {
+            return Err(invalid(format!("{key}.username"), "must not be empty"));
+        }
+        if self.username.len() > 255 || self.username.contains(|c: char| c.is_control()) {
+            return Err(invalid(format!("{key}.username"), "must be at most 255 printable characters"));
+        }
+        match (&self.secret, &self.secret_file) {
+            (Some(_), Some(_)) => Err(invalid(key, "set either secret or secret_file, not both")),
+            (None, None) => Err(invalid(key, "needs secret or secret_file")),
+            (Some(s), None) => check_secret_len(s.0.len(), &format!("{key}.secret")),
+            (None, Some(p)) if p.as_os_str().is_empty() => {
+                Err(invalid(format!("{key}.secret_file"), "must not be empty"))
+            }
+            (None, Some(_)) => Ok(()),
+        }
+    }
+
+    /// The credentials, reading `secret_file` if that is where the secret is.
+    fn credentials(&self, key: &str) -> Result<Credentials, ConfigError> {
+        self.validate(key)?;
+        let secret = match (&self.secret, &self.secret_file) {
+            (Some(s), _) => Secret::new(s.0.as_bytes()),
+            (None, Some(path)) => read_secret_file(path, &format!("{key}.secret_file"))?,
+            (None, None) => unreachable!("validate() demands one"),
+        };
+        Ok(Credentials { username: self.username.clone(), secret })
+    }
+}
+
+fn check_secret_len(len: usize, key: &str) -> Result<(), ConfigError> {
+    if len < chap::MIN_SECRET_LEN {
+        return Err(invalid(
+            key,
+            format!("{len} bytes; a CHAP secret needs at least {} (RFC 7143 §12.1.3)", chap::MIN_SECRET_LEN),
+        ));
+    }
+    if len > chap::MAX_SECRET_LEN {
+        return Err(invalid(key, format!("{len} bytes; at most {} are accepted", chap::MAX_SECRET_LEN)));
+    }
+    Ok(())
+}
+
+/// Reads a secret file: it must be a regular file nobody but its owner can read or write
+/// (mode 0600 or stricter). One trailing newline (`\n` or `\r\n`) is not part of the secret.
+fn read_secret_file(path: &Path, key: &str) -> Result<Secret, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path).map_err(io_err(path, "read secret file"))?;
+    if !meta.is_file() {
+        return Err(invalid(key, format!("{} is not a regular file", path.display())));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(invalid(
+            key,
+            format!(
+                "{} has mode {mode:04o}; it must be 0600 or stricter (chmod 600 {})",
+                path.display(),
+                path.display()
+            ),
+        ));
+    }
+    let mut bytes = fs::read(path).map_err(io_err(path, "read secret file"))?;
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    check_secret_len(bytes.len(), key)?;
+    Ok(Secret::new(bytes))
 }
 
 /// An image path must stay below root_dir by construction: relative, no `..`, not empty.
@@ -923,6 +1148,7 @@ mod tests {
                 read_only: true,
                 lun_id: Some(3),
                 is_block: false,
+                initiators: Vec::new(),
             }
         );
         assert_eq!(LunConfig::parse_spec("name=d").unwrap().file_path, Some("d.img".into()));

@@ -168,6 +168,28 @@ struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace, or a RUST_LOG-style filter); default info.
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// CHAP user initiators must log in as (replaces the file's auth.chap).
+    #[arg(long, value_name = "NAME", requires = "chap_secret_file")]
+    chap_user: Option<String>,
+    /// File holding that user's CHAP secret (mode 0600, 12 to 255 bytes).
+    #[arg(long, value_name = "FILE", requires = "chap_user")]
+    chap_secret_file: Option<PathBuf>,
+    /// Mutual CHAP: the user the target answers initiators' challenges as.
+    #[arg(long, value_name = "NAME", requires_all = ["mutual_chap_secret_file", "chap_user"])]
+    mutual_chap_user: Option<String>,
+    /// File holding the target's mutual CHAP secret (mode 0600).
+    #[arg(long, value_name = "FILE", requires = "mutual_chap_user")]
+    mutual_chap_secret_file: Option<PathBuf>,
+    /// Discovery sessions authenticate with CHAP too.
+    #[arg(long, requires = "chap_user")]
+    discovery_auth: bool,
+    /// An initiator name allowed to log in (repeatable; adds to allowed_initiators).
+    #[arg(long = "allow-initiator", value_name = "IQN")]
+    allow_initiators: Vec<String>,
+    /// A source address block allowed to log in, e.g. 10.0.0.0/8 (repeatable; adds to
+    /// allowed_networks).
+    #[arg(long = "allow-network", value_name = "CIDR")]
+    allow_networks: Vec<String>,
 }
 
 /// What stops `uringtgt` with exit status 1.
@@ -548,8 +570,33 @@ fn build_config(args: &ServeArgs) -> Result<Config, ConfigError> {
     for spec in &args.luns {
         cfg.luns.push(LunConfig::parse_spec(spec)?);
     }
+    apply_access_flags(args, &mut cfg);
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The CHAP and ACL flags of `serve` over the file's `auth`, `allowed_initiators` and
+/// `allowed_networks`.
+fn apply_access_flags(args: &ServeArgs, cfg: &mut Config) {
+    use uringtgt::config::{AuthSection, ChapSection};
+    let section = |user: &str, file: &PathBuf| ChapSection {
+        username: user.to_owned(),
+        secret: None,
+        secret_file: Some(file.clone()),
+    };
+    if let (Some(user), Some(file)) = (&args.chap_user, &args.chap_secret_file) {
+        let auth = cfg.auth.get_or_insert_with(AuthSection::default);
+        auth.chap = Some(section(user, file));
+        if args.discovery_auth {
+            auth.discovery = true;
+        }
+    }
+    if let (Some(user), Some(file), Some(auth)) = (&args.mutual_chap_user, &args.mutual_chap_secret_file, &mut cfg.auth)
+    {
+        auth.mutual_chap = Some(section(user, file));
+    }
+    cfg.allowed_initiators.extend(args.allow_initiators.iter().cloned());
+    cfg.allowed_networks.extend(args.allow_networks.iter().cloned());
 }
 
 /// Precedence: --log-level, then RUST_LOG, then the file's log_level, then info.

@@ -2,6 +2,7 @@
 
 use crate::backing::BackingKind;
 use crate::config::{self, Config, ConfigError, LunConfig};
+use crate::protocol::chap::AuthConfig;
 use crate::protocol::login::LoginConfig;
 use crate::reactor::{Msg, Reactor, ReactorError, ReactorStats, Waker};
 use crate::scsi::{lun, Lun, LunTable};
@@ -11,7 +12,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -55,6 +56,9 @@ pub enum SessionError {
     NoSuchSession,
     #[error("too many sessions")]
     TooManySessions,
+    /// `max_sessions_per_initiator` reached.
+    #[error("initiator already has {0} sessions (max_sessions_per_initiator)")]
+    InitiatorSessionLimit(u32),
 }
 
 /// A logged-in session, as registered at the end of its login.
@@ -64,6 +68,8 @@ pub struct SessionInfo {
     /// registered.
     pub tsih: u16,
     pub initiator: String,
+    /// How it authenticated: `None`, or e.g. `CHAP SHA-256, mutual`.
+    pub auth: String,
     pub isid: [u8; 6],
     /// Discovery sessions get a TSIH but never reinstate (or get reinstated by) others.
     pub discovery: bool,
@@ -91,30 +97,68 @@ impl ReactorHandle {
 /// State shared by every reactor. Nothing here is touched on the I/O path: the LUN table is
 /// read through a generation counter, sessions only at login.
 pub struct Shared {
-    login: Arc<LoginConfig>,
+    /// Swapped whole by `set_auth`: a connection keeps the one it started its login with.
+    login: RwLock<Arc<LoginConfig>>,
     luns: RwLock<Arc<LunTable>>,
     lun_gen: AtomicU64,
     sessions: Mutex<HashMap<u16, SessionInfo>>,
     next_tsih: Mutex<u16>,
     reactors: OnceLock<Vec<ReactorHandle>>,
     next_token: AtomicU64,
+    /// Open iSCSI connections, counted by the acceptor and decremented at teardown.
+    connections: AtomicUsize,
+    pub limits: Limits,
+}
+
+/// Admission limits (README "Security").
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_sessions_per_initiator: Option<u32>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: config::DEFAULT_MAX_CONNECTIONS, max_sessions_per_initiator: None }
+    }
 }
 
 impl Shared {
     pub fn new(login: LoginConfig, luns: LunTable) -> Self {
         Self {
-            login: Arc::new(login),
+            login: RwLock::new(Arc::new(login)),
             luns: RwLock::new(Arc::new(luns)),
             lun_gen: AtomicU64::new(1),
             sessions: Mutex::new(HashMap::new()),
             next_tsih: Mutex::new(0),
             reactors: OnceLock::new(),
             next_token: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            limits: Limits::default(),
         }
     }
 
     pub fn login_config(&self) -> Arc<LoginConfig> {
-        self.login.clone()
+        self.login.read().expect("login config lock poisoned").clone()
+    }
+
+    /// New credentials for logins that start from now on; sessions logged in stay.
+    pub fn set_auth(&self, auth: AuthConfig) {
+        let mut login = self.login.write().expect("login config lock poisoned");
+        let mut next = LoginConfig::clone(&login);
+        next.auth = auth;
+        *login = Arc::new(next);
+    }
+
+    /// One more connection, unless `max_connections` are open.
+    fn admit_connection(&self) -> bool {
+        let max = self.limits.max_connections;
+        self.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+
+    /// A connection admitted by the acceptor is gone.
+    pub fn connection_closed(&self) {
+        let _ = self.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// The current LUN table and its generation.
@@ -161,6 +205,12 @@ impl Shared {
         if let Some(old) = sessions.iter().find(|(_, e)| !info.discovery && same(e)).map(|(t, _)| *t) {
             let e = sessions.remove(&old).expect("found above");
             self.close_conn(e.reactor, e.token);
+        }
+        if let (Some(max), false) = (self.limits.max_sessions_per_initiator, info.discovery) {
+            let held = sessions.values().filter(|e| !e.discovery && e.initiator.eq_ignore_ascii_case(&info.initiator));
+            if held.count() >= max as usize {
+                return Err(SessionError::InitiatorSessionLimit(max));
+            }
         }
         let mut next = self.next_tsih.lock().expect("TSIH lock poisoned");
         for _ in 0..u16::MAX {
@@ -310,9 +360,17 @@ impl Target {
         let listener = TcpListener::bind(&addr).map_err(|source| TargetError::Bind { addr: addr.clone(), source })?;
         let local = listener.local_addr().map_err(|source| TargetError::Bind { addr: addr.clone(), source })?;
         let iqn = cfg.target_iqn();
-        let login =
-            LoginConfig { target_name: iqn.clone(), addresses: vec![format!("{local},1")], ..LoginConfig::default() };
-        let shared = Arc::new(Shared::new(login, luns));
+        let login = LoginConfig {
+            target_name: iqn.clone(),
+            addresses: vec![format!("{local},1")],
+            auth: cfg.auth_config()?,
+            acl: cfg.acl()?,
+            ..LoginConfig::default()
+        };
+        let mut shared = Shared::new(login, luns);
+        shared.limits =
+            Limits { max_connections: cfg.max_connections, max_sessions_per_initiator: cfg.max_sessions_per_initiator };
+        let shared = Arc::new(shared);
         let mut handles = Vec::new();
         let mut reactors = Vec::new();
         let poll = cfg.poll_mode;
@@ -560,8 +618,23 @@ fn drain(lun: Arc<Lun>) {
 fn accept_loop(listener: &TcpListener, shared: &Shared) {
     let reactors = shared.reactors.get().expect("reactors start before the acceptor");
     let mut next = 0;
+    // Refusals beyond max_connections are logged at most once a second, with their count.
+    let mut refused = 0u64;
+    let mut last_refusal_log: Option<Instant> = None;
     loop {
         match listener.accept() {
+            Ok((stream, peer)) if !shared.admit_connection() => {
+                drop(stream);
+                refused += 1;
+                if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    log::warn!(
+                        "{peer}: connection closed: max_connections ({}) open ({refused} refused since the last report)",
+                        shared.limits.max_connections
+                    );
+                    refused = 0;
+                    last_refusal_log = Some(Instant::now());
+                }
+            }
             Ok((stream, peer)) => {
                 reactors[next % reactors.len()].send(Msg::Conn(stream, peer, shared.next_token()));
                 next += 1;

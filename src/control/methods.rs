@@ -49,8 +49,12 @@ struct AddLun {
     backing: BackingKind,
     #[serde(default)]
     lun_id: Option<u64>,
+    /// Initiator names that see the LUN; empty: all.
+    #[serde(default)]
+    initiators: Vec<String>,
 }
-const ADD_LUN_PARAMS: &[&str] = &["name", "file_path", "size_mb", "is_block", "read_only", "backing", "lun_id"];
+const ADD_LUN_PARAMS: &[&str] =
+    &["name", "file_path", "size_mb", "is_block", "read_only", "backing", "lun_id", "initiators"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,6 +93,7 @@ pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcEr
                 read_only: p.read_only,
                 lun_id: p.lun_id,
                 is_block: p.is_block,
+                initiators: p.initiators,
             };
             let lun = target.add_lun(lc).map_err(map_target_error)?;
             Ok(lun_info(&lun))
@@ -238,6 +243,7 @@ fn session_info(s: &SessionInfo) -> Value {
         "tsih": s.tsih,
         "initiator": s.initiator,
         "isid": isid,
+        "auth": s.auth,
         "address": s.peer.to_string(),
         "reactor": s.reactor,
         "discovery": s.discovery,

@@ -35,6 +35,10 @@ const LOGIN_DSL: u32 = 8192;
 const NOP_INTERVAL: Duration = Duration::from_secs(5);
 const NOP_TIMEOUT: Duration = Duration::from_secs(15);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// A login refused for authentication or authorization gets its answer this late (at the
+/// first reactor tick after it, so 1 to 2 s), which slows down guessing secrets. The reactor
+/// keeps running meanwhile.
+const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 /// Target Transfer Tag of our NOP-In pings (never a task's TTT: those have bit 31 clear).
 const PING_TTT: u32 = 0x8000_0000;
 /// Data-Out segments at least this long are received straight into their task's buffer
@@ -129,6 +133,8 @@ pub struct Conn {
     started: Instant,
     /// Close once the transmit queue drains (after a logout response or a login failure).
     close_after_send: bool,
+    /// A refused login's response, held back until the instant given (see AUTH_FAILURE_DELAY).
+    delayed_login_failure: Option<(Instant, BhsBuf)>,
     /// Being torn down: no new work; freed when `ops_inflight` reaches zero.
     pub closing: bool,
     /// Ring operations referencing this connection's memory.
@@ -145,7 +151,7 @@ impl Conn {
             stream,
             peer,
             token,
-            phase: Phase::Login(Box::new(Login::new(shared.login_config()))),
+            phase: Phase::Login(Box::new(Login::with_peer(shared.login_config(), peer.ip()))),
             neg: None,
             header_digest: false,
             data_digest: false,
@@ -167,6 +173,7 @@ impl Conn {
             ping_sent: None,
             started: now,
             close_after_send: false,
+            delayed_login_failure: None,
             closing: false,
             ops_inflight: 0,
             recv_posted: false,
@@ -222,6 +229,7 @@ impl Conn {
         if self.tsih != 0 {
             env.shared.unregister_session(self.tsih, self.token);
         }
+        env.shared.connection_closed();
     }
 
     /// `n` bytes arrived in the receive buffer.
@@ -362,7 +370,9 @@ impl Conn {
 
     fn handle_pdu(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
         if matches!(self.phase, Phase::Login(_)) {
-            if bhs.opcode() == opcode::LOGIN_REQUEST {
+            if self.delayed_login_failure.is_some() {
+                // The login has failed; nothing more is read until its answer is sent.
+            } else if bhs.opcode() == opcode::LOGIN_REQUEST {
                 self.login(bhs, data, env);
             } else {
                 self.close("non-login PDU during login");
@@ -517,6 +527,7 @@ impl Conn {
                 let info = SessionInfo {
                     tsih: req.tsih,
                     initiator: neg.initiator_name.clone(),
+                    auth: neg.auth.clone(),
                     isid: req.isid,
                     discovery: neg.session_type == SessionType::Discovery,
                     peer: self.peer,
@@ -530,7 +541,8 @@ impl Conn {
                         log::info!("{}: login refused: {e}", self.peer);
                         let (class, detail) = match e {
                             SessionError::NoSuchSession => (0x02, 0x0A),
-                            SessionError::TooManySessions => (0x03, 0x02),
+                            // Out of resources (RFC 7143 §11.13.5).
+                            SessionError::TooManySessions | SessionError::InitiatorSessionLimit(_) => (0x03, 0x02),
                         };
                         rsp.status_class = class;
                         rsp.status_detail = detail;
@@ -553,6 +565,13 @@ impl Conn {
                 self.neg = Some(neg);
             }
         }
+        let refused_auth =
+            matches!(outcome, LoginOutcome::Failed) && matches!((rsp.status_class, rsp.status_detail), (2, 1) | (2, 2));
+        if let (LoginOutcome::Failed, Some(e)) = (outcome, login.error()) {
+            let initiator = &login.negotiated().initiator_name;
+            let initiator = if initiator.is_empty() { "an unnamed initiator" } else { initiator.as_str() };
+            log::info!("{}: login from {initiator} refused: {e}", self.peer);
+        }
         let mut b = BhsBuf::new(opcode::LOGIN_RESPONSE);
         let flags = (u8::from(rsp.transit) << 7) | (u8::from(rsp.cont) << 6) | (rsp.csg << 2) | rsp.nsg;
         b.flags(flags).byte(2, 0).byte(3, 0).isid_tsih(req.isid, self.tsih).itt(req.itt);
@@ -561,6 +580,11 @@ impl Conn {
             self.stamp_status(&mut b);
         } else {
             b.stat_sn(self.stat_sn).exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.exp_cmd_sn);
+        }
+        if refused_auth {
+            // A failure response carries no data; tick() sends it and closes.
+            self.delayed_login_failure = Some((env.now + AUTH_FAILURE_DELAY, b));
+            return;
         }
         self.push(b, TxData::Inline(rsp.data), None);
         match outcome {
@@ -603,6 +627,11 @@ impl Conn {
             return;
         }
         match self.phase {
+            Phase::Login(_) if self.delayed_login_failure.is_some_and(|(due, _)| now >= due) => {
+                let (_, b) = self.delayed_login_failure.take().expect("checked above");
+                self.push(b, TxData::None, None);
+                self.close_after_send = true;
+            }
             Phase::Login(_) if now.duration_since(self.started) > LOGIN_TIMEOUT => self.close("login timed out"),
             Phase::Login(_) => {}
             Phase::FullFeature => match self.ping_sent {
@@ -636,7 +665,11 @@ impl Conn {
                 Some(a) => vec![format!("{a},{tpgt}")],
                 None => cfg.addresses.clone(),
             };
-            text::TextNegotiator::new(session_type, &cfg.target_name, &addresses, max_xmit)
+            // An initiator outside the ACLs is not shown the target at all.
+            let authorized = self.neg.as_ref().is_some_and(|n| n.authorized);
+            let addresses = if authorized { addresses } else { Vec::new() };
+            let target_name = if authorized { cfg.target_name.as_str() } else { "" };
+            text::TextNegotiator::new(session_type, target_name, &addresses, max_xmit)
         });
         let req = text::TextRequest {
             final_bit: bhs.final_bit(),
