@@ -10,6 +10,7 @@
 //! - [`config`]: the YAML configuration and its defaults.
 //! - [`control`]: the control plane (JSON-RPC on a Unix socket) and its client.
 //! - [`images`]: disk image import: streaming decompression, hashing, sparse atomic writes.
+//! - [`uring_check`]: the start-up io_uring check and why it fails (sysctl, group, seccomp).
 
 pub mod backing;
 pub mod config;
@@ -19,3 +20,4 @@ pub mod protocol;
 pub mod reactor;
 pub mod scsi;
 pub mod target;
+pub mod uring_check;

@@ -31,6 +31,9 @@ pub enum TargetError {
     NoLunId { name: String },
     #[error(transparent)]
     Reactor(#[from] ReactorError),
+    /// io_uring is switched off here or lacks operations (with the cause and the fix).
+    #[error(transparent)]
+    Uring(#[from] crate::uring_check::UringError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("signal handling: {0}")]
@@ -354,6 +357,8 @@ impl Target {
     /// Opens the LUNs, binds the portal and starts the reactors and the acceptor.
     pub fn start(cfg: &Config) -> Result<Self, TargetError> {
         cfg.validate()?;
+        // Before anything is opened: say why io_uring is unusable rather than a bare EPERM.
+        crate::uring_check::check()?;
         let (luns, created) = build_luns(cfg)?;
         let host = cfg.resolve_host();
         let addr = if host.contains(':') { format!("[{host}]:{}", cfg.port) } else { format!("{host}:{}", cfg.port) };

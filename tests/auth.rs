@@ -94,7 +94,7 @@ fn chap_failures_are_authentication_failures_after_a_delay() {
         assert!(took >= Duration::from_millis(900), "{what}: refused after {took:?}");
     }
     // One log line per refusal, naming the initiator and the reason, never the secrets.
-    let log = t.log_text();
+    let log = t.stderr_text();
     let refusals: Vec<&str> = log.lines().filter(|l| l.contains("refused")).collect();
     assert_eq!(refusals.len(), cases.len(), "{log}");
     assert!(refusals.iter().all(|l| l.contains(INITIATOR)), "{log}");
@@ -200,7 +200,7 @@ fn acl_refusals_are_authorization_failures() {
     assert!(d.send_targets().unwrap().is_empty());
     let mut d = Session::login_discovery(&t.addr(), &LoginOptions::default()).unwrap();
     assert_eq!(d.send_targets().unwrap().len(), 1);
-    let log = t.log_text();
+    let log = t.stderr_text();
     assert!(log.contains("not in allowed_initiators") && log.contains("127.0.0.2 not in allowed_networks"), "{log}");
 }
 
@@ -307,5 +307,5 @@ fn max_connections_closes_extra_connections_at_once() {
         }
     };
     drop((b, c));
-    assert!(t.log_text().contains("connection closed: max_connections (2) open"), "{}", t.log_text());
+    assert!(t.stderr_text().contains("connection closed: max_connections (2) open"), "{}", t.stderr_text());
 }

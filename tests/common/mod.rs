@@ -118,12 +118,7 @@ impl Target {
         self.logs.path().join("stderr.log")
     }
 
-    /// What the target logged so far.
-    pub fn log_text(&self) -> String {
-        self.stderr_text()
-    }
-
-    fn stderr_text(&self) -> String {
+    pub fn stderr_text(&self) -> String {
         std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
     }
 
