@@ -330,9 +330,6 @@ impl Config {
                 return Err(invalid("control_socket_group", "must not be empty"));
             }
         }
-        for (i, lun) in self.luns.iter().enumerate() {
-            validate_initiator_list(&lun.initiators, &format!("luns[{i}].initiators"))?;
-        }
         Ok(())
     }
 
@@ -350,16 +347,7 @@ impl Config {
     /// The CHAP credentials, with secret files read and checked (mode 0600 or stricter,
     /// 12 to 255 bytes). Errors name the key, never the secret.
     pub fn auth_config(&self) -> Result<AuthConfig, ConfigError> {
-        let Some(auth) = &self.auth else { return Ok(AuthConfig::default()) };
-        let chap = auth.chap.as_ref().map(|c| c.credentials("auth.chap")).transpose()?;
-        let mutual = auth.mutual_chap.as_ref().map(|c| c.credentials("auth.mutual_chap")).transpose()?;
-        if let (Some(c), Some(m)) = (&chap, &mutual) {
-            // RFC 7143 §12.1.3: a secret must not authenticate both directions.
-            if c.secret == m.secret {
-                return Err(invalid("auth.mutual_chap", "the secret must differ from auth.chap's"));
-            }
-        }
-        Ok(AuthConfig { chap, mutual, discovery: auth.discovery })
+        resolve_auth(self.auth.as_ref())
     }
 
     fn validate_reactors(&self) -> Result<(), ConfigError> {
@@ -538,6 +526,7 @@ impl LunConfig {
                 return Err(invalid(k("lun_id"), format!("{id} is above the highest LUN number, {MAX_LUN_ID}")));
             }
         }
+        validate_initiator_list(&self.initiators, &k("initiators"))?;
         if self.size_mb > u64::MAX >> 20 {
             return Err(invalid(k("size_mb"), format!("{} MiB does not fit in 64 bits of bytes", self.size_mb)));
         }
@@ -575,6 +564,22 @@ impl LunConfig {
         }
         Ok(())
     }
+}
+
+/// An `auth` section (of the configuration or of `set_auth`) checked, with its secret files
+/// read; `None` is demo mode. Errors name the key, never the secret.
+pub fn resolve_auth(auth: Option<&AuthSection>) -> Result<AuthConfig, ConfigError> {
+    let Some(auth) = auth else { return Ok(AuthConfig::default()) };
+    let Some(chap) = &auth.chap else {
+        return Err(invalid("auth.chap", "required: mutual_chap and discovery need the initiator's CHAP user"));
+    };
+    let chap = chap.credentials("auth.chap")?;
+    let mutual = auth.mutual_chap.as_ref().map(|c| c.credentials("auth.mutual_chap")).transpose()?;
+    // RFC 7143 §12.1.3: a secret must not authenticate both directions.
+    if mutual.as_ref().is_some_and(|m| m.secret == chap.secret) {
+        return Err(invalid("auth.mutual_chap", "the secret must differ from auth.chap's"));
+    }
+    Ok(AuthConfig { chap: Some(chap), mutual, discovery: auth.discovery })
 }
 
 /// A list of initiator names (a LUN's `initiators`).

@@ -62,6 +62,9 @@ enum CtlCommand {
         /// Export an allow-listed block device.
         #[arg(long)]
         block: bool,
+        /// Only this initiator sees the LUN (repeatable; default: every initiator).
+        #[arg(long = "initiator", value_name = "IQN")]
+        initiators: Vec<String>,
     },
     /// Upload an image (raw, or .gz .xz .bz2 .zst) from a file or an HTTP(S) URL into root_dir
     /// and export it as a LUN. A local file is hashed first and not sent when the target
@@ -100,6 +103,24 @@ enum CtlCommand {
     Start,
     /// Close the portal and log every session out; LUNs stay.
     Stop,
+    /// The CHAP users and ACLs in force for new logins (never a secret).
+    GetAuth,
+    /// Replace the CHAP credentials for new logins; logged-in sessions keep running. Without
+    /// --chap-user, authentication is turned off (demo mode).
+    SetAuth {
+        #[arg(long, value_name = "NAME", requires = "chap_secret_file")]
+        chap_user: Option<String>,
+        /// File with the secret, read by the target (mode 0600).
+        #[arg(long, value_name = "FILE", requires = "chap_user")]
+        chap_secret_file: Option<PathBuf>,
+        #[arg(long, value_name = "NAME", requires_all = ["mutual_chap_secret_file", "chap_user"])]
+        mutual_chap_user: Option<String>,
+        #[arg(long, value_name = "FILE", requires = "mutual_chap_user")]
+        mutual_chap_secret_file: Option<PathBuf>,
+        /// Discovery sessions authenticate too.
+        #[arg(long, requires = "chap_user")]
+        discovery_auth: bool,
+    },
 }
 
 /// What `ctl upload` and `ctl serve` take.
@@ -130,6 +151,9 @@ struct UploadArgs {
     /// Mozilla roots (default: $SSL_CERT_FILE when set).
     #[arg(long, value_name = "FILE")]
     cacert: Option<PathBuf>,
+    /// Only this initiator sees the LUN (repeatable; default: every initiator).
+    #[arg(long = "initiator", value_name = "IQN")]
+    initiators: Vec<String>,
 }
 
 /// Flags override the configuration file's keys of the same name.
@@ -261,9 +285,12 @@ fn ctl(args: CtlArgs) -> Result<(), CliError> {
 /// The method and params a `ctl` subcommand calls.
 fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
     match cmd {
-        CtlCommand::AddLun { name, path, size_mb, read_only, backing, lun_id, block } => {
+        CtlCommand::AddLun { name, path, size_mb, read_only, backing, lun_id, block, initiators } => {
             let mut p = json!({"name": name, "size_mb": size_mb, "read_only": read_only, "backing": backing,
                                "is_block": block});
+            if !initiators.is_empty() {
+                p["initiators"] = json!(initiators);
+            }
             if let Some(path) = path {
                 p["file_path"] = json!(path);
             }
@@ -273,6 +300,25 @@ fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
             ("add_lun", p)
         }
         CtlCommand::RemoveLun { name } => ("remove_lun", json!({"name": name})),
+        CtlCommand::GetAuth => ("get_auth", Value::Null),
+        CtlCommand::SetAuth {
+            chap_user,
+            chap_secret_file,
+            mutual_chap_user,
+            mutual_chap_secret_file,
+            discovery_auth,
+        } => {
+            // The target reads the files: send absolute paths (it may run elsewhere in the tree).
+            let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            let user = |u: &Option<String>, f: &Option<PathBuf>| match (u, f) {
+                (Some(u), Some(f)) => json!({"username": u, "secret_file": abs(f)}),
+                _ => Value::Null,
+            };
+            let p = json!({"chap": user(chap_user, chap_secret_file),
+                           "mutual_chap": user(mutual_chap_user, mutual_chap_secret_file),
+                           "discovery": discovery_auth});
+            ("set_auth", p)
+        }
         CtlCommand::ListLuns { .. } => ("list_luns", Value::Null),
         CtlCommand::ClearLuns => ("clear_all_luns", Value::Null),
         CtlCommand::Stats { .. } => ("get_stats", Value::Null),
@@ -300,8 +346,11 @@ fn upload(client: &mut Client, req: &UploadArgs) -> Result<Value, CliError> {
     let ca_file = req.cacert.clone().or_else(|| images::is_url(&req.file).then(ssl_cert_file).flatten());
     let src = images::open_source(&req.file, &images::FetchOptions { headers, ca_file })?;
     let compression = compression.unwrap_or(src.compression);
-    let params = json!({"name": name, "compression": compression.as_str(), "size_mb": req.size_mb,
+    let mut params = json!({"name": name, "compression": compression.as_str(), "size_mb": req.size_mb,
                         "force": req.force, "read_only": req.read_only, "size": 0});
+    if !req.initiators.is_empty() {
+        params["initiators"] = json!(req.initiators);
+    }
     if images::is_url(&req.file) {
         // No pre-hash (it would download the image twice) and so no `sha256`: the target
         // computes it, and skips the write when it equals the image in place.
@@ -439,7 +488,30 @@ fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
         CtlCommand::GetHost | CtlCommand::GetPort | CtlCommand::GetTargetIqn => format!("{}\n", s(result)),
         CtlCommand::Upload(_) => upload_output(result),
         CtlCommand::Serve(_) => serve_output(result),
+        CtlCommand::GetAuth | CtlCommand::SetAuth { .. } => auth_output(result),
     }
+}
+
+/// `get_auth`/`set_auth`: one line per setting (there is never a secret to show).
+fn auth_output(r: &Value) -> String {
+    let user = |v: &Value| v["username"].as_str().map_or_else(|| "-".to_owned(), str::to_owned);
+    let list = |v: &Value| {
+        let items: Vec<String> =
+            v.as_array().into_iter().flatten().filter_map(|x| x.as_str().map(str::to_owned)).collect();
+        if items.is_empty() {
+            "any".to_owned()
+        } else {
+            items.join(" ")
+        }
+    };
+    let chap = if r["chap"].is_null() { "off (demo mode: no authentication)".to_owned() } else { user(&r["chap"]) };
+    format!(
+        "chap: {chap}\nmutual_chap: {}\ndiscovery: {}\nallowed_initiators: {}\nallowed_networks: {}\n",
+        user(&r["mutual_chap"]),
+        r["discovery"],
+        list(&r["allowed_initiators"]),
+        list(&r["allowed_networks"])
+    )
 }
 
 /// Rows padded to their columns' widths.

@@ -40,6 +40,9 @@ pub enum TargetError {
     Signal(std::io::Error),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// `control_socket_group` names no group, or the socket cannot be given to it.
+    #[error("control_socket_group {group:?}: {message}")]
+    SocketGroup { group: String, message: String },
     /// No LUN has this name.
     #[error("no LUN named {name:?}")]
     LunNotFound { name: String },
@@ -298,7 +301,8 @@ pub fn build_luns(cfg: &Config) -> Result<(LunTable, Vec<PathBuf>), TargetError>
                 .ok_or_else(|| TargetError::NoLunId { name: lc.name.clone() })?,
         };
         let read_only = lc.read_only;
-        luns.push(Arc::new(Lun::new(id, &lc.name, path, backing, read_only, &iqn)));
+        let lun = Lun::new(id, &lc.name, path, backing, read_only, &iqn).with_initiators(lc.initiators.clone());
+        luns.push(Arc::new(lun));
     }
     Ok((LunTable::new(luns), created))
 }
@@ -514,7 +518,10 @@ impl Target {
                 self.created.lock().expect("created list lock poisoned").push(path.clone());
             }
         }
-        let lun = Arc::new(Lun::new(id, &lc.name, store.path, store.backing, lc.read_only, &self.iqn));
+        let lun = Arc::new(
+            Lun::new(id, &lc.name, store.path, store.backing, lc.read_only, &self.iqn)
+                .with_initiators(lc.initiators.clone()),
+        );
         let luns = table.iter().filter(|l| l.name != lc.name).cloned().chain([lun.clone()]).collect();
         self.shared.publish_luns(LunTable::new(luns));
         self.shared.wake_reactors();
@@ -655,6 +662,27 @@ fn accept_loop(listener: &TcpListener, shared: &Shared) {
     }
 }
 
+/// A group name's (or a numeric id's) group id.
+fn group_id(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group).map_err(|_| "contains a NUL byte".to_string())?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: group is plain data, written by getgrnam_r before it is read.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: name NUL-terminated, buf of buf.len() bytes.
+    let rc = unsafe { libc::getgrnam_r(name.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc).to_string());
+    }
+    if found.is_null() {
+        return Err("no such group".to_string());
+    }
+    Ok(grp.gr_gid)
+}
+
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it starts) and returns the set,
 /// for `sigwait`.
 fn block_stop_signals() -> Result<libc::sigset_t, TargetError> {
@@ -679,6 +707,13 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
     // Bound before the target starts: a live socket means another target runs, and this one
     // should not start half-way.
     let socket = crate::control::ControlSocket::bind(&cfg.control_socket_path())?;
+    if let Some(group) = &cfg.control_socket_group {
+        let path = cfg.control_socket_path();
+        let err = |message: String| TargetError::SocketGroup { group: group.clone(), message };
+        let gid = group_id(group).map_err(err)?;
+        std::os::unix::fs::chown(&path, None, Some(gid)).map_err(|e| err(format!("chown {}: {e}", path.display())))?;
+        log::info!("control socket {} belongs to group {group} ({gid})", path.display());
+    }
     // Leftovers of uploads a crash or kill interrupted; live imports of other processes stay.
     match crate::images::remove_stale_temp_files(&cfg.root_dir) {
         Ok(removed) => {

@@ -135,6 +135,10 @@ pub struct Conn {
     close_after_send: bool,
     /// A refused login's response, held back until the instant given (see AUTH_FAILURE_DELAY).
     delayed_login_failure: Option<(Instant, BhsBuf)>,
+    /// The LUNs this session sees when some LUN is mapped to other initiators only (`None`:
+    /// the reactor's whole table), and the (id, instance) pairs of that view.
+    view: Option<Arc<LunTable>>,
+    view_fingerprint: Vec<(u64, u64)>,
     /// Being torn down: no new work; freed when `ops_inflight` reaches zero.
     pub closing: bool,
     /// Ring operations referencing this connection's memory.
@@ -174,6 +178,8 @@ impl Conn {
             started: now,
             close_after_send: false,
             delayed_login_failure: None,
+            view: None,
+            view_fingerprint: Vec::new(),
             closing: false,
             ops_inflight: 0,
             recv_posted: false,
@@ -596,6 +602,7 @@ impl Conn {
                 self.header_digest = neg.header_digest;
                 self.data_digest = neg.data_digest;
                 self.phase = Phase::FullFeature;
+                self.update_view(env.luns);
             }
         }
     }
@@ -716,11 +723,27 @@ impl Conn {
         self.close_after_send && self.tx.is_empty() && self.pending_tmfs.is_empty()
     }
 
-    /// A table change (LUN added or removed): every session gets a unit attention.
-    pub fn luns_changed(&mut self) {
-        if matches!(self.phase, Phase::FullFeature) {
+    /// A table change (LUN added, removed or replaced): a session whose view of the LUNs
+    /// changed gets a unit attention; one that sees the same LUNs as before gets none.
+    pub fn luns_changed(&mut self, table: &Arc<LunTable>) {
+        if matches!(self.phase, Phase::FullFeature) && self.update_view(table) {
             self.nexus.luns_changed();
         }
+    }
+
+    /// Recomputes the LUNs this session sees; returns whether they changed.
+    fn update_view(&mut self, table: &Arc<LunTable>) -> bool {
+        let Some(neg) = &self.neg else { return false };
+        let (view, fingerprint) = table.view_for(&neg.initiator_name);
+        self.view = view.map(Arc::new);
+        let changed = fingerprint != self.view_fingerprint;
+        self.view_fingerprint = fingerprint;
+        changed
+    }
+
+    /// The LUN table commands of this session run against.
+    fn luns<'t>(view: &'t Option<Arc<LunTable>>, all: &'t Arc<LunTable>) -> &'t Arc<LunTable> {
+        view.as_ref().unwrap_or(all)
     }
 }
 
