@@ -3,6 +3,7 @@
 //!
 //! Where things live:
 //! - [`protocol`]: iSCSI PDUs, text keys, login negotiation, digests.
+//! - [`iscsi`]: the iSCSI engine's ring-free logic (Data-Out acceptance).
 //! - [`scsi`]: CDB decoding, command execution for a disk LUN, sense data, LUN tables.
 //! - [`backing`]: the stores behind a LUN (O_DIRECT image files, RAM).
 //! - [`reactor`]: per-core threads, each owning an io_uring, its connections and buffers.
@@ -16,6 +17,7 @@ pub mod backing;
 pub mod config;
 pub mod control;
 pub mod images;
+pub mod iscsi;
 pub mod protocol;
 pub mod reactor;
 pub mod scsi;

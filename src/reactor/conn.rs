@@ -45,6 +45,9 @@ const PING_TTT: u32 = 0x8000_0000;
 /// rather than through the receive buffer and a copy; shorter ones are not worth the extra
 /// receive a split costs.
 const DIRECT_RX_MIN: usize = 32 * 1024;
+/// A connection logs its peer's protocol errors at most this often (with a count of the rest),
+/// so a peer cannot make the log grow without bound.
+const PROTO_LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A backing-store operation for the reactor to submit on its ring.
 #[derive(Debug, Clone, Copy)]
@@ -145,6 +148,11 @@ pub struct Conn {
     pub ops_inflight: u32,
     /// A receive is posted.
     pub recv_posted: bool,
+    /// Protocol errors of the peer: all of them, those not logged yet, and when one was last
+    /// logged.
+    proto_errors: u64,
+    proto_unlogged: u64,
+    proto_logged_at: Option<Instant>,
 }
 
 impl Conn {
@@ -183,6 +191,9 @@ impl Conn {
             closing: false,
             ops_inflight: 0,
             recv_posted: false,
+            proto_errors: 0,
+            proto_unlogged: 0,
+            proto_logged_at: None,
         }
     }
 
@@ -236,6 +247,47 @@ impl Conn {
             env.shared.unregister_session(self.tsih, self.token);
         }
         env.shared.connection_closed();
+        if self.proto_unlogged > 0 {
+            log::warn!(
+                "{}: {} more protocol errors before the connection ended ({} in all)",
+                self.peer,
+                self.proto_unlogged,
+                self.proto_errors
+            );
+        }
+    }
+
+    /// Counts a protocol error of the peer and logs it, unless one was logged less than
+    /// [`PROTO_LOG_INTERVAL`] ago; then the next line says how many were not.
+    fn protocol_error(&mut self, what: &dyn std::fmt::Display) {
+        self.proto_errors += 1;
+        let now = Instant::now();
+        if self.proto_logged_at.is_some_and(|at| now.duration_since(at) < PROTO_LOG_INTERVAL) {
+            self.proto_unlogged += 1;
+            return;
+        }
+        if self.proto_unlogged > 0 {
+            log::warn!("{}: {what} (and {} more protocol errors not logged)", self.peer, self.proto_unlogged);
+        } else {
+            log::warn!("{}: {what}", self.peer);
+        }
+        self.proto_unlogged = 0;
+        self.proto_logged_at = Some(now);
+    }
+
+    /// A PDU that breaks the protocol in a way ErrorRecoveryLevel 0 cannot recover from (no
+    /// retransmission exists): it is rejected with "protocol error" and the connection ends
+    /// once the Reject is sent, which ends every task of the session (RFC 7143 §7.1, §11.17).
+    pub(super) fn protocol_error_close(&mut self, rejected: &[u8; BHS_LEN], why: &dyn std::fmt::Display) {
+        self.protocol_error(why);
+        self.push_reject(rejected, reject::PROTOCOL_ERROR);
+        self.close_after_send = true;
+    }
+
+    /// Whether a receive should be posted: not once the connection only waits to send its
+    /// last PDUs (after a logout, a failed login or a protocol error).
+    pub fn wants_recv(&self) -> bool {
+        !self.close_after_send
     }
 
     /// `n` bytes arrived in the receive buffer.
@@ -252,7 +304,7 @@ impl Conn {
             _ => self.rx_end += n,
         }
         let rx = self.rx.take().expect("rx buffer present");
-        while !self.closing {
+        while !self.closing && !self.close_after_send {
             if self.direct.is_some() {
                 if !self.finish_direct(&rx, env) {
                     break;
@@ -264,7 +316,9 @@ impl Conn {
             let layout = Layout::of(&bhs, self.header_digest, self.data_digest);
             let limit = if matches!(self.phase, Phase::Login(_)) { LOGIN_DSL } else { MAX_RECV_DSL };
             if layout.data_len as u32 > limit || layout.header_len > BHS_LEN + 1024 {
-                self.close(&format!("{:?}", pdu::PduError::DataTooLong { len: layout.data_len as u32, max: limit }));
+                let err = pdu::PduError::DataTooLong { len: layout.data_len as u32, max: limit };
+                self.protocol_error(&err);
+                self.close(&err.to_string());
                 break;
             }
             if avail.len() < layout.total() {
@@ -283,7 +337,9 @@ impl Conn {
                 let computed = digest::header(&pdu_bytes[..layout.header_len]);
                 if received != computed {
                     // Without a trustworthy header the stream cannot be resynchronised (ERL 0).
-                    self.close(&pdu::PduError::HeaderDigest { received, computed }.to_string());
+                    let err = pdu::PduError::HeaderDigest { received, computed };
+                    self.protocol_error(&err);
+                    self.close(&err.to_string());
                     break;
                 }
             }
@@ -299,11 +355,12 @@ impl Conn {
                     if bhs.opcode() == opcode::DATA_OUT {
                         // ERL 0 cannot ask for the data again (no SNACK recovery): a task
                         // would wait for it forever, so the connection ends.
+                        self.protocol_error(&err);
                         self.close(&err.to_string());
                         break;
                     }
-                    log::warn!("{}: {err}", self.peer);
-                    self.reject(bhs.bytes(), reject::DATA_DIGEST_ERROR);
+                    self.protocol_error(&err);
+                    self.push_reject(bhs.bytes(), reject::DATA_DIGEST_ERROR);
                     continue;
                 }
             }
@@ -365,7 +422,9 @@ impl Conn {
             let received = digest::from_wire(wire.try_into().expect("4"));
             let computed = digest::data(&[data, pad]);
             if received != computed {
-                self.close(&pdu::PduError::DataDigest { received, computed }.to_string());
+                let err = pdu::PduError::DataDigest { received, computed };
+                self.protocol_error(&err);
+                self.close(&err.to_string());
                 return false;
             }
         }
@@ -465,7 +524,14 @@ impl Conn {
         self.stat_sn = self.stat_sn.wrapping_add(1);
     }
 
+    /// Rejects a PDU (a protocol error of the peer, logged within the rate limit).
     fn reject(&mut self, rejected: &[u8; BHS_LEN], reason: u8) {
+        let opcode = rejected[0] & 0x3F;
+        self.protocol_error(&format_args!("rejected a PDU with opcode {opcode:#04x}: reason {reason:#04x}"));
+        self.push_reject(rejected, reason);
+    }
+
+    fn push_reject(&mut self, rejected: &[u8; BHS_LEN], reason: u8) {
         let mut b = BhsBuf::new(opcode::REJECT);
         b.flags(0x80).byte(2, reason).itt(RESERVED_TAG);
         self.stamp_status(&mut b);
@@ -688,8 +754,8 @@ impl Conn {
         let rsp = match negotiator.step(&req) {
             Ok(r) => r,
             Err(e) => {
-                log::info!("{}: bad text request: {e}", self.peer);
-                return self.reject(bhs.bytes(), reject::PROTOCOL_ERROR);
+                self.protocol_error(&format_args!("bad text request: {e}"));
+                return self.push_reject(bhs.bytes(), reject::PROTOCOL_ERROR);
             }
         };
         if let Some(neg) = self.neg.as_mut() {

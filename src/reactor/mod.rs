@@ -458,7 +458,7 @@ impl Reactor {
             }
             let fd = types::Fd(conn.fd());
             let mut sqes: [Option<io_uring::squeue::Entry>; 2] = [None, None];
-            if !conn.recv_posted {
+            if !conn.recv_posted && conn.wants_recv() {
                 let (ptr, len) = conn.rx_space();
                 sqes[0] = Some(opcode::Recv::new(fd, ptr, len as u32).build().user_data(op::encode(op::RECV, idx, 0)));
                 conn.recv_posted = true;

@@ -1,6 +1,7 @@
 //! A SCSI task in progress on a connection: its command, buffer and data-transfer state.
 
 use crate::backing::AlignedBuf;
+use crate::iscsi::dataout::DataOut;
 use crate::scsi::Lun;
 use std::sync::Arc;
 use std::time::Instant;
@@ -49,19 +50,12 @@ pub struct Task {
     pub needed: u32,
     /// Bytes that actually move: min(needed, expected_len).
     pub xfer: u32,
-    /// Data-Out bytes the initiator will send in all (unsolicited part plus what we solicit).
-    pub out_total: u32,
-    /// Data-Out bytes received so far.
-    pub out_received: u32,
+    /// Which Data-Out bytes have arrived, sequence by sequence.
+    pub dout: DataOut,
     /// Next buffer offset to solicit with an R2T.
     pub r2t_next: u32,
-    /// R2Ts sent whose data has not fully arrived.
-    pub r2t_outstanding: u32,
+    /// R2Ts sent for the command (the next R2TSN).
     pub r2t_sn: u32,
-    /// Target Transfer Tag of the Data-Out sequence in progress (0xffffffff: unsolicited).
-    pub seq_ttt: u32,
-    /// DataSN the next Data-Out of that sequence must carry.
-    pub next_data_sn: u32,
     /// When the command arrived, for latency statistics.
     pub started: Instant,
     /// Aborted by task management: no further PDUs, freed when quiet.
@@ -86,13 +80,9 @@ impl Task {
             buf: None,
             needed: 0,
             xfer: 0,
-            out_total: 0,
-            out_received: 0,
+            dout: DataOut::none(),
             r2t_next: 0,
-            r2t_outstanding: 0,
             r2t_sn: 0,
-            seq_ttt: crate::protocol::pdu::RESERVED_TAG,
-            next_data_sn: 0,
             started,
             aborted: false,
             abort_tmf: 0,

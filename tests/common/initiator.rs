@@ -427,6 +427,20 @@ pub struct Session {
     pub unit_attentions: Vec<(u8, u8)>,
     /// The CHAP_A the target chose, once it did.
     pub chap_alg: String,
+    /// Pipelined commands in flight, by ITT (see [`Session::submit`]).
+    inflight: std::collections::HashMap<u32, InFlight>,
+    /// Pipelined commands that completed while [`Session::submit`] waited for the window.
+    completed: std::collections::VecDeque<(u32, Response)>,
+}
+
+/// A pipelined command waiting for its data and status.
+struct InFlight {
+    lun_field: u64,
+    out: Vec<u8>,
+    data_in: Vec<u8>,
+    data_in_end: usize,
+    exp_data_sn: u32,
+    resp: Response,
 }
 
 /// Connection and timeout settings; `bind` picks the local address.
@@ -516,6 +530,8 @@ impl Session {
             retry_unit_attention: true,
             unit_attentions: Vec::new(),
             chap_alg: String::new(),
+            inflight: std::collections::HashMap::new(),
+            completed: std::collections::VecDeque::new(),
         };
         s.do_login(target, opts)?;
         Ok(s)
@@ -782,7 +798,14 @@ impl Session {
         Ok(())
     }
 
-    fn recv_raw(&mut self) -> Result<Pdu> {
+    /// A second handle on the connection's socket (to write from another thread while this
+    /// one reads).
+    pub fn stream_clone(&self) -> TcpStream {
+        self.stream.try_clone().expect("clone the session's socket")
+    }
+
+    /// The next PDU as it arrives: no ping answering, a Reject returned rather than an error.
+    pub fn recv_raw(&mut self) -> Result<Pdu> {
         Pdu::read_from(&mut self.stream, self.header_digest, self.data_digest)
     }
 
@@ -1171,6 +1194,185 @@ impl Session {
             off += len;
         }
         Ok(data_sn)
+    }
+
+    // ---- raw PDUs, for tests that break the protocol on purpose ----
+
+    /// A SCSI Command PDU with the next ITT and CmdSN (advanced): W set when `edtl` > 0 and
+    /// `write`, F as given, `immediate` as its data segment. Returns (ITT, PDU); nothing is sent.
+    pub fn raw_command(
+        &mut self,
+        lun: u16,
+        cdb: &[u8],
+        edtl: u32,
+        write: bool,
+        final_bit: bool,
+        immediate: &[u8],
+    ) -> Result<(u32, Pdu)> {
+        let itt = self.alloc_itt();
+        let mut cmd = Pdu::new(OP_SCSI_CMD);
+        cmd.bhs[1] = 0x01 | if final_bit { FLAG_FINAL } else { 0 };
+        if edtl > 0 {
+            cmd.bhs[1] |= if write { 0x20 } else { 0x40 };
+        }
+        put_u64(&mut cmd.bhs, 8, encode_lun(lun));
+        put_u32(&mut cmd.bhs, 16, itt);
+        put_u32(&mut cmd.bhs, 20, edtl);
+        let sn = self.take_cmd_sn()?;
+        put_u32(&mut cmd.bhs, 24, sn);
+        put_u32(&mut cmd.bhs, 28, self.exp_stat_sn);
+        cmd.bhs[32..32 + cdb.len()].copy_from_slice(cdb);
+        cmd.data = immediate.to_vec();
+        Ok((itt, cmd))
+    }
+
+    /// A Data-Out PDU with exactly the fields given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn raw_data_out(
+        &self,
+        lun: u16,
+        itt: u32,
+        ttt: u32,
+        data_sn: u32,
+        offset: u32,
+        final_bit: bool,
+        data: &[u8],
+    ) -> Pdu {
+        let mut pdu = Pdu::new(OP_DATA_OUT);
+        pdu.bhs[1] = if final_bit { FLAG_FINAL } else { 0 };
+        put_u64(&mut pdu.bhs, 8, encode_lun(lun));
+        put_u32(&mut pdu.bhs, 16, itt);
+        put_u32(&mut pdu.bhs, 20, ttt);
+        put_u32(&mut pdu.bhs, 28, self.exp_stat_sn);
+        put_u32(&mut pdu.bhs, 36, data_sn);
+        put_u32(&mut pdu.bhs, 40, offset);
+        pdu.data = data.to_vec();
+        pdu
+    }
+
+    // ---- pipelining: many commands in flight ----
+
+    /// Commands submitted with [`Self::submit`] whose status has not been taken yet.
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len() + self.completed.len()
+    }
+
+    /// Sends a command without waiting for it (waiting only while the target's CmdSN window
+    /// is closed) and returns its ITT; [`Self::next_completion`] gives its response. Writes
+    /// send immediate and unsolicited data as negotiated and answer R2Ts as they come.
+    pub fn submit(&mut self, lun: u16, cdb: &[u8], data_out: Option<&[u8]>, expected_in: u32) -> Result<u32> {
+        assert!(data_out.is_none() || expected_in == 0, "bidirectional commands are not supported");
+        while (self.max_cmd_sn.wrapping_sub(self.cmd_sn) as i32) < 0 {
+            if self.inflight.is_empty() {
+                return proto(format!("command window closed: CmdSN {} > MaxCmdSN {}", self.cmd_sn, self.max_cmd_sn));
+            }
+            let done = self.pump()?;
+            self.completed.extend(done);
+        }
+        let out = data_out.unwrap_or(&[]).to_vec();
+        let n = self.negotiated.clone();
+        let mrdsl = n.target_max_recv_data_segment_length as usize;
+        let first_burst = out.len().min(n.first_burst_length as usize);
+        let immediate = if n.immediate_data { first_burst.min(mrdsl) } else { 0 };
+        let unsolicited = if n.initial_r2t { immediate } else { first_burst };
+        let edtl = if data_out.is_some() { out.len() as u32 } else { expected_in };
+        if cdb.len() > 16 {
+            return proto("CDBs longer than 16 bytes need an AHS");
+        }
+        let (itt, cmd) =
+            self.raw_command(lun, cdb, edtl, data_out.is_some(), unsolicited == immediate, &out[..immediate])?;
+        self.send(&cmd)?;
+        let lun_field = encode_lun(lun);
+        if unsolicited > immediate {
+            self.send_data_out(itt, lun_field, RESERVED_TAG, &out, immediate, unsolicited, mrdsl)?;
+        }
+        let resp = Response::default();
+        let data_in = vec![0u8; expected_in as usize];
+        self.inflight.insert(itt, InFlight { lun_field, out, data_in, data_in_end: 0, exp_data_sn: 0, resp });
+        Ok(itt)
+    }
+
+    /// Waits for the next pipelined command to complete: (ITT, response).
+    pub fn next_completion(&mut self) -> Result<(u32, Response)> {
+        loop {
+            if let Some(c) = self.completed.pop_front() {
+                return Ok(c);
+            }
+            if self.inflight.is_empty() {
+                return proto("no command in flight");
+            }
+            if let Some(c) = self.pump()? {
+                return Ok(c);
+            }
+        }
+    }
+
+    /// Handles one PDU for the pipelined commands; Some when it completed one.
+    fn pump(&mut self) -> Result<Option<(u32, Response)>> {
+        let pdu = self.recv()?;
+        let itt = pdu.itt();
+        let Some(f) = self.inflight.get_mut(&itt) else {
+            return proto(format!("opcode {:#04x} for ITT {itt:#x}, which is not in flight", pdu.opcode()));
+        };
+        match pdu.opcode() {
+            OP_DATA_IN => {
+                let data_sn = get_u32(&pdu.bhs, 36);
+                let off = get_u32(&pdu.bhs, 40) as usize;
+                if data_sn != f.exp_data_sn || off != f.data_in_end || off + pdu.data.len() > f.data_in.len() {
+                    return proto(format!("Data-In DataSN {data_sn} offset {off} out of order or too long"));
+                }
+                f.exp_data_sn += 1;
+                f.data_in[off..off + pdu.data.len()].copy_from_slice(&pdu.data);
+                f.data_in_end += pdu.data.len();
+                f.resp.data_in_pdus += 1;
+                self.update_window(&pdu);
+                if pdu.flags() & 0x01 != 0 {
+                    let mut f = self.inflight.remove(&itt).expect("present");
+                    self.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
+                    f.resp.status = pdu.bhs[3];
+                    f.resp.residual_overflow = pdu.flags() & 0x04 != 0;
+                    f.resp.residual_underflow = pdu.flags() & 0x02 != 0;
+                    f.resp.residual_count = get_u32(&pdu.bhs, 44);
+                    f.data_in.truncate(f.data_in_end);
+                    f.resp.data = f.data_in;
+                    return Ok(Some((itt, f.resp)));
+                }
+                Ok(None)
+            }
+            OP_R2T => {
+                let (off, len) = (get_u32(&pdu.bhs, 40) as usize, get_u32(&pdu.bhs, 44) as usize);
+                if off + len > f.out.len() {
+                    return proto(format!("R2T for {off}+{len} beyond the {} bytes of the command", f.out.len()));
+                }
+                f.resp.r2ts += 1;
+                let (lun_field, out) = (f.lun_field, std::mem::take(&mut f.out));
+                self.update_window(&pdu);
+                let mrdsl = self.negotiated.target_max_recv_data_segment_length as usize;
+                let sent = self.send_data_out(itt, lun_field, pdu.ttt(), &out, off, off + len, mrdsl);
+                let f = self.inflight.get_mut(&itt).expect("present");
+                f.out = out;
+                f.resp.data_out_pdus += sent?;
+                Ok(None)
+            }
+            OP_SCSI_RESP => {
+                let mut f = self.inflight.remove(&itt).expect("present");
+                self.exp_stat_sn = pdu.stat_sn().wrapping_add(1);
+                self.update_window(&pdu);
+                f.resp.response = pdu.bhs[2];
+                f.resp.status = pdu.bhs[3];
+                f.resp.residual_overflow = pdu.flags() & 0x04 != 0;
+                f.resp.residual_underflow = pdu.flags() & 0x02 != 0;
+                f.resp.residual_count = get_u32(&pdu.bhs, 44);
+                if pdu.data.len() >= 2 {
+                    let sense_len = get_u16(&pdu.data, 0) as usize;
+                    f.resp.sense = pdu.data[2..(2 + sense_len).min(pdu.data.len())].to_vec();
+                }
+                f.data_in.truncate(f.data_in_end);
+                f.resp.data = f.data_in;
+                Ok(Some((itt, f.resp)))
+            }
+            op => proto(format!("unexpected opcode {op:#04x} for a pipelined command")),
+        }
     }
 
     pub fn test_unit_ready(&mut self, lun: u16) -> Result<Response> {

@@ -118,6 +118,7 @@ impl Target {
         self.logs.path().join("stderr.log")
     }
 
+    /// What the target has written to stderr (its log) so far.
     pub fn stderr_text(&self) -> String {
         std::fs::read_to_string(self.stderr_path()).unwrap_or_default()
     }
@@ -194,6 +195,25 @@ impl Target {
             return;
         }
         self.stop();
+        self.spawn();
+    }
+
+    /// The target process's id (None for an external target).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL, no grace: a crash, for tests of what survives one. `restart` starts it again.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the target again after [`Self::kill9`], on the same root directory.
+    pub fn respawn(&mut self) {
+        assert!(self.child.is_none(), "respawn after kill9 only");
         self.spawn();
     }
 

@@ -44,6 +44,11 @@ def test_upload_reads_back_byte_exact_and_identical_reupload_is_skipped(client, 
     assert first["skipped"] is False and first["bytes"] == len(raw) and type(first["lun_id"]) is int
     assert first["sha256"] == hashlib.sha256(raw).hexdigest()
     assert lun_bytes(client, "disk") == raw
+    # Streamed straight into the image: no compressed copy left on the exporter.
+    assert sorted(p.name for p in (workdir / "root").iterdir() if not p.name.startswith(".")) == [
+        "disk.img",
+        "uringtgt.sock",
+    ]
     again = client.upload("disk", src)
     assert again["skipped"] is True and again["sha256"] == first["sha256"]
     assert lun_bytes(client, "disk") == raw
@@ -188,3 +193,41 @@ def test_upload_url_failure_names_the_url(client, http_server):
         client.upload_url(f"{server.url}/missing.img")
     with pytest.raises(DriverInvalidArgument, match="not an http"):
         client.upload_url("ftp://127.0.0.1/x.img")
+
+
+def test_identical_image_with_a_new_size_mb_is_resized(client, workdir, libiscsi):
+    img = workdir / "z.img"
+    raw = make_image(img, 16 * 512, seed=11)
+    src = compress(img, "zstd")
+    client.upload("z", src)
+    result = client.upload("z", src, size_mb=2)
+    assert result["size"] == 2 * MiB
+    data = lun_bytes(client, "z")
+    assert len(data) == 2 * MiB and data[: len(raw)] == raw
+
+
+def test_upload_from_an_opendal_operator(client, workdir, libiscsi):
+    from opendal import Operator
+
+    raw = make_image(workdir / "o.img", 40 * 512, seed=13)
+    compress(workdir / "o.img", "bz2")
+    op = Operator("fs", root=str(workdir))
+    assert client.upload_image("o", "o.img.bz2", operator=op) == client.get_target_iqn()
+    assert lun_bytes(client, "o") == raw
+    assert client.upload("o", "o.img.bz2", operator=op)["skipped"] is True
+
+
+def test_upload_stream_reports_its_total_for_the_progress_bar(workdir):
+    from anyio.streams.file import FileReadStream
+    from jumpstarter.streams.progress import ProgressAttribute
+
+    from .client import _SizedStream
+
+    async def total():
+        (workdir / "p.img").write_bytes(bytes(1536))
+        async with _SizedStream(stream=await FileReadStream.from_path(workdir / "p.img"), total=1536) as s:
+            return s.extra(ProgressAttribute.total), len(await s.receive())
+
+    import anyio
+
+    assert anyio.run(total) == (1536.0, 1536)

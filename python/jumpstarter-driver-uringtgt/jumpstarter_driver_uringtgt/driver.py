@@ -38,6 +38,9 @@ MiB = 1 << 20
 _LEVELS = {"CRITICAL": "error", "FATAL": "error", "ERROR": "error", "WARNING": "warn", "WARN": "warn",
            "INFO": "info", "DEBUG": "debug", "TRACE": "trace", "OFF": "off", "NOTSET": "info"}
 
+_ACCESS_KEYS = ("auth", "allowed_initiators", "allowed_networks", "control_socket_group", "max_connections",
+                "max_sessions_per_initiator")
+
 # `uringtgt ctl upload` prints `host:port iqn lun_id`, then `name: N bytes, sha256 H, what`.
 _UPLOAD_LINE = re.compile(r"^(?P<address>\S+) (?P<iqn>\S+) (?P<lun_id>\d+)$")
 _RESULT_LINE = re.compile(r"^(?P<name>\S+): (?P<bytes>\d+) bytes, sha256 (?P<sha256>\S+), (?P<what>.*)$")
@@ -74,6 +77,15 @@ class ISCSI(Driver):
     cpus: Optional[List[int]] = None
     poll_mode: Literal["adaptive", "busy"] = "adaptive"
     luns: List[Dict[str, Any]] = field(default_factory=list)
+
+    # Access control (uringtgt's README, "Security"): handed on only when set, so a uringtgt
+    # without them still takes every configuration that does not use them.
+    auth: Optional[Dict[str, Any]] = None
+    allowed_initiators: List[str] = field(default_factory=list)
+    allowed_networks: List[str] = field(default_factory=list)
+    control_socket_group: Optional[str] = None
+    max_connections: Optional[int] = None
+    max_sessions_per_initiator: Optional[int] = None
 
     def __post_init__(self):
         # `log_level` is the base Driver's field, read by logging.setLevel (upper case only);
@@ -123,6 +135,10 @@ class ISCSI(Driver):
             cfg["reactors"] = self.reactors
         if self.cpus is not None:
             cfg["cpus"] = list(self.cpus)
+        for key in _ACCESS_KEYS:
+            value = getattr(self, key)
+            if value is not None and value != []:
+                cfg[key] = value
         return cfg
 
     def _call(self, method: str, params: Any = None) -> Any:

@@ -45,7 +45,9 @@ def bare_driver(**fields) -> ISCSI:
     defaults = dict(
         root_dir="/var/lib/iscsi", iqn_prefix="iqn.2024-06.dev.jumpstarter", target_name="target1", host="",
         port=3260, remove_created_on_close=False, block_device_allowlist=[], control_socket=None,
-        reactors=None, cpus=None, poll_mode="adaptive", luns=[], log_level="INFO",
+        reactors=None, cpus=None, poll_mode="adaptive", luns=[], log_level="INFO", auth=None,
+        allowed_initiators=[], allowed_networks=[], control_socket_group=None, max_connections=None,
+        max_sessions_per_initiator=None,
         _socket="/var/lib/iscsi/uringtgt.sock", _uringtgt_level="info",
     )  # fmt: skip
     for k, v in {**defaults, **fields}.items():
@@ -90,6 +92,16 @@ def test_config_to_yaml_has_only_uringtgt_keys():
         "luns": [{"name": "d", "size_mb": 8}],
         "reactors": 2,
     }
+
+
+def test_config_to_yaml_carries_access_keys_only_when_set():
+    auth = {"chap": {"username": "u", "secret_file": "/etc/uringtgt/chap"}}
+    cfg = bare_driver(auth=auth, allowed_networks=["127.0.0.0/8"], max_connections=8).uringtgt_config()
+    assert cfg["auth"] == auth and cfg["allowed_networks"] == ["127.0.0.0/8"] and cfg["max_connections"] == 8
+    for key in ("allowed_initiators", "control_socket_group", "max_sessions_per_initiator"):
+        assert key not in cfg
+    plain = bare_driver().uringtgt_config()
+    assert not {"auth", "allowed_networks", "max_connections"} & plain.keys()
 
 
 def test_config_to_yaml_carries_cpus_instead_of_reactors():

@@ -2,6 +2,7 @@
 //! status, and task management.
 
 use super::*;
+use crate::iscsi::dataout::{Accepted, DataOut, DataOutError, MAX_OUTSTANDING_R2T};
 
 /// Task management functions (RFC 7143 §11.5.1) and responses (§11.6.1).
 mod tmf {
@@ -125,7 +126,7 @@ impl Conn {
             // Unsolicited data: immediate data, then (InitialR2T=No) Data-Out up to FirstBurstLength.
             // F=1 on the command says no unsolicited Data-Out follows its immediate data.
             let unsolicited = if initial_r2t || bhs.final_bit() { data.len() as u32 } else { edtl.min(first_burst) };
-            task.out_total = unsolicited.max(xfer);
+            task.dout = DataOut::new(data.len() as u32, unsolicited, unsolicited.max(xfer));
             task.r2t_next = unsolicited.min(xfer);
             task.stage = Stage::DataOut;
         }
@@ -154,11 +155,10 @@ impl Conn {
         });
     }
 
-    /// Copies Data-Out bytes into the task's buffer; bytes past what the command needs are
-    /// dropped (the initiator may send up to its Expected Data Transfer Length).
+    /// Copies accepted Data-Out bytes into the task's buffer; bytes past what the command
+    /// needs are dropped (the initiator may send up to its Expected Data Transfer Length).
     fn store_data_out(&mut self, slot: u16, offset: u32, data: &[u8]) {
         let task = self.tasks.get_mut(slot).expect("live task");
-        task.out_received += data.len() as u32;
         if offset >= task.xfer {
             return;
         }
@@ -170,40 +170,39 @@ impl Conn {
     /// Solicits the rest of a task's data, within MaxBurstLength and MaxOutstandingR2T.
     fn send_r2ts(&mut self, slot: u16) {
         let neg = self.neg.as_ref().expect("full feature phase");
-        let (max_burst, max_r2t) = (neg.max_burst_length, neg.max_outstanding_r2t.max(1));
+        let (max_burst, max_r2t) = (neg.max_burst_length, neg.max_outstanding_r2t.clamp(1, MAX_OUTSTANDING_R2T));
         loop {
             let task = self.tasks.get_mut(slot).expect("live task");
-            if task.aborted || task.r2t_next >= task.xfer || task.r2t_outstanding >= max_r2t {
+            if task.aborted || task.dout.is_failed() || task.r2t_next >= task.xfer || task.dout.outstanding() >= max_r2t
+            {
                 return;
             }
             let offset = task.r2t_next;
             let len = (task.xfer - offset).min(max_burst);
-            task.r2t_next += len;
-            task.r2t_outstanding += 1;
             let r2t_sn = task.r2t_sn;
+            let Some(ttt) = task.dout.open_r2t(slot, r2t_sn, offset, len) else { return };
+            task.r2t_next += len;
             task.r2t_sn += 1;
             let (itt, lun_field) = (task.itt, task.lun_field);
             let mut b = BhsBuf::new(opcode::R2T);
-            // TTT: task slot in the low 16 bits; bit 31 stays clear (pings use it).
-            b.flags(0x80).lun(lun_field).itt(itt).ttt(u32::from(slot) | ((r2t_sn & 0x7FFF) << 16));
+            b.flags(0x80).lun(lun_field).itt(itt).ttt(ttt);
             b.stat_sn(self.stat_sn).exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.max_cmd_sn());
             b.sn36(r2t_sn).buffer_offset(offset).word44(len);
             self.push(b, TxData::None, None);
         }
     }
 
-    /// Where a Data-Out's segment would land when it is valid for its task, in order, and
-    /// wholly inside the task's buffer; None sends the PDU down the normal path.
+    /// Where a Data-Out's segment would land when it is the next PDU its sequence expects and
+    /// lies wholly inside the task's buffer; None sends the PDU down the normal path (which
+    /// answers whatever is wrong with it).
     pub(super) fn data_out_dst(&mut self, bhs: &Bhs, len: u32) -> Option<(u16, *mut u8)> {
-        let ttt = bhs.ttt();
         let slot = self.data_out_slot(bhs)?;
         let task = self.tasks.get_mut(slot).expect("found above");
         let offset = bhs.buffer_offset();
-        let next_sn = if ttt == task.seq_ttt { task.next_data_sn } else { 0 };
-        let fits = u64::from(offset) + u64::from(len) <= u64::from(task.xfer.min(task.out_total));
-        if task.stage != Stage::DataOut || !fits || bhs.data_sn() != next_sn {
+        if task.stage != Stage::DataOut || u64::from(offset) + u64::from(len) > u64::from(task.xfer) {
             return None;
         }
+        task.dout.check(bhs.ttt(), bhs.data_sn(), offset, len, bhs.final_bit()).ok()?;
         let buf = task.buf.as_mut()?;
         // SAFETY: offset + len <= xfer <= the buffer's length.
         Some((slot, unsafe { buf.as_mut_ptr().add(offset as usize) }))
@@ -213,14 +212,11 @@ impl Conn {
     /// bookkeeping of [`Self::data_out`] without the copy.
     pub(super) fn data_out_in_place(&mut self, bhs: Bhs, slot: u16, len: u32, env: &mut ConnEnv) {
         let task = self.tasks.get_mut(slot).expect("a direct receive's task lives until it ends");
-        if bhs.ttt() != task.seq_ttt {
-            task.seq_ttt = bhs.ttt();
-            task.next_data_sn = 0;
+        // Checked by data_out_dst, and nothing of this connection ran in between.
+        match task.dout.accept(bhs.ttt(), bhs.data_sn(), bhs.buffer_offset(), len, bhs.final_bit()) {
+            Ok(a) => self.data_out_sequence_end(slot, a, env),
+            Err(e) => self.protocol_error_close(bhs.bytes(), &e),
         }
-        debug_assert_eq!(bhs.data_sn(), task.next_data_sn, "checked by data_out_dst");
-        task.next_data_sn += 1;
-        task.out_received += len;
-        self.data_out_sequence_end(slot, bhs, env);
     }
 
     /// The live task a Data-Out belongs to: by ITT for unsolicited data, else by the slot in
@@ -234,46 +230,62 @@ impl Conn {
         self.tasks.get(slot).filter(|t| t.itt == bhs.itt() && !t.aborted).map(|_| slot)
     }
 
+    /// A Data-Out PDU: accepted only as the next PDU of one of its task's sequences (see
+    /// [`crate::iscsi::dataout`]); anything else is a protocol error that ends the connection,
+    /// so a write never starts with a byte that did not come from its command.
     pub(super) fn data_out(&mut self, bhs: Bhs, data: &[u8], env: &mut ConnEnv) {
-        let ttt = bhs.ttt();
         let Some(slot) = self.data_out_slot(&bhs) else {
             // Data for a task that already ended (refused, aborted): drop it.
             log::debug!("{}: Data-Out for unknown task {:#x}", self.peer, bhs.itt());
             return;
         };
-        let task = self.tasks.get(slot).expect("found above");
-        let offset = bhs.buffer_offset();
-        if task.stage != Stage::DataOut || offset as u64 + data.len() as u64 > u64::from(task.out_total) {
-            return self.reject(bhs.bytes(), reject::PROTOCOL_ERROR);
-        }
-        // DataPDUInOrder and DataSequenceInOrder are always Yes: each sequence (the
-        // unsolicited one, then one per R2T) numbers its PDUs from 0 at rising offsets.
         let task = self.tasks.get_mut(slot).expect("found above");
-        if ttt != task.seq_ttt {
-            task.seq_ttt = ttt;
-            task.next_data_sn = 0;
+        let offset = bhs.buffer_offset();
+        let checked = if task.stage == Stage::DataOut {
+            task.dout.check(bhs.ttt(), bhs.data_sn(), offset, data.len() as u32, bhs.final_bit())
+        } else {
+            Err(DataOutError::AfterComplete)
+        };
+        match checked {
+            Ok(a) => {
+                self.store_data_out(slot, offset, data);
+                self.tasks.get_mut(slot).expect("found above").dout.commit(a);
+                self.data_out_sequence_end(slot, a, env);
+            }
+            Err(e @ DataOutError::DataSn { .. }) => {
+                // A lost PDU (RFC 7143 §7.9): ERL 0 cannot ask for it again, so the command
+                // fails once its sequences in progress have ended (§7.8).
+                task.dout.abandon(bhs.ttt(), bhs.final_bit());
+                self.protocol_error(&format_args!("ITT {:#x}: {e}", bhs.itt()));
+                self.maybe_failed_data_settled(slot, env);
+            }
+            Err(DataOutError::Failed) => match task.dout.drain(bhs.ttt(), bhs.final_bit()) {
+                // Data of a failed command: dropped, only its F bit counts.
+                Ok(()) => self.maybe_failed_data_settled(slot, env),
+                Err(e) => self.protocol_error_close(bhs.bytes(), &e),
+            },
+            Err(e) => self.protocol_error_close(bhs.bytes(), &e),
         }
-        if bhs.data_sn() != task.next_data_sn {
-            // ERL 0 cannot recover a lost or reordered Data-Out: the command fails (DATA PHASE
-            // ERROR) and the rest of its data is dropped as data for an unknown task.
-            log::info!("{}: Data-Out DataSN {} where {} was due", self.peer, bhs.data_sn(), task.next_data_sn);
-            let (itt, d_sense) = (task.itt, task.lun.as_ref().is_some_and(|l| l.d_sense()));
-            self.free_task(slot, env.pool);
-            let sense = Sense::aborted_command(0x4B, 0x00);
-            return self.scsi_response(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None);
+    }
+
+    /// A command failed by a DataSN error is answered once no Data-Out sequence of it is in
+    /// progress: CHECK CONDITION, ABORTED COMMAND, PROTOCOL SERVICE CRC ERROR (RFC 7143
+    /// §11.4.7.2). Its data is never written.
+    fn maybe_failed_data_settled(&mut self, slot: u16, env: &mut ConnEnv) {
+        let task = self.tasks.get(slot).expect("live task");
+        if !task.dout.is_settled() {
+            return;
         }
-        task.next_data_sn += 1;
-        self.store_data_out(slot, offset, data);
-        self.data_out_sequence_end(slot, bhs, env);
+        let (itt, r2ts, d_sense) = (task.itt, task.r2t_sn, task.lun.as_ref().is_some_and(|l| l.d_sense()));
+        self.free_task(slot, env.pool);
+        let sense = Sense::aborted_command(0x47, 0x05);
+        self.scsi_response_after(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None, r2ts);
     }
 
     /// After a Data-Out's data is in: the end of an R2T's sequence frees room for the next
     /// R2T, and the last byte starts the write.
-    fn data_out_sequence_end(&mut self, slot: u16, bhs: Bhs, env: &mut ConnEnv) {
-        let ttt = bhs.ttt();
-        if ttt != RESERVED_TAG && bhs.final_bit() {
-            let task = self.tasks.get_mut(slot).expect("live task");
-            task.r2t_outstanding = task.r2t_outstanding.saturating_sub(1);
+    fn data_out_sequence_end(&mut self, slot: u16, a: Accepted, env: &mut ConnEnv) {
+        if a.solicited && a.seq_done {
             self.send_r2ts(slot);
         }
         self.maybe_data_complete(slot, env);
@@ -282,7 +294,7 @@ impl Conn {
     /// Once all Data-Out is in, runs the write or the slow-path command.
     fn maybe_data_complete(&mut self, slot: u16, env: &mut ConnEnv) {
         let task = self.tasks.get(slot).expect("live task");
-        if task.stage != Stage::DataOut || task.out_received < task.out_total {
+        if task.stage != Stage::DataOut || !task.dout.is_complete() {
             return;
         }
         if task.action == Action::SlowPath {
