@@ -15,8 +15,12 @@ const A: &str = "iqn.2024-06.dev.example:dut-a";
 const B: &str = "iqn.2024-06.dev.example:dut-b";
 const LUNS_CHANGED: (u8, u8) = (0x3F, 0x0E);
 
+/// One reactor: once one session has seen a LUN change, the other has too (the table is
+/// picked up between commands, per reactor).
 fn start() -> Target {
     Target::start(&[
+        "--reactors",
+        "1",
         "--lun",
         "name=shared,backing=mem,size_mb=4,lun_id=0",
         "--lun",
@@ -49,6 +53,19 @@ fn read_once(s: &mut Session, lun: u16) -> Option<(u8, u8)> {
     }
 }
 
+/// Reads until the LUN change reaches `s` (bounded): the change is published to the reactor
+/// asynchronously, so the first read may still run on the old table.
+fn wait_luns_changed(s: &mut Session, lun: u16) {
+    for _ in 0..100 {
+        match read_once(s, lun) {
+            Some(ua) if ua == LUNS_CHANGED => return,
+            Some(other) => panic!("unexpected sense {other:?}"),
+            None => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    panic!("no REPORTED LUNS DATA HAS CHANGED on LUN {lun}");
+}
+
 #[test]
 fn each_initiator_sees_only_its_luns() {
     let t = start();
@@ -79,21 +96,23 @@ fn replacing_one_initiators_lun_leaves_the_others_undisturbed() {
         let image = vec![round.wrapping_add(1); 4 << 20];
         let r = ctl.upload(json!({"name": "dut2", "size": image.len(), "force": true, "initiators": [B]}), &image);
         assert!(r.get("error").is_none(), "{r}");
-        // a keeps reading its LUN without any unit attention.
+        // b is told, and then reads the new image.
+        wait_luns_changed(&mut b, 2);
+        // By now the reactor has the new table: a keeps reading its LUN without any unit
+        // attention.
         assert_eq!(read_once(&mut a, 1), None, "round {round}");
-        // b is told, once, and then reads the new image.
-        assert_eq!(read_once(&mut b, 2), Some(LUNS_CHANGED), "round {round}");
         let data = past_ua(|| b.read10(2, 0, 1, 512).unwrap()).data;
         assert!(data.iter().all(|&x| x == round.wrapping_add(1)), "round {round}");
     }
     // A LUN added (and removed) for b only: a is not disturbed; an unmapped LUN reaches both.
     ctl.ok("add_lun", json!({"name": "b2", "backing": "mem", "size_mb": 1, "initiators": [B]}));
+    wait_luns_changed(&mut b, 2);
     assert_eq!(read_once(&mut a, 1), None);
-    assert_eq!(read_once(&mut b, 2), Some(LUNS_CHANGED));
     ctl.ok("remove_lun", json!({"name": "b2"}));
+    wait_luns_changed(&mut b, 2);
     assert_eq!(read_once(&mut a, 1), None);
     ctl.ok("add_lun", json!({"name": "all", "backing": "mem", "size_mb": 1}));
-    assert_eq!(read_once(&mut a, 1), Some(LUNS_CHANGED));
+    wait_luns_changed(&mut a, 1);
     assert_eq!(b.report_luns().unwrap().len(), 3);
     // Bad initiator names are refused.
     assert_eq!(
