@@ -19,6 +19,8 @@ use std::path::{Component, Path, PathBuf};
 
 /// Reactors beyond this are a typo, not a deployment.
 const MAX_REACTORS: usize = 1024;
+/// Most offload worker threads a target may start.
+const MAX_OFFLOAD_THREADS: usize = 64;
 /// `sun_path` holds 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH: usize = 107;
 /// RFC 7143 section 4.2.7.1: iSCSI names are at most 223 bytes.
@@ -94,6 +96,9 @@ pub struct Config {
     /// Explicit CPUs to pin one reactor each to; excludes `reactors`.
     pub cpus: Option<Vec<usize>>,
     pub poll_mode: PollMode,
+    /// Worker threads for commands whose work would block a reactor (WRITE SAME, UNMAP,
+    /// COMPARE AND WRITE, ...); `None` means [`crate::offload::DEFAULT_THREADS`].
+    pub offload_threads: Option<usize>,
     /// Log filter (`error`, `warn`, `info`, `debug`, `trace`, `off`); the CLI and RUST_LOG win.
     pub log_level: Option<String>,
     /// LUNs exported at start.
@@ -178,6 +183,7 @@ impl Default for Config {
             reactors: None,
             cpus: None,
             poll_mode: PollMode::Adaptive,
+            offload_threads: None,
             log_level: None,
             luns: Vec::new(),
             auth: None,
@@ -289,6 +295,11 @@ impl Config {
             ));
         }
         self.validate_reactors()?;
+        if let Some(n) = self.offload_threads {
+            if !(1..=MAX_OFFLOAD_THREADS).contains(&n) {
+                return Err(invalid("offload_threads", format!("{n} is not between 1 and {MAX_OFFLOAD_THREADS}")));
+            }
+        }
         if let Some(level) = &self.log_level {
             if level.parse::<log::LevelFilter>().is_err() {
                 return Err(invalid(

@@ -6,6 +6,7 @@
 //! - [`iscsi`]: the iSCSI engine's ring-free logic (Data-Out acceptance).
 //! - [`scsi`]: CDB decoding, command execution for a disk LUN, sense data, LUN tables.
 //! - [`backing`]: the stores behind a LUN (O_DIRECT image files, RAM).
+//! - [`offload`]: the worker pool and LBA range lock that keep blocking work off reactors.
 //! - [`reactor`]: per-core threads, each owning an io_uring, its connections and buffers.
 //! - [`target`]: the listener, reactor start-up and the shared target state.
 //! - [`config`]: the YAML configuration and its defaults.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod control;
 pub mod images;
 pub mod iscsi;
+pub mod offload;
 pub mod protocol;
 pub mod reactor;
 pub mod scsi;

@@ -111,6 +111,8 @@ pub struct Shared {
     next_tsih: Mutex<u16>,
     reactors: OnceLock<Vec<ReactorHandle>>,
     next_token: AtomicU64,
+    /// Worker threads for commands whose work would block a reactor.
+    offload: OnceLock<crate::offload::Pool>,
     /// Open iSCSI connections, counted by the acceptor and decremented at teardown.
     connections: AtomicUsize,
     pub limits: Limits,
@@ -141,7 +143,13 @@ impl Shared {
             next_token: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
             limits: Limits::default(),
+            offload: OnceLock::new(),
         }
+    }
+
+    /// The offload pool (started with the reactors, before the portal opens).
+    pub fn offload(&self) -> &crate::offload::Pool {
+        self.offload.get().expect("the offload pool starts before any connection")
     }
 
     pub fn login_config(&self) -> Arc<LoginConfig> {
@@ -411,7 +419,18 @@ impl Target {
             handles.push(ReactorHandle { tx, waker });
             reactors.push(thread);
         }
+        // Offloaded work completes to its reactor's channel and wakes its ring.
+        let routes: Vec<(Sender<Msg>, Arc<Waker>)> = handles.iter().map(|h| (h.tx.clone(), h.waker.clone())).collect();
         let _ = shared.reactors.set(handles);
+        let threads = cfg.offload_threads.unwrap_or(crate::offload::DEFAULT_THREADS);
+        let pool = crate::offload::Pool::new(threads, move |done| {
+            let (tx, waker) = &routes[done.route.reactor];
+            if tx.send(Msg::Offloaded(done)).is_ok() {
+                waker.wake();
+            }
+        })
+        .map_err(|e| TargetError::Thread(std::io::Error::other(e.to_string())))?;
+        let _ = shared.offload.set(pool);
         let target = Self {
             shared,
             cfg: cfg.clone(),
@@ -594,6 +613,10 @@ impl Target {
         let reactors = std::mem::take(&mut *self.reactors.lock().expect("reactor list lock poisoned"));
         for r in reactors {
             let _ = r.join();
+        }
+        // After the reactors: they waited for their offloaded work before exiting.
+        if let Some(pool) = self.shared.offload.get() {
+            pool.shutdown();
         }
     }
 

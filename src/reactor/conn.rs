@@ -110,6 +110,8 @@ pub struct Conn {
     pub peer: SocketAddr,
     /// Unique id, for closing it from elsewhere (session reinstatement).
     pub token: u64,
+    /// Its slot in the reactor's connection table (routes offloaded work back to it).
+    pub slot: u32,
     phase: Phase,
     neg: Option<Negotiated>,
     header_digest: bool,
@@ -163,6 +165,7 @@ impl Conn {
             stream,
             peer,
             token,
+            slot: 0,
             phase: Phase::Login(Box::new(Login::with_peer(shared.login_config(), peer.ip()))),
             neg: None,
             header_digest: false,

@@ -38,6 +38,8 @@ pub enum Msg {
     CloseAll,
     /// Nothing but a wake-up: look at the shared LUN table now.
     Refresh,
+    /// Work a connection handed to the offload pool is done.
+    Offloaded(crate::offload::Completion),
     /// Send a snapshot of this reactor's statistics.
     Stats(crossbeam_channel::Sender<ReactorStats>),
     /// Close every connection and exit.
@@ -379,11 +381,12 @@ impl Reactor {
                     if self.stopping {
                         continue;
                     }
-                    let conn = Box::new(Conn::new(stream, peer, token, &self.shared, Instant::now()));
+                    let mut conn = Box::new(Conn::new(stream, peer, token, &self.shared, Instant::now()));
                     let idx = self.free_slots.pop().unwrap_or_else(|| {
                         self.conns.push(None);
                         (self.conns.len() - 1) as u32
                     });
+                    conn.slot = idx;
                     self.conns[idx as usize] = Some(Slot { conn, touched: true });
                     self.touched.push(idx);
                 }
@@ -402,6 +405,7 @@ impl Reactor {
                     self.touch_all();
                 }
                 Msg::Refresh => {}
+                Msg::Offloaded(done) => self.offloaded(done),
                 Msg::Stats(reply) => {
                     let live = self.conns.iter().flatten().count();
                     let _ = reply.send(self.stats.snapshot(self.id, live));
@@ -424,6 +428,23 @@ impl Reactor {
                 }
             }
         }
+    }
+
+    /// Routes an offloaded job's completion to its task. The connection is still there: its
+    /// `ops_inflight` counted the job, so it cannot have been freed.
+    fn offloaded(&mut self, done: crate::offload::Completion) {
+        let idx = done.route.conn;
+        let Some(Some(slot)) = self.conns.get_mut(idx as usize) else {
+            panic!("offload completion for a free connection slot {idx}");
+        };
+        slot.conn.ops_inflight -= 1;
+        if !slot.touched {
+            slot.touched = true;
+            self.touched.push(idx);
+        }
+        let mut env = conn_env!(self);
+        slot.conn.offload_done(done.route.task, done.output, &mut env);
+        self.submit_io(idx);
     }
 
     fn refresh_luns(&mut self) {

@@ -11,7 +11,7 @@ use std::time::Instant;
 pub enum Stage {
     /// Receiving Data-Out (immediate, unsolicited, then solicited by R2Ts).
     DataOut,
-    /// A backing-store operation is in flight on the ring.
+    /// A backing-store operation is in flight on the ring or on the offload pool.
     Io,
     /// Data-In and status are queued for sending; freed when the last byte is sent.
     Sending,
@@ -28,6 +28,8 @@ pub enum Action {
     SlowPath,
     /// Flush the backing store.
     Flush,
+    /// Run the command's work on the offload pool (see [`crate::offload`]), holding `lock`.
+    Offload { lock: Option<crate::offload::LbaRange> },
 }
 
 /// Longest CDB we accept (16 in the BHS plus an extended-CDB AHS).

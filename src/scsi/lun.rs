@@ -3,6 +3,7 @@
 use super::nexus::Sessions;
 use super::reservations::Reservations;
 use crate::backing::{Backing, BackingKind};
+use crate::offload::{Job, RangeLock};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -46,9 +47,10 @@ pub struct Lun {
     pub pr: Reservations,
     /// The sessions that used this LUN, for unit attentions one of them causes the others.
     pub sessions: Sessions,
-    /// Serialises read-modify-write commands (COMPARE AND WRITE, ORWRITE) of every session on
-    /// every reactor: two initiators racing for the same lock block must not both win.
-    pub rmw: std::sync::Mutex<()>,
+    /// LBA ranges held by offloaded commands (COMPARE AND WRITE, ORWRITE, WRITE SAME, UNMAP)
+    /// of every session on every reactor: two initiators racing for the same lock block must
+    /// not both win. A conflicting command waits in the lock's queue, not on a thread.
+    pub ranges: Arc<RangeLock<Job>>,
     /// Initiator names that see this LUN (case-insensitive); empty: every initiator.
     pub initiators: Vec<String>,
     /// Unique per `Lun` built in this process: tells a replaced LUN from the one before it.
@@ -84,7 +86,7 @@ impl Lun {
             d_sense: AtomicBool::new(false),
             pr: Reservations::default(),
             sessions: Sessions::default(),
-            rmw: std::sync::Mutex::new(()),
+            ranges: Arc::default(),
             initiators: Vec::new(),
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
         }

@@ -2,7 +2,10 @@
 //!
 //! The transport (the reactor) hands a decoded [`Request`] to [`execute`] and acts on the
 //! returned [`Disposition`]: hot-path reads, writes and flushes go through the reactor's ring;
-//! everything else completes here, synchronously, on plain data.
+//! commands whose work blocks (WRITE SAME, UNMAP, COMPARE AND WRITE, ORWRITE, VERIFY with data,
+//! GET LBA STATUS) are checked here and return [`Disposition::Offload`], their work then runs
+//! in [`execute_offloaded`] on a worker thread; everything else completes here, synchronously,
+//! on plain data.
 
 pub mod cdb;
 pub mod commands;
@@ -12,7 +15,7 @@ pub mod provisioning;
 pub mod reservations;
 pub mod sense;
 
-pub use commands::{execute, execute_data_out};
+pub use commands::{execute, execute_data_out, execute_offloaded};
 pub use lun::{Lun, LunTable};
 pub use nexus::Nexus;
 pub use sense::{Sense, SenseKey};
@@ -65,4 +68,8 @@ pub enum Disposition {
     Check(Sense),
     /// Another status without sense data (RESERVATION CONFLICT, BUSY, TASK SET FULL...).
     Status(u8),
+    /// Checked and ready, but the work blocks (backing I/O the ring cannot do, or many
+    /// steps): the transport runs [`execute_offloaded`] on a worker thread (see
+    /// [`crate::offload`]), holding `lock` (an LBA range of the LUN) exclusively meanwhile.
+    Offload { lock: Option<crate::offload::LbaRange> },
 }

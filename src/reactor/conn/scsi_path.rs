@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::iscsi::dataout::{Accepted, DataOut, DataOutError, MAX_OUTSTANDING_R2T};
+use crate::offload::{Job, Output, Route, Work};
 
 /// Task management functions (RFC 7143 §11.5.1) and responses (§11.6.1).
 mod tmf {
@@ -32,9 +33,12 @@ fn io_len(task: &Task) -> u32 {
     match task.action {
         Action::Read { .. } => task.xfer.next_multiple_of(SECTOR),
         Action::Write { .. } => task.xfer - task.xfer % SECTOR,
-        Action::Flush | Action::SlowPath => 0,
+        Action::Flush | Action::SlowPath | Action::Offload { .. } => 0,
     }
 }
+
+/// Largest Data-In an offloaded command may return (GET LBA STATUS): the reactor's scratch.
+const OFFLOAD_DATA_IN_MAX: usize = 256 * 1024;
 
 impl Conn {
     pub(super) fn scsi_command(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
@@ -81,6 +85,7 @@ impl Conn {
             Disposition::Write { offset, len, fua } => (Action::Write { offset, fua }, len),
             Disposition::DataOut { len } => (Action::SlowPath, len),
             Disposition::Flush => (Action::Flush, 0),
+            Disposition::Offload { lock } => (Action::Offload { lock }, 0),
         };
         let is_out = matches!(action, Action::Write { .. } | Action::SlowPath);
         if needed as usize > MAX_BUF {
@@ -315,6 +320,18 @@ impl Conn {
         let data_out: &[u8] = task.buf.as_ref().map_or(&[], |b| &b[..task.xfer as usize]);
         let luns = Self::luns(&self.view, env.luns);
         let disposition = scsi::execute_data_out(&req, luns, &mut self.nexus, data_out, env.scratch);
+        if let Disposition::Offload { lock } = disposition {
+            // Checked; the work itself (backing I/O) runs on a worker.
+            let task = self.tasks.get_mut(slot).expect("live task");
+            task.action = Action::Offload { lock };
+            return self.start_io(slot, env);
+        }
+        self.finish_slow_path(slot, disposition, env);
+    }
+
+    /// Answers a slow-path command with its disposition and frees its task.
+    fn finish_slow_path(&mut self, slot: u16, disposition: Disposition, env: &mut ConnEnv) {
+        let task = self.tasks.get(slot).expect("live task");
         let (itt, lun_field, edtl, needed) = (task.itt, task.lun_field, task.expected_len, task.needed);
         let (d_sense, r2ts) = (task.lun.as_ref().is_some_and(|l| l.d_sense()), task.r2t_sn);
         self.free_task(slot, env.pool);
@@ -341,6 +358,7 @@ impl Conn {
         };
         let len = io_len(task);
         let kind = match task.action {
+            Action::Offload { lock } => return self.offload(slot, lock, env),
             Action::Read { .. } | Action::Write { .. } if len == 0 => return self.io_done(slot, 0, env),
             Action::Read { .. } => IoKind::Read,
             Action::Write { fua, .. } => IoKind::Write { dsync: fua || !lun.write_cache() },
@@ -364,6 +382,55 @@ impl Conn {
                 self.ops_inflight += 1;
             }
         }
+    }
+
+    /// Hands a task's work to the offload pool; its completion comes back through
+    /// [`Conn::offload_done`]. The task (and the connection) stay alive until then, like a
+    /// task with ring I/O in flight.
+    fn offload(&mut self, slot: u16, lock: Option<crate::offload::LbaRange>, env: &mut ConnEnv) {
+        let task = self.tasks.get_mut(slot).expect("live task");
+        let lun = task.lun.clone().expect("offloaded commands run on an existing LUN");
+        let (cdb, cdb_len, expected_len) = (task.cdb, usize::from(task.cdb_len), task.expected_len);
+        let (read, write, xfer) = (task.read_bit, task.write_bit, task.xfer as usize);
+        let buf = task.buf.take();
+        let route = Route { reactor: env.reactor, conn: self.slot, task: slot };
+        let lock = lock.map(|r| (lun.ranges.clone(), r));
+        let work: Work = Box::new(move || {
+            let req = Request { cdb: &cdb[..cdb_len], lun: Some(lun.id), expected_len, read, write };
+            let data_out = buf.as_ref().map_or(&[][..], |b| &b[..xfer]);
+            let mut data_in =
+                if read { vec![0u8; (expected_len as usize).clamp(64, OFFLOAD_DATA_IN_MAX)] } else { Vec::new() };
+            let disposition = scsi::execute_offloaded(&req, &lun, data_out, &mut data_in);
+            match disposition {
+                Disposition::DataIn(n) => data_in.truncate(n),
+                _ => data_in.clear(),
+            }
+            Output { disposition, data_in, buf }
+        });
+        match env.shared.offload().submit(Job { route, lock, work }) {
+            Ok(()) => self.ops_inflight += 1,
+            Err(e) => {
+                log::info!("{}: {e}: BUSY", self.peer);
+                self.finish_slow_path(slot, Disposition::Status(status::BUSY), env);
+            }
+        }
+    }
+
+    /// An offloaded job of task `slot` finished.
+    pub fn offload_done(&mut self, slot: u16, out: Output, env: &mut ConnEnv) {
+        let task = self.tasks.get_mut(slot).expect("offloaded work completes for a live task");
+        if let Some(b) = out.buf {
+            task.buf = Some(b); // recycled by free_task
+        }
+        if task.aborted || self.closing {
+            self.free_task(slot, env.pool);
+            return;
+        }
+        if let Disposition::DataIn(n) = out.disposition {
+            let n = n.min(out.data_in.len()).min(env.scratch.len());
+            env.scratch[..n].copy_from_slice(&out.data_in[..n]);
+        }
+        self.finish_slow_path(slot, out.disposition, env);
     }
 
     /// A backing-store operation finished with `res` (bytes, or a negative errno).

@@ -1,8 +1,11 @@
 //! Block commands (SBC-3): the hot-path READ / WRITE / SYNCHRONIZE CACHE family, which only
 //! turns CDBs into byte ranges, and the slow-path commands with parameter data (WRITE SAME,
 //! UNMAP, COMPARE AND WRITE, ORWRITE, VERIFY with BYTCHK) that run against the backing store.
+//! Those are checked on the reactor (`*_data` functions return [`Disposition::Offload`] with
+//! the LBA range they change) and do their I/O in the `*_work` functions on a worker thread.
 
 use super::{check_range, Res};
+use crate::offload::LbaRange;
 use crate::scsi::cdb::{self, decode_block, op, BlockCdb};
 use crate::scsi::lun::BLOCK_SIZE;
 use crate::scsi::{Disposition, Lun, Sense};
@@ -16,8 +19,8 @@ pub const MAX_CAW_BLOCKS: u8 = 64;
 pub const MAX_UNMAP_BLOCKS: u32 = 1 << 20;
 /// MAXIMUM UNMAP BLOCK DESCRIPTOR COUNT.
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
-/// MAXIMUM WRITE SAME LENGTH: 16 MiB, so that one command blocks a reactor only briefly; no
-/// more than a READ or WRITE moves, so initiators can check a WRITE SAME with one READ.
+/// MAXIMUM WRITE SAME LENGTH: 16 MiB, no more than a READ or WRITE moves, so initiators can
+/// check a WRITE SAME with one READ.
 pub const MAX_WRITE_SAME_BLOCKS: u64 = MAX_TRANSFER_BLOCKS as u64;
 
 const BS: u64 = BLOCK_SIZE as u64;
@@ -124,6 +127,16 @@ fn verify_check(cdb: &[u8], lun: &Lun) -> Result<BlockCdb, Sense> {
 
 pub(super) fn verify_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
     let d = verify_check(cdb, lun)?;
+    let want = if d.bytchk() == 1 { d.blocks as usize * BS as usize } else { BS as usize };
+    if data.len() < want {
+        return Err(Sense::invalid_field_in_cdb(d.len_byte, 7));
+    }
+    // Reads only: no range to hold (a racing write is the initiator's business, as for READ).
+    Ok(Disposition::Offload { lock: None })
+}
+
+pub(super) fn verify_work(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
+    let d = verify_check(cdb, lun)?;
     let len = d.blocks as usize * BLOCK_SIZE as usize;
     let mut medium = vec![0u8; len];
     lun.backing.read_at(&mut medium, d.lba * BS).map_err(|_| Sense::read_error())?;
@@ -184,15 +197,21 @@ fn write_same_check(cdb: &[u8], lun: &Lun) -> Result<WriteSame, Sense> {
     Ok(WriteSame { offset: d.lba * BS, len: blocks * BS, unmap: d.flags & 0x08 != 0, ndob })
 }
 
+impl WriteSame {
+    fn range(&self) -> LbaRange {
+        LbaRange::new(self.offset / BS, self.len / BS)
+    }
+}
+
 /// WRITE SAME(10/16).
 pub(super) fn write_same(cdb: &[u8], lun: &Lun, expected_len: u32) -> Res {
     let ws = write_same_check(cdb, lun)?;
     if ws.ndob {
         // NDOB: no Data-Out, the block is all zeroes.
-        if ws.len != 0 {
-            write_pattern(lun, &ws, &[0u8; BS as usize])?;
+        if ws.len == 0 {
+            return Ok(Disposition::Good);
         }
-        return Ok(Disposition::Good);
+        return Ok(Disposition::Offload { lock: Some(ws.range()) });
     }
     if expected_len != BLOCK_SIZE {
         // Exactly one block of Data-Out; anything else cannot be the pattern.
@@ -206,7 +225,16 @@ pub(super) fn write_same(cdb: &[u8], lun: &Lun, expected_len: u32) -> Res {
 
 pub(super) fn write_same_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
     let ws = write_same_check(cdb, lun)?;
-    let pattern = data.get(..BS as usize).ok_or_else(Sense::parameter_list_length_error)?;
+    data.get(..BS as usize).ok_or_else(Sense::parameter_list_length_error)?;
+    Ok(Disposition::Offload { lock: Some(ws.range()) })
+}
+
+/// WRITE SAME's work, with its Data-Out (empty with NDOB).
+pub(super) fn write_same_work(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
+    let ws = write_same_check(cdb, lun)?;
+    let zeroes = [0u8; BS as usize];
+    let pattern =
+        if ws.ndob { &zeroes[..] } else { data.get(..BS as usize).ok_or_else(Sense::parameter_list_length_error)? };
     write_pattern(lun, &ws, pattern)?;
     Ok(Disposition::Good)
 }
@@ -248,7 +276,23 @@ fn unmap_check(cdb: &[u8], lun: &Lun) -> Result<u16, Sense> {
     Ok(cdb::be16(cdb, 7))
 }
 
+/// UNMAP's checks: every descriptor valid; the range to hold covers them all.
 pub(super) fn unmap_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
+    let descriptors = unmap_descriptors(cdb, lun, data)?;
+    let (mut start, mut end) = (u64::MAX, 0u64);
+    for desc in descriptors.filter(|d| cdb::be32(d, 8) != 0) {
+        let (lba, n) = (cdb::be64(desc, 0), u64::from(cdb::be32(desc, 8)));
+        start = start.min(lba);
+        end = end.max(lba + n);
+    }
+    if end == 0 {
+        return Ok(Disposition::Good);
+    }
+    Ok(Disposition::Offload { lock: Some(LbaRange { start, end }) })
+}
+
+/// The validated block descriptors of an UNMAP parameter list.
+fn unmap_descriptors<'a>(cdb: &[u8], lun: &Lun, data: &'a [u8]) -> Result<std::slice::ChunksExact<'a, u8>, Sense> {
     let len = usize::from(unmap_check(cdb, lun)?);
     let data = &data[..len.min(data.len())];
     if data.len() < 8 {
@@ -269,7 +313,11 @@ pub(super) fn unmap_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
             return Err(Sense::invalid_field_in_param_list((8 + i * 16 + 8) as u16, 7));
         }
     }
-    for desc in descriptors {
+    Ok(descriptors)
+}
+
+pub(super) fn unmap_work(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
+    for desc in unmap_descriptors(cdb, lun, data)? {
         let (lba, n) = (cdb::be64(desc, 0), cdb::be32(desc, 8));
         if n != 0 {
             lun.backing.discard(lba * BS, u64::from(n) * BS).map_err(|_| Sense::write_error())?;
@@ -307,11 +355,19 @@ pub(super) fn compare_and_write(cdb: &[u8], lun: &Lun, expected_len: u32) -> Res
 pub(super) fn compare_and_write_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
     let d = compare_and_write_check(cdb, lun)?;
     let half = d.blocks as usize * BS as usize;
+    data.get(..2 * half).ok_or_else(|| Sense::invalid_field_in_cdb(13, 7))?;
+    // Atomic against other offloaded commands on these blocks (COMPARE AND WRITE, ORWRITE,
+    // WRITE SAME, UNMAP) of every session: the range is held until the write is done. Plain
+    // writes racing with it are the initiator's business (SBC leaves overlapping commands'
+    // order to the task set).
+    Ok(Disposition::Offload { lock: Some(LbaRange::new(d.lba, u64::from(d.blocks))) })
+}
+
+pub(super) fn compare_and_write_work(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
+    let d = compare_and_write_check(cdb, lun)?;
+    let half = d.blocks as usize * BS as usize;
     let data = data.get(..2 * half).ok_or_else(|| Sense::invalid_field_in_cdb(13, 7))?;
     let mut medium = vec![0u8; half];
-    // Atomic against other COMPARE AND WRITEs and ORWRITEs; plain writes racing with it are the
-    // initiator's business (SBC leaves overlapping commands' order to the task set).
-    let _rmw = lun.rmw.lock().unwrap_or_else(|e| e.into_inner());
     lun.backing.read_at(&mut medium, d.lba * BS).map_err(|_| Sense::read_error())?;
     compare(&medium, &data[..half])?;
     let fua = d.fua() || !lun.write_cache();
@@ -340,9 +396,15 @@ pub(super) fn orwrite(cdb: &[u8], lun: &Lun) -> Res {
 pub(super) fn orwrite_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
     let d = orwrite_check(cdb, lun)?;
     let len = d.blocks as usize * BS as usize;
+    data.get(..len).ok_or_else(|| Sense::invalid_field_in_cdb(d.len_byte, 7))?;
+    Ok(Disposition::Offload { lock: Some(LbaRange::new(d.lba, u64::from(d.blocks))) })
+}
+
+pub(super) fn orwrite_work(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
+    let d = orwrite_check(cdb, lun)?;
+    let len = d.blocks as usize * BS as usize;
     let data = data.get(..len).ok_or_else(|| Sense::invalid_field_in_cdb(d.len_byte, 7))?;
     let mut medium = vec![0u8; len];
-    let _rmw = lun.rmw.lock().unwrap_or_else(|e| e.into_inner());
     lun.backing.read_at(&mut medium, d.lba * BS).map_err(|_| Sense::read_error())?;
     medium.iter_mut().zip(data).for_each(|(m, b)| *m |= b);
     let fua = d.fua() || !lun.write_cache();

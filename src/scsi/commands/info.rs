@@ -71,6 +71,15 @@ pub(super) fn report_luns(cdb: &[u8], table: &LunTable, nexus: &mut Nexus, buf: 
     data_in(buf, n, alloc)
 }
 
+/// GET LBA STATUS, first phase: the range check. The extents come from the backing store
+/// (`lseek` on files, a scan of RAM), so the rest runs offloaded.
+pub(super) fn get_lba_status_check(cdb: &[u8], lun: &Lun) -> Res {
+    if be64(cdb, 2) >= lun.num_blocks() {
+        return Err(Sense::lba_out_of_range());
+    }
+    Ok(crate::scsi::Disposition::Offload { lock: None })
+}
+
 /// GET LBA STATUS: one descriptor per extent of mapped or deallocated blocks from the
 /// starting LBA, as many as the allocation length holds.
 pub(super) fn get_lba_status(cdb: &[u8], lun: &Lun, buf: &mut [u8]) -> Res {

@@ -38,6 +38,29 @@ pub fn execute_data_out(
     run_data_out(req, table, nexus, data_out).unwrap_or_else(Disposition::Check)
 }
 
+/// Runs the work of a command that returned [`Disposition::Offload`], on a worker thread (it
+/// may block on the backing store): `data_out` holds its Data-Out (empty when it has none),
+/// Data-In goes to `data_in`. The checks of the first phase are repeated (they are cheap and
+/// keep each work function whole).
+pub fn execute_offloaded(req: &Request, lun: &Lun, data_out: &[u8], data_in: &mut [u8]) -> Disposition {
+    run_offloaded(req, lun, data_out, data_in).unwrap_or_else(Disposition::Check)
+}
+
+fn run_offloaded(req: &Request, lun: &Lun, data_out: &[u8], data_in: &mut [u8]) -> Res {
+    let cdb = checked_cdb(req)?;
+    match cdb[0] {
+        op::WRITE_SAME_10 | op::WRITE_SAME_16 => block::write_same_work(cdb, lun, data_out),
+        op::UNMAP => block::unmap_work(cdb, lun, data_out),
+        op::COMPARE_AND_WRITE => block::compare_and_write_work(cdb, lun, data_out),
+        op::ORWRITE_16 => block::orwrite_work(cdb, lun, data_out),
+        op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify_work(cdb, lun, data_out),
+        op::SERVICE_ACTION_IN_16 if cdb::service_action(cdb) == Some(sa::GET_LBA_STATUS) => {
+            info::get_lba_status(cdb, lun, data_in)
+        }
+        _ => Err(Sense::invalid_opcode()),
+    }
+}
+
 /// Checks the CDB's length and control byte; returns it cut to the opcode's length.
 fn checked_cdb<'a>(req: &Request<'a>) -> Result<&'a [u8], Sense> {
     let cdb = req.cdb;
@@ -105,7 +128,7 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
         op::READ_CAPACITY_10 => info::read_capacity_10(cdb, lun, data_in),
         op::SERVICE_ACTION_IN_16 => match cdb::service_action(cdb) {
             Some(sa::READ_CAPACITY_16) => info::read_capacity_16(cdb, lun, data_in),
-            Some(sa::GET_LBA_STATUS) => info::get_lba_status(cdb, lun, data_in),
+            Some(sa::GET_LBA_STATUS) => info::get_lba_status_check(cdb, lun),
             _ => Err(Sense::invalid_field_in_cdb(1, 4)),
         },
         op::MAINTENANCE_IN => match cdb::service_action(cdb) {
@@ -198,8 +221,13 @@ pub(crate) mod testutil {
         Request { cdb, lun: Some(lun), expected_len: 0, read: false, write: false }
     }
 
+    /// Runs a command, with its offloaded work (if any) inline.
     pub fn exec(t: &LunTable, n: &mut Nexus, cdb: &[u8], lun: u64, buf: &mut [u8]) -> Disposition {
-        execute(&req(cdb, lun), t, n, buf)
+        let r = req(cdb, lun);
+        match execute(&r, t, n, buf) {
+            Disposition::Offload { .. } => execute_offloaded(&r, t.get(lun).expect("lun"), &[], buf),
+            other => other,
+        }
     }
 
     /// Runs a command that takes `data` as Data-Out through both phases.
@@ -209,8 +237,12 @@ pub(crate) mod testutil {
         match execute(&r, t, n, &mut buf) {
             Disposition::DataOut { len } => {
                 assert_eq!(len as usize, data.len(), "Data-Out length");
-                execute_data_out(&r, t, n, data, &mut buf)
+                match execute_data_out(&r, t, n, data, &mut buf) {
+                    Disposition::Offload { .. } => execute_offloaded(&r, t.get(lun).expect("lun"), data, &mut buf),
+                    other => other,
+                }
             }
+            Disposition::Offload { .. } => execute_offloaded(&r, t.get(lun).expect("lun"), &[], &mut buf),
             other => other,
         }
     }
