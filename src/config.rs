@@ -116,6 +116,13 @@ pub struct Config {
     pub max_connections: usize,
     /// Sessions one initiator name may hold at once; `None`: no limit.
     pub max_sessions_per_initiator: Option<u32>,
+    // ---- observability (README "Protocol tracing", "Metrics") ----
+    /// Initiator IQNs whose sessions are traced PDU by PDU from their first login PDU.
+    pub trace_initiators: Vec<String>,
+    /// `ADDRESS:PORT` of the Prometheus `/metrics` endpoint; `None`: off.
+    pub metrics_listen: Option<String>,
+    /// Per-connection resource bounds.
+    pub limits: ConnLimits,
 }
 
 /// The `auth:` key.
@@ -192,7 +199,57 @@ impl Default for Config {
             control_socket_group: None,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_sessions_per_initiator: None,
+            trace_initiators: Vec::new(),
+            metrics_listen: None,
+            limits: ConnLimits::default(),
         }
+    }
+}
+
+/// What one connection (one session: MaxConnections=1) may hold; the `limits` block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnLimits {
+    /// Commands a session may have outstanding: the CmdSN window (MaxCmdSN) is sized from it.
+    pub max_cmds_per_session: u32,
+    /// A command waiting for Data-Out that makes no progress for this long is aborted.
+    pub dataout_timeout_secs: u64,
+    /// Bytes of PDUs queued for sending beyond which the connection stops reading requests
+    /// until the queue drains.
+    pub max_tx_queue_kib: u32,
+    /// A connection whose queue stays over `max_tx_queue_kib` this long is dropped.
+    pub tx_stall_timeout_secs: u64,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            max_cmds_per_session: 128,
+            dataout_timeout_secs: 30,
+            max_tx_queue_kib: 16 * 1024,
+            tx_stall_timeout_secs: 30,
+        }
+    }
+}
+
+impl ConnLimits {
+    /// Most commands per session: task slots are preallocated per connection.
+    pub const MAX_CMDS: u32 = 1024;
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=Self::MAX_CMDS).contains(&self.max_cmds_per_session) {
+            return Err(invalid("limits.max_cmds_per_session", format!("must be 1 to {}", Self::MAX_CMDS)));
+        }
+        if self.dataout_timeout_secs == 0 {
+            return Err(invalid("limits.dataout_timeout_secs", "must be at least 1"));
+        }
+        if self.max_tx_queue_kib < 64 {
+            return Err(invalid("limits.max_tx_queue_kib", "must be at least 64"));
+        }
+        if self.tx_stall_timeout_secs == 0 {
+            return Err(invalid("limits.tx_stall_timeout_secs", "must be at least 1"));
+        }
+        Ok(())
     }
 }
 
@@ -295,6 +352,7 @@ impl Config {
             ));
         }
         self.validate_reactors()?;
+        self.limits.validate()?;
         if let Some(n) = self.offload_threads {
             if !(1..=MAX_OFFLOAD_THREADS).contains(&n) {
                 return Err(invalid("offload_threads", format!("{n} is not between 1 and {MAX_OFFLOAD_THREADS}")));
@@ -309,7 +367,26 @@ impl Config {
             }
         }
         self.validate_access()?;
+        self.validate_observability()?;
         self.validate_luns()
+    }
+
+    /// `trace_initiators` and `metrics_listen`.
+    fn validate_observability(&self) -> Result<(), ConfigError> {
+        for (i, name) in self.trace_initiators.iter().enumerate() {
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(invalid(format!("trace_initiators[{i}]"), format!("not an iSCSI name: {name:?}")));
+            }
+        }
+        if let Some(addr) = &self.metrics_listen {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "metrics_listen",
+                    format!("not an ADDRESS:PORT: {addr:?} (e.g. 127.0.0.1:9460, [::1]:9460)"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The access-control keys, short of reading secret files (see [`Config::auth_config`]).
@@ -1010,6 +1087,21 @@ mod tests {
 
     fn cfg_in(dir: &Path) -> Config {
         Config { root_dir: dir.join("root"), ..Config::default() }
+    }
+
+    #[test]
+    fn limits_block_defaults_and_checks() {
+        let c = Config::from_yaml_str("").unwrap();
+        assert_eq!(c.limits, ConnLimits::default());
+        assert_eq!(c.limits.max_cmds_per_session, 128);
+        let c = Config::from_yaml_str("limits:\n  dataout_timeout_secs: 5\n").unwrap();
+        assert_eq!(c.limits.dataout_timeout_secs, 5);
+        assert_eq!(c.limits.max_tx_queue_kib, 16 * 1024, "unset keys keep their defaults");
+        assert!(err("limits:\n  max_cmds_per_session: 0\n").contains("limits.max_cmds_per_session"));
+        assert!(err("limits:\n  max_cmds_per_session: 5000\n").contains("limits.max_cmds_per_session"));
+        assert!(err("limits:\n  max_tx_queue_kib: 1\n").contains("limits.max_tx_queue_kib"));
+        assert!(err("limits:\n  tx_stall_timeout_secs: 0\n").contains("limits.tx_stall_timeout_secs"));
+        assert!(err("limits:\n  bogus: 1\n").contains("bogus"));
     }
 
     fn file_lun(name: &str, size_mb: u64) -> LunConfig {

@@ -90,6 +90,19 @@ enum CtlCommand {
     Stats {
         #[arg(long)]
         json: bool,
+        /// Print them again every second, until Ctrl-C (or --count refreshes).
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after N refreshes.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+    },
+    /// Trace a session's PDUs in the target's log (one line each), or stop tracing it (--off).
+    TraceSession {
+        /// The session's TSIH, as `sessions` lists it.
+        tsih: u16,
+        #[arg(long)]
+        off: bool,
     },
     /// Logged-in sessions.
     Sessions {
@@ -214,6 +227,13 @@ struct ServeArgs {
     /// allowed_networks).
     #[arg(long = "allow-network", value_name = "CIDR")]
     allow_networks: Vec<String>,
+    /// Trace every PDU of this initiator's sessions in the log (repeatable; adds to the file's
+    /// trace_initiators).
+    #[arg(long = "trace-initiator", value_name = "IQN")]
+    trace_initiators: Vec<String>,
+    /// Serve Prometheus metrics on http://ADDRESS:PORT/metrics, e.g. 127.0.0.1:9460.
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    metrics_listen: Option<String>,
 }
 
 /// What stops `uringtgt` with exit status 1.
@@ -273,6 +293,7 @@ fn ctl(args: CtlArgs) -> Result<(), CliError> {
             print!("{}", serve_output(&result));
             return Ok(());
         }
+        CtlCommand::Stats { json, watch: true, count } => return watch_stats(&socket, *json, *count),
         _ => {}
     }
     let (method, params) = ctl_request(&args.command);
@@ -328,6 +349,7 @@ fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
         CtlCommand::GetTargetIqn => ("get_target_iqn", Value::Null),
         CtlCommand::Start => ("start", Value::Null),
         CtlCommand::Stop => ("stop", Value::Null),
+        CtlCommand::TraceSession { tsih, off } => ("trace_session", json!({"tsih": tsih, "enable": !off})),
         // Stream a file: served by upload(), not a single call.
         CtlCommand::Upload(_) | CtlCommand::Serve(_) => ("upload_image", Value::Null),
     }
@@ -470,13 +492,19 @@ fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
     let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
     match cmd {
         CtlCommand::ListLuns { json: true }
-        | CtlCommand::Stats { json: true }
+        | CtlCommand::Stats { json: true, .. }
         | CtlCommand::Sessions { json: true } => {
             format!("{result}\n")
         }
         CtlCommand::ListLuns { json: false } => lun_table(result),
         CtlCommand::AddLun { .. } => lun_table(&json!([result])),
-        CtlCommand::Stats { json: false } => stats_table(result),
+        CtlCommand::Stats { json: false, .. } => stats_table(result),
+        CtlCommand::TraceSession { .. } => format!(
+            "session {} ({}): trace {}\n",
+            s(&result["tsih"]),
+            s(&result["initiator"]),
+            if result["trace"] == json!(true) { "on" } else { "off" }
+        ),
         CtlCommand::Sessions { json: false } => sessions_table(result),
         CtlCommand::RemoveLun { name } => format!("removed {name}\n"),
         CtlCommand::ClearLuns => {
@@ -603,6 +631,50 @@ fn sessions_table(sessions: &Value) -> String {
     table(&["TSIH", "INITIATOR", "ISID", "ADDRESS", "REACTOR", "TYPE"], &rows)
 }
 
+// ---- ctl stats --watch ----
+
+/// Set by SIGINT while `ctl stats --watch` runs.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `ctl stats --watch`: the stats table (or JSON line) once a second, each under a header line
+/// with the time and refresh number, until SIGINT (exit 0) or `count` refreshes. On a terminal
+/// the screen is cleared before each refresh.
+fn watch_stats(socket: &std::path::Path, json: bool, count: Option<u64>) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    let mut client = Client::connect(socket)?;
+    let clear = std::io::stdout().is_terminal() && !json;
+    let start = std::time::Instant::now();
+    let mut n = 0u64;
+    while !INTERRUPTED.load(Ordering::Relaxed) {
+        let result = client.call("get_stats", Value::Null)?;
+        n += 1;
+        let mut out = std::io::stdout().lock();
+        if clear {
+            let _ = write!(out, "\x1b[2J\x1b[H");
+        }
+        let body = if json { format!("{result}\n") } else { stats_table(&result) };
+        let _ = write!(out, "--- refresh {n} at {:.1} s (Ctrl-C stops)\n{body}", start.elapsed().as_secs_f64());
+        let _ = out.flush();
+        drop(out);
+        if count.is_some_and(|c| n >= c) {
+            break;
+        }
+        // A second between refreshes, in slices so Ctrl-C ends it at once.
+        let next = start + std::time::Duration::from_secs(n);
+        while !INTERRUPTED.load(Ordering::Relaxed) && std::time::Instant::now() < next {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    Ok(())
+}
+
 /// The file (or defaults) with the flags applied, checked as a whole.
 fn build_config(args: &ServeArgs) -> Result<Config, ConfigError> {
     let mut cfg = match &args.config {
@@ -643,6 +715,10 @@ fn build_config(args: &ServeArgs) -> Result<Config, ConfigError> {
         cfg.luns.push(LunConfig::parse_spec(spec)?);
     }
     apply_access_flags(args, &mut cfg);
+    cfg.trace_initiators.extend(args.trace_initiators.iter().cloned());
+    if let Some(v) = &args.metrics_listen {
+        cfg.metrics_listen = Some(v.clone());
+    }
     cfg.validate()?;
     Ok(cfg)
 }

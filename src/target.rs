@@ -1,7 +1,7 @@
 //! The target: LUN table, reactors, the listener, sessions, and orderly shutdown.
 
 use crate::backing::BackingKind;
-use crate::config::{self, Config, ConfigError, LunConfig};
+use crate::config::{self, Config, ConfigError, ConnLimits, LunConfig};
 use crate::protocol::chap::AuthConfig;
 use crate::protocol::login::LoginConfig;
 use crate::reactor::{Msg, Reactor, ReactorError, ReactorStats, Waker};
@@ -34,6 +34,8 @@ pub enum TargetError {
     /// io_uring is switched off here or lacks operations (with the cause and the fix).
     #[error(transparent)]
     Uring(#[from] crate::uring_check::UringError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("signal handling: {0}")]
@@ -85,6 +87,8 @@ pub struct SessionInfo {
     pub token: u64,
     /// Negotiated login keys.
     pub negotiated: Vec<(&'static str, String)>,
+    /// The connection's protocol trace switch (`trace_session`).
+    pub trace: crate::protocol::trace::Switch,
 }
 
 struct ReactorHandle {
@@ -111,11 +115,12 @@ pub struct Shared {
     next_tsih: Mutex<u16>,
     reactors: OnceLock<Vec<ReactorHandle>>,
     next_token: AtomicU64,
+    limits: ConnLimits,
     /// Worker threads for commands whose work would block a reactor.
     offload: OnceLock<crate::offload::Pool>,
     /// Open iSCSI connections, counted by the acceptor and decremented at teardown.
     connections: AtomicUsize,
-    pub limits: Limits,
+    pub admission: Limits,
 }
 
 /// Admission limits (README "Security").
@@ -142,9 +147,20 @@ impl Shared {
             reactors: OnceLock::new(),
             next_token: AtomicU64::new(1),
             connections: AtomicUsize::new(0),
-            limits: Limits::default(),
+            admission: Limits::default(),
+            limits: ConnLimits::default(),
             offload: OnceLock::new(),
         }
+    }
+
+    /// Sets the per-connection limits (before any connection exists).
+    pub fn with_limits(mut self, limits: ConnLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &ConnLimits {
+        &self.limits
     }
 
     /// The offload pool (started with the reactors, before the portal opens).
@@ -166,7 +182,7 @@ impl Shared {
 
     /// One more connection, unless `max_connections` are open.
     fn admit_connection(&self) -> bool {
-        let max = self.limits.max_connections;
+        let max = self.admission.max_connections;
         self.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
     }
 
@@ -220,7 +236,7 @@ impl Shared {
             let e = sessions.remove(&old).expect("found above");
             self.close_conn(e.reactor, e.token);
         }
-        if let (Some(max), false) = (self.limits.max_sessions_per_initiator, info.discovery) {
+        if let (Some(max), false) = (self.admission.max_sessions_per_initiator, info.discovery) {
             let held = sessions.values().filter(|e| !e.discovery && e.initiator.eq_ignore_ascii_case(&info.initiator));
             if held.count() >= max as usize {
                 return Err(SessionError::InitiatorSessionLimit(max));
@@ -371,6 +387,7 @@ impl Target {
         cfg.validate()?;
         // Before anything is opened: say why io_uring is unusable rather than a bare EPERM.
         crate::uring_check::check()?;
+        crate::protocol::trace::set_initiators(&cfg.trace_initiators);
         let (luns, created) = build_luns(cfg)?;
         let host = cfg.resolve_host();
         let addr = if host.contains(':') { format!("[{host}]:{}", cfg.port) } else { format!("{host}:{}", cfg.port) };
@@ -384,8 +401,8 @@ impl Target {
             acl: cfg.acl()?,
             ..LoginConfig::default()
         };
-        let mut shared = Shared::new(login, luns);
-        shared.limits =
+        let mut shared = Shared::new(login, luns).with_limits(cfg.limits.clone());
+        shared.admission =
             Limits { max_connections: cfg.max_connections, max_sessions_per_initiator: cfg.max_sessions_per_initiator };
         let shared = Arc::new(shared);
         let mut handles = Vec::new();
@@ -664,7 +681,7 @@ fn accept_loop(listener: &TcpListener, shared: &Shared) {
                 if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
                     log::warn!(
                         "{peer}: connection closed: max_connections ({}) open ({refused} refused since the last report)",
-                        shared.limits.max_connections
+                        shared.admission.max_connections
                     );
                     refused = 0;
                     last_refusal_log = Some(Instant::now());
@@ -767,6 +784,18 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
         }
     };
     log::info!("control socket {}", control.path().display());
+    let metrics = match cfg.metrics_listen.as_deref().map(|a| crate::metrics::MetricsServer::start(a, target.clone())) {
+        Some(Ok(m)) => {
+            log::info!("metrics on http://{}/metrics", m.local_addr());
+            Some(m)
+        }
+        Some(Err(e)) => {
+            control.stop();
+            target.shutdown();
+            return Err(e.into());
+        }
+        None => None,
+    };
     // The readiness line scripts and tests wait for.
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening on {} {}", target.local_addr(), target.iqn());
@@ -776,6 +805,9 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
     // SAFETY: set holds the blocked signals; sig receives the one that arrived.
     unsafe { libc::sigwait(&set, &mut sig) };
     log::info!("signal {sig}: stopping");
+    if let Some(m) = metrics {
+        m.stop();
+    }
     control.stop();
     target.shutdown();
     if cfg.remove_created_on_close {

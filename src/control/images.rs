@@ -185,7 +185,11 @@ pub fn import_image(target: &Target, params: Value) -> Result<Value, RpcError> {
         let res = images::import_file(&target.config().root_dir, &plan.name, &p.src_path, &plan.opts)?;
         export(target, &plan, &res)
     };
-    run().map_err(ImageMethodError::rpc)
+    let started = std::time::Instant::now();
+    let result = run();
+    let bytes = result.as_ref().ok().and_then(|v| v["bytes"].as_u64()).unwrap_or(0);
+    crate::metrics::upload_finished(result.as_ref().ok(), bytes, started.elapsed());
+    result.map_err(ImageMethodError::rpc)
 }
 
 /// How an `upload_image` ended, for the connection that carried it.
@@ -213,7 +217,9 @@ pub fn upload_image(target: &Target, params: Value, payload: &mut impl Read) -> 
     };
     let size = p.size;
     let mut wire = payload.take(size);
+    let started = std::time::Instant::now();
     let result = upload(target, p, &mut wire);
+    crate::metrics::upload_finished(result.as_ref().ok(), size - wire.limit(), started.elapsed());
     // Whatever the import left unread (it failed early, or skipped) is drained so the next
     // request line is found; a short stream ends the connection.
     let left = wire.limit();

@@ -31,6 +31,7 @@ pub const METHODS: &[&str] = &[
     "import_image",
     "get_auth",
     "set_auth",
+    "trace_session",
 ];
 
 /// `add_lun` parameters; positional order is the replaced driver's (name, file_path, size_mb,
@@ -141,6 +142,7 @@ pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcEr
         }
         "image_info" => super::images::image_info(target, params),
         "import_image" => super::images::import_image(target, params),
+        "trace_session" => super::trace::trace_session(target, params),
         // Needs the connection for its payload: the server calls images::upload_image itself.
         "upload_image" => Err(RpcError::new(rpc::INTERNAL_ERROR, "upload_image is served by the connection")),
         _ => Err(RpcError::new(

@@ -6,3 +6,4 @@ pub mod digest;
 pub mod login;
 pub mod pdu;
 pub mod text;
+pub mod trace;

@@ -12,6 +12,7 @@ use super::tx::{TxData, TxQueue};
 use crate::backing::{AlignedBuf, Backing};
 use crate::protocol::login::{Login, LoginOutcome, LoginRequest, Negotiated, SessionType};
 use crate::protocol::pdu::{self, opcode, reject, Bhs, BhsBuf, Layout, BHS_LEN, RESERVED_TAG};
+use crate::protocol::trace::{self, Dir};
 use crate::protocol::{digest, text};
 use crate::scsi::{self, lun, status, Disposition, LunTable, Nexus, Request, Sense};
 use crate::target::{SessionError, SessionInfo, Shared};
@@ -21,16 +22,19 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Commands a session may have outstanding (the CmdSN window).
-pub const QUEUE_DEPTH: u32 = 128;
-/// Task slots: the window plus room for immediate commands.
-const TASK_SLOTS: usize = QUEUE_DEPTH as usize + 32;
+/// Task slots beyond the CmdSN window (`limits.max_cmds_per_session`): room for immediate
+/// commands.
+const IMMEDIATE_SLOTS: usize = 32;
 /// Data segment we accept per PDU; declared at login.
 pub const MAX_RECV_DSL: u32 = 256 * 1024;
 /// Receive buffer: a full PDU (header, AHS, digests, data) plus room to batch small ones.
 const RX_BUF: usize = 2 * MAX_RECV_DSL as usize;
 /// Before login completes the initiator may send at most 8192 data bytes per PDU.
 const LOGIN_DSL: u32 = 8192;
+/// Receive buffer until login completes: one login PDU (header, AHS, digests, 8 KiB of data).
+/// The full-size buffer and the task table come with the full feature phase, so an accepted
+/// socket that never logs in holds little.
+const LOGIN_RX_BUF: usize = 16 * 1024;
 /// Idle time before the target pings with a NOP-In, and how long the answer may take.
 const NOP_INTERVAL: Duration = Duration::from_secs(5);
 const NOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -155,12 +159,35 @@ pub struct Conn {
     proto_errors: u64,
     proto_unlogged: u64,
     proto_logged_at: Option<Instant>,
+    /// Protocol trace switch (src/protocol/trace.rs); shared with the session entry.
+    trace: trace::Switch,
+    /// Commands a session may have outstanding (the CmdSN window).
+    queue_depth: u32,
+    dataout_timeout: Duration,
+    /// Bytes queued for sending beyond which requests are not read.
+    tx_limit: usize,
+    tx_stall_timeout: Duration,
+    /// Since when the transmit queue has been over `tx_limit`.
+    tx_full_since: Option<Instant>,
+    /// Data-In bytes of reads in progress (not queued yet): they count against `tx_limit`.
+    tx_reserved: usize,
+    /// Received PDUs wait for the transmit queue to drain.
+    held_back: bool,
+    /// Limits already logged for this connection ([`limit`] bits): each is logged once.
+    limits_logged: u8,
+}
+
+/// Bits of [`Conn::limits_logged`].
+mod limit {
+    pub const TX_QUEUE: u8 = 1;
+    pub const DATA_OUT_TIMEOUT: u8 = 2;
 }
 
 impl Conn {
     pub fn new(stream: TcpStream, peer: SocketAddr, token: u64, shared: &Shared, now: Instant) -> Self {
         let _ = stream.set_nodelay(true);
         set_user_timeout(&stream, NOP_TIMEOUT);
+        let limits = shared.limits();
         Self {
             stream,
             peer,
@@ -170,12 +197,12 @@ impl Conn {
             neg: None,
             header_digest: false,
             data_digest: false,
-            rx: Some(AlignedBuf::new(RX_BUF)),
+            rx: Some(AlignedBuf::new(LOGIN_RX_BUF)),
             rx_start: 0,
             rx_end: 0,
             direct: None,
             tx: TxQueue::new(),
-            tasks: TaskTable::with_capacity(TASK_SLOTS),
+            tasks: TaskTable::with_capacity(0),
             nexus: Nexus::new(),
             isid: [0; 6],
             tsih: 0,
@@ -197,6 +224,15 @@ impl Conn {
             proto_errors: 0,
             proto_unlogged: 0,
             proto_logged_at: None,
+            trace: trace::Switch::new(),
+            queue_depth: limits.max_cmds_per_session,
+            dataout_timeout: Duration::from_secs(limits.dataout_timeout_secs),
+            tx_limit: limits.max_tx_queue_kib as usize * 1024,
+            tx_stall_timeout: Duration::from_secs(limits.tx_stall_timeout_secs),
+            tx_full_since: None,
+            tx_reserved: 0,
+            held_back: false,
+            limits_logged: 0,
         }
     }
 
@@ -290,7 +326,7 @@ impl Conn {
     /// Whether a receive should be posted: not once the connection only waits to send its
     /// last PDUs (after a logout, a failed login or a protocol error).
     pub fn wants_recv(&self) -> bool {
-        !self.close_after_send
+        !self.close_after_send && !self.tx_full()
     }
 
     /// `n` bytes arrived in the receive buffer.
@@ -306,8 +342,14 @@ impl Conn {
             }
             _ => self.rx_end += n,
         }
+        self.parse(env);
+    }
+
+    /// Handles the complete PDUs in the receive buffer, unless the transmit queue is over its
+    /// limit: then they wait until it drains ([`Self::sent`]).
+    fn parse(&mut self, env: &mut ConnEnv) {
         let rx = self.rx.take().expect("rx buffer present");
-        while !self.closing && !self.close_after_send {
+        while !self.closing && !self.close_after_send && !self.tx_full() {
             if self.direct.is_some() {
                 if !self.finish_direct(&rx, env) {
                     break;
@@ -319,6 +361,7 @@ impl Conn {
             let layout = Layout::of(&bhs, self.header_digest, self.data_digest);
             let limit = if matches!(self.phase, Phase::Login(_)) { LOGIN_DSL } else { MAX_RECV_DSL };
             if layout.data_len as u32 > limit || layout.header_len > BHS_LEN + 1024 {
+                crate::metrics::protocol_error("data_too_long");
                 let err = pdu::PduError::DataTooLong { len: layout.data_len as u32, max: limit };
                 self.protocol_error(&err);
                 self.close(&err.to_string());
@@ -340,6 +383,7 @@ impl Conn {
                 let computed = digest::header(&pdu_bytes[..layout.header_len]);
                 if received != computed {
                     // Without a trustworthy header the stream cannot be resynchronised (ERL 0).
+                    crate::metrics::protocol_error("header_digest");
                     let err = pdu::PduError::HeaderDigest { received, computed };
                     self.protocol_error(&err);
                     self.close(&err.to_string());
@@ -358,6 +402,7 @@ impl Conn {
                     if bhs.opcode() == opcode::DATA_OUT {
                         // ERL 0 cannot ask for the data again (no SNACK recovery): a task
                         // would wait for it forever, so the connection ends.
+                        crate::metrics::protocol_error("data_digest");
                         self.protocol_error(&err);
                         self.close(&err.to_string());
                         break;
@@ -371,9 +416,44 @@ impl Conn {
             self.handle_pdu(bhs, ahs, data, env);
         }
         self.rx = Some(rx);
+        self.held_back = self.tx_full();
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
+        }
+        if matches!(self.phase, Phase::FullFeature) && self.tasks.capacity() == 0 {
+            self.enter_full_feature();
+        }
+    }
+
+    /// Login is complete: the full-size receive buffer (keeping any bytes already received)
+    /// and the task table.
+    fn enter_full_feature(&mut self) {
+        let old = self.rx.take().expect("rx buffer present");
+        let mut rx = AlignedBuf::new(RX_BUF);
+        let n = self.rx_end - self.rx_start;
+        rx[..n].copy_from_slice(&old[self.rx_start..self.rx_end]);
+        (self.rx_start, self.rx_end) = (0, n);
+        self.rx = Some(rx);
+        self.tasks = TaskTable::with_capacity(self.queue_depth as usize + IMMEDIATE_SLOTS);
+    }
+
+    /// Whether the transmit queue (with the Data-In of reads in progress) is over its limit:
+    /// requests are not read meanwhile.
+    fn tx_full(&self) -> bool {
+        self.tx.queued_bytes() + self.tx_reserved > self.tx_limit
+    }
+
+    /// A send completed: requests held back by a full transmit queue may go on.
+    pub fn sent(&mut self, env: &mut ConnEnv) {
+        if !self.held_back || self.closing || self.tx_full() {
+            return;
+        }
+        self.held_back = false;
+        self.tx_full_since = None;
+        // A direct receive still filling its task buffer resumes with its next receive.
+        if self.direct.as_ref().is_none_or(|d| d.got >= d.len) {
+            self.parse(env);
         }
     }
 
@@ -425,6 +505,7 @@ impl Conn {
             let received = digest::from_wire(wire.try_into().expect("4"));
             let computed = digest::data(&[data, pad]);
             if received != computed {
+                crate::metrics::protocol_error("data_digest");
                 let err = pdu::PduError::DataDigest { received, computed };
                 self.protocol_error(&err);
                 self.close(&err.to_string());
@@ -432,17 +513,27 @@ impl Conn {
             }
         }
         let bhs = Bhs::new(&d.bhs);
+        if self.trace.on() {
+            trace::pdu(Dir::In, self.peer, self.tsih, &d.bhs, &[], d.len);
+        }
         self.data_out_in_place(bhs, d.slot, d.len as u32, env);
         true
     }
 
     fn handle_pdu(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
         if matches!(self.phase, Phase::Login(_)) {
+            self.trace.login_pdu(data);
+        }
+        if self.trace.on() {
+            trace::pdu(Dir::In, self.peer, self.tsih, bhs.bytes(), data, data.len());
+        }
+        if matches!(self.phase, Phase::Login(_)) {
             if self.delayed_login_failure.is_some() {
                 // The login has failed; nothing more is read until its answer is sent.
             } else if bhs.opcode() == opcode::LOGIN_REQUEST {
                 self.login(bhs, data, env);
             } else {
+                crate::metrics::protocol_error("non_login_pdu_during_login");
                 self.close("non-login PDU during login");
             }
             return;
@@ -461,7 +552,7 @@ impl Conn {
     }
 
     fn max_cmd_sn(&self) -> u32 {
-        let free = QUEUE_DEPTH.saturating_sub(self.tasks.in_use() as u32);
+        let free = self.queue_depth.saturating_sub(self.tasks.in_use() as u32);
         self.exp_cmd_sn.wrapping_add(free).wrapping_sub(1)
     }
 
@@ -518,6 +609,14 @@ impl Conn {
     // ---- transmit helpers ----
 
     fn push(&mut self, bhs: BhsBuf, data: TxData, release: Option<u16>) {
+        if self.trace.on() {
+            let (seg, len) = match &data {
+                TxData::Inline(v) => (&v[..], v.len()),
+                TxData::Task { len, .. } => (&[][..], *len as usize),
+                TxData::None => (&[][..], 0),
+            };
+            trace::pdu(Dir::Out, self.peer, self.tsih, &bhs.0, seg, len);
+        }
         self.tx.push(bhs, data, self.header_digest, self.data_digest, release);
     }
 
@@ -535,6 +634,7 @@ impl Conn {
     }
 
     fn push_reject(&mut self, rejected: &[u8; BHS_LEN], reason: u8) {
+        crate::metrics::protocol_error(crate::metrics::reject_kind(reason));
         let mut b = BhsBuf::new(opcode::REJECT);
         b.flags(0x80).byte(2, reason).itt(RESERVED_TAG);
         self.stamp_status(&mut b);
@@ -609,6 +709,7 @@ impl Conn {
                     reactor: env.reactor,
                     token: self.token,
                     negotiated: neg.pairs(),
+                    trace: self.trace.clone(),
                 };
                 match env.shared.register_session(info) {
                     Ok(tsih) => self.tsih = tsih,
@@ -664,7 +765,10 @@ impl Conn {
         self.push(b, TxData::Inline(rsp.data), None);
         match outcome {
             LoginOutcome::Continue => {}
-            LoginOutcome::Failed => self.close_after_send = true,
+            LoginOutcome::Failed => {
+                crate::metrics::login_failed(rsp.status_class, rsp.status_detail);
+                self.close_after_send = true;
+            }
             LoginOutcome::FullFeature => {
                 let neg = self.neg.as_ref().expect("set above");
                 // Digests start with the first PDU after the final login response.
@@ -698,7 +802,32 @@ impl Conn {
     }
 
     /// Periodic liveness and timeout checks.
-    pub fn tick(&mut self, now: Instant) {
+    pub fn tick(&mut self, now: Instant, pool: &mut BufPool) {
+        if self.closing {
+            return;
+        }
+        if self.tx_full() {
+            let since = *self.tx_full_since.get_or_insert(now);
+            if self.limits_logged & limit::TX_QUEUE == 0 {
+                self.limits_logged |= limit::TX_QUEUE;
+                log::warn!(
+                    "{}: transmit queue over limits.max_tx_queue_kib ({} KiB): not reading requests until it drains",
+                    self.peer,
+                    self.tx_limit / 1024
+                );
+            }
+            if now.duration_since(since) > self.tx_stall_timeout {
+                log::warn!(
+                    "{}: transmit queue stalled for {:?}: dropping the connection",
+                    self.peer,
+                    self.tx_stall_timeout
+                );
+                return self.close("transmit queue stalled");
+            }
+        } else {
+            self.tx_full_since = None;
+        }
+        self.dataout_timeouts(now, pool);
         if self.closing {
             return;
         }

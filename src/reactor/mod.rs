@@ -309,7 +309,7 @@ impl Reactor {
                 self.aux_inflight -= 1;
                 let now = Instant::now();
                 for slot in self.conns.iter_mut().flatten() {
-                    slot.conn.tick(now);
+                    slot.conn.tick(now, &mut self.pool);
                 }
                 self.touch_all();
                 if !self.stopping {
@@ -356,6 +356,7 @@ impl Reactor {
                 for &s in released.iter() {
                     conn.release_sent(s, env.pool);
                 }
+                conn.sent(&mut env);
             }
             op::IO => conn.io_done(task, res, &mut env),
             _ => panic!("unknown operation in completion {ud:#x}"),

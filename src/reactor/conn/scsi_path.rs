@@ -219,7 +219,10 @@ impl Conn {
         let task = self.tasks.get_mut(slot).expect("a direct receive's task lives until it ends");
         // Checked by data_out_dst, and nothing of this connection ran in between.
         match task.dout.accept(bhs.ttt(), bhs.data_sn(), bhs.buffer_offset(), len, bhs.final_bit()) {
-            Ok(a) => self.data_out_sequence_end(slot, a, env),
+            Ok(a) => {
+                task.last_data = env.now;
+                self.data_out_sequence_end(slot, a, env)
+            }
             Err(e) => self.protocol_error_close(bhs.bytes(), &e),
         }
     }
@@ -254,7 +257,9 @@ impl Conn {
         match checked {
             Ok(a) => {
                 self.store_data_out(slot, offset, data);
-                self.tasks.get_mut(slot).expect("found above").dout.commit(a);
+                let task = self.tasks.get_mut(slot).expect("found above");
+                task.dout.commit(a);
+                task.last_data = env.now;
                 self.data_out_sequence_end(slot, a, env);
             }
             Err(e @ DataOutError::DataSn { .. }) => {
@@ -270,6 +275,43 @@ impl Conn {
                 Err(e) => self.protocol_error_close(bhs.bytes(), &e),
             },
             Err(e) => self.protocol_error_close(bhs.bytes(), &e),
+        }
+    }
+
+    /// Aborts the commands whose Data-Out made no progress for `limits.dataout_timeout_secs`:
+    /// CHECK CONDITION, ABORTED COMMAND, INITIATOR RESPONSE TIMEOUT; later Data-Out for them
+    /// is dropped as data for an unknown task. A peer stalled in the middle of a PDU received
+    /// straight into a task's buffer loses the connection instead (the buffer is the kernel's
+    /// until that receive completes).
+    pub(super) fn dataout_timeouts(&mut self, now: Instant, pool: &mut BufPool) {
+        let timeout = self.dataout_timeout;
+        let expired: Vec<u16> = self
+            .tasks
+            .slots()
+            .filter(|(_, t)| {
+                t.stage == Stage::DataOut && !t.aborted && now.saturating_duration_since(t.last_data) > timeout
+            })
+            .map(|(s, _)| s)
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        if self.limits_logged & limit::DATA_OUT_TIMEOUT == 0 {
+            self.limits_logged |= limit::DATA_OUT_TIMEOUT;
+            log::warn!(
+                "{}: no Data-Out for {timeout:?} (limits.dataout_timeout_secs): aborting the command",
+                self.peer
+            );
+        }
+        for slot in expired {
+            if self.direct.as_ref().is_some_and(|d| d.slot == slot) {
+                return self.close("Data-Out stalled in the middle of a PDU");
+            }
+            let task = self.tasks.get(slot).expect("listed above");
+            let (itt, r2ts, d_sense) = (task.itt, task.r2t_sn, task.lun.as_ref().is_some_and(|l| l.d_sense()));
+            self.free_task(slot, pool);
+            let sense = Sense::aborted_command(0x4B, 0x06);
+            self.scsi_response_after(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None, r2ts);
         }
     }
 
@@ -353,6 +395,10 @@ impl Conn {
     fn start_io(&mut self, slot: u16, env: &mut ConnEnv) {
         let task = self.tasks.get_mut(slot).expect("live task");
         task.stage = Stage::Io;
+        if let Action::Read { .. } = task.action {
+            task.tx_reserved = task.xfer;
+            self.tx_reserved += task.xfer as usize;
+        }
         let Some(lun) = task.lun.clone() else {
             unreachable!("I/O dispositions come only for existing LUNs");
         };
@@ -477,6 +523,8 @@ impl Conn {
     fn send_read_data(&mut self, slot: u16, lun_field: [u8; 8], itt: u32, edtl: u32, needed: u32, xfer: u32) {
         let task = self.tasks.get_mut(slot).expect("live task");
         task.stage = Stage::Sending;
+        // From here the Data-In counts in the transmit queue itself.
+        self.tx_reserved -= std::mem::take(&mut task.tx_reserved) as usize;
         let base = match (&task.buf, &task.lun, task.action) {
             (Some(buf), _, _) => buf.as_ptr(),
             (None, Some(lun), Action::Read { offset }) => match &lun.backing {
@@ -538,6 +586,7 @@ impl Conn {
     /// task management response.
     pub(super) fn free_task(&mut self, slot: u16, pool: &mut BufPool) {
         if let Some(mut t) = self.tasks.remove(slot) {
+            self.tx_reserved -= t.tx_reserved as usize;
             if let Some(buf) = t.buf.take() {
                 pool.put(buf);
             }
