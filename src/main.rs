@@ -24,7 +24,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the configured target.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Talk to a running target over its control socket.
     Ctl(CtlArgs),
 }
@@ -254,7 +254,7 @@ enum CliError {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
         Command::Ctl(args) => ctl(args),
     };
     match res {
