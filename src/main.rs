@@ -26,7 +26,7 @@ enum Command {
     /// Serve the configured target.
     Serve(Box<ServeArgs>),
     /// Talk to a running target over its control socket.
-    Ctl(CtlArgs),
+    Ctl(Box<CtlArgs>),
 }
 
 #[derive(Args)]
@@ -255,7 +255,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Serve(args) => serve(*args),
-        Command::Ctl(args) => ctl(args),
+        Command::Ctl(args) => ctl(*args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
