@@ -776,7 +776,7 @@ mod tests {
     fn args(extra: &[&str]) -> ServeArgs {
         let argv = ["uringtgt", "serve"].iter().chain(extra).copied();
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             Command::Ctl(_) => unreachable!("parsed serve"),
         }
     }
