@@ -13,8 +13,10 @@ use std::sync::Arc;
 pub const BLOCK_SIZE: u32 = 512;
 /// log2(physical block / logical block) reported by READ CAPACITY(16): 4 KiB physical blocks,
 /// as the system uringtgt replaces (LIO) reported, so initiators align partitions and I/O to
-/// the page size. (libiscsi's GetLBAStatus.UnmapSingle assumes 1 block per physical block and
-/// fails with this; SBC-3 lets the first descriptor start at the requested LBA, which we do.)
+/// the page size. (libiscsi's GetLBAStatus.UnmapSingle asks for the status at LBA i+1 and
+/// wants the first descriptor at i+LBPPB, which only holds with 1 block per physical block;
+/// SBC-3 has the first descriptor start at the requested LBA, which it does here. With 1
+/// block per physical block four other tests that need LBPPB >= 2 would skip instead.)
 pub const PHYS_BLOCK_EXP: u8 = 3;
 /// Optimal transfer and unmap granularity (block limits VPD): 4 KiB, the page size and the
 /// filesystem block behind image files, so aligned I/O still avoids read-modify-write.
@@ -55,6 +57,8 @@ pub struct Lun {
     pub initiators: Vec<String>,
     /// Unique per `Lun` built in this process: tells a replaced LUN from the one before it.
     pub instance: u64,
+    /// EXTENDED COPY results held for RECEIVE COPY RESULTS (this LUN as copy manager).
+    pub xcopy: super::commands::xcopy::CopyResults,
 }
 
 /// Source of [`Lun::instance`].
@@ -89,6 +93,7 @@ impl Lun {
             ranges: Arc::default(),
             initiators: Vec::new(),
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
+            xcopy: Default::default(),
         }
     }
 

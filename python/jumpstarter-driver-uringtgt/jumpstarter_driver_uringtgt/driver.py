@@ -39,8 +39,9 @@ MiB = 1 << 20
 _LEVELS = {"CRITICAL": "error", "FATAL": "error", "ERROR": "error", "WARNING": "warn", "WARN": "warn",
            "INFO": "info", "DEBUG": "debug", "TRACE": "trace", "OFF": "off", "NOTSET": "info"}
 
-_ACCESS_KEYS = ("auth", "allowed_initiators", "allowed_networks", "control_socket_group", "max_connections",
-                "max_sessions_per_initiator")
+# Keys handed on only when set (uringtgt's defaults apply otherwise).
+_OPTIONAL_KEYS = ("offload_threads", "limits", "auth", "allowed_initiators", "allowed_networks",
+                  "control_socket_group", "max_connections", "max_sessions_per_initiator")
 
 # The first line `uringtgt ctl upload` prints.
 _UPLOAD_LINE = re.compile(r"^(?P<address>\S+) (?P<iqn>\S+) (?P<lun_id>\d+)$")
@@ -77,6 +78,8 @@ class ISCSI(Driver):
     cpus: Optional[List[int]] = None
     poll_mode: Literal["adaptive", "busy"] = "adaptive"
     luns: List[Dict[str, Any]] = field(default_factory=list)
+    offload_threads: Optional[int] = None
+    limits: Optional[Dict[str, Any]] = None
 
     # Access control (uringtgt's README, "Security"): handed on only when set, so a uringtgt
     # without them still takes every configuration that does not use them.
@@ -135,7 +138,7 @@ class ISCSI(Driver):
             cfg["reactors"] = self.reactors
         if self.cpus is not None:
             cfg["cpus"] = list(self.cpus)
-        for key in _ACCESS_KEYS:
+        for key in _OPTIONAL_KEYS:
             value = getattr(self, key)
             if value is not None and value != []:
                 cfg[key] = value

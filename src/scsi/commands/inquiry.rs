@@ -2,7 +2,8 @@
 //! SBC-3 6.6).
 
 use super::block::{
-    MAX_CAW_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS,
+    MAX_ATOMIC_BLOCKS, MAX_CAW_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS,
+    MAX_WRITE_SAME_BLOCKS,
 };
 use super::{data_in, Res};
 use crate::scsi::cdb::{be16, put16, put32, put64};
@@ -82,6 +83,7 @@ fn standard(lun: Option<&Lun>, buf: &mut [u8]) -> usize {
     b[2] = 0x06; // SPC-4
     b[3] = 0x10 | 0x02; // HISUP, response data format 2
     b[4] = (STD_LEN - 5) as u8;
+    b[5] = 0x08; // 3PC: EXTENDED COPY
     b[7] = 0x02; // CMDQUE
     ascii(&mut b[8..16], VENDOR);
     ascii(&mut b[16..32], PRODUCT);
@@ -119,6 +121,9 @@ fn block_limits(body: &mut [u8]) -> usize {
     put32(b, 24, GRANULARITY_BLOCKS); // OPTIMAL UNMAP GRANULARITY
     put32(b, 28, 0x8000_0000); // UGAVALID, alignment 0
     put64(b, 32, MAX_WRITE_SAME_BLOCKS);
+    // MAXIMUM ATOMIC TRANSFER LENGTH; ATOMIC ALIGNMENT and ATOMIC TRANSFER LENGTH GRANULARITY
+    // 0 (none), no atomic boundaries.
+    put32(b, 40, MAX_ATOMIC_BLOCKS);
     0x3C
 }
 
@@ -148,7 +153,7 @@ mod tests {
     fn standard_data() {
         let d = get(false, 0);
         assert_eq!(d.len(), 96);
-        assert_eq!(&d[..8], &[0x00, 0x00, 0x06, 0x12, 91, 0x00, 0x00, 0x02]);
+        assert_eq!(&d[..8], &[0x00, 0x00, 0x06, 0x12, 91, 0x08, 0x00, 0x02], "3PC set");
         assert_eq!(&d[8..16], b"URINGTGT");
         assert_eq!(&d[16..32], b"uringtgt disk   ");
         assert_eq!(&d[32..36], &env!("CARGO_PKG_VERSION").as_bytes()[..4]);
@@ -214,6 +219,8 @@ mod tests {
         assert_eq!(be32(&d, 28), 8);
         assert_eq!(be32(&d, 32), 0x8000_0000);
         assert_eq!(be64(&d, 36), MAX_WRITE_SAME_BLOCKS);
+        assert_eq!(be32(&d, 44), MAX_ATOMIC_BLOCKS);
+        assert_eq!((be32(&d, 48), be32(&d, 52)), (0, 0), "no atomic alignment or granularity");
     }
 
     #[test]
