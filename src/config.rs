@@ -6,6 +6,8 @@
 //! the semantics of the old driver's `add_lun`, minus its defects.
 
 use crate::backing::{Backing, BackingError, BackingKind};
+use crate::protocol::acl::{Acl, Cidr};
+use crate::protocol::chap::{self, AuthConfig, Credentials, Secret};
 use crate::scsi::lun::{BLOCK_SIZE, MAX_LUN_ID};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -101,6 +103,19 @@ pub struct Config {
     pub log_level: Option<String>,
     /// LUNs exported at start.
     pub luns: Vec<LunConfig>,
+    // ---- access control (README "Security") ----
+    /// CHAP credentials; `None`: no authentication (demo mode).
+    pub auth: Option<AuthSection>,
+    /// Initiator names that may log in; empty: any.
+    pub allowed_initiators: Vec<String>,
+    /// Source address blocks (CIDR) that may log in; empty: any.
+    pub allowed_networks: Vec<String>,
+    /// Group that owns the control socket (name or numeric id); `None`: the process's group.
+    pub control_socket_group: Option<String>,
+    /// Open iSCSI connections at most; further ones are closed at once.
+    pub max_connections: usize,
+    /// Sessions one initiator name may hold at once; `None`: no limit.
+    pub max_sessions_per_initiator: Option<u32>,
     // ---- observability (README "Protocol tracing", "Metrics") ----
     /// Initiator IQNs whose sessions are traced PDU by PDU from their first login PDU.
     pub trace_initiators: Vec<String>,
@@ -116,6 +131,57 @@ pub struct Config {
     /// Per-connection resource bounds.
     pub limits: ConnLimits,
 }
+
+/// The `auth:` key.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// What initiators must prove.
+    pub chap: Option<ChapSection>,
+    /// What the target proves to initiators that ask (mutual CHAP).
+    pub mutual_chap: Option<ChapSection>,
+    /// Discovery sessions authenticate too.
+    #[serde(default)]
+    pub discovery: bool,
+}
+
+/// A CHAP user: `{username, secret}` or `{username, secret_file}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChapSection {
+    pub username: String,
+    #[serde(default)]
+    pub secret: Option<SecretText>,
+    /// A file holding the secret (one trailing newline ignored); mode 0600 or stricter.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+/// A secret as written in the configuration: prints and serialises as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(String);
+
+impl SecretText {
+    pub fn new(s: impl Into<String>) -> Self {
+        SecretText(s.into())
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for SecretText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// Default of `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -134,6 +200,12 @@ impl Default for Config {
             offload_threads: None,
             log_level: None,
             luns: Vec::new(),
+            auth: None,
+            allowed_initiators: Vec::new(),
+            allowed_networks: Vec::new(),
+            control_socket_group: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_sessions_per_initiator: None,
             trace_initiators: Vec::new(),
             metrics_listen: None,
             import_dirs: Vec::new(),
@@ -213,6 +285,9 @@ pub struct LunConfig {
     /// Export an allow-listed block device instead of an image file.
     #[serde(default)]
     pub is_block: bool,
+    /// Initiator names that see this LUN; empty: every initiator.
+    #[serde(default)]
+    pub initiators: Vec<String>,
 }
 
 impl Config {
@@ -337,6 +412,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_access()?;
         self.validate_observability()?;
         self.validate_luns()
     }
@@ -357,6 +433,55 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The access-control keys, short of reading secret files (see [`Config::auth_config`]).
+    fn validate_access(&self) -> Result<(), ConfigError> {
+        if let Some(auth) = &self.auth {
+            let Some(chap) = &auth.chap else {
+                return Err(invalid("auth.chap", "required: mutual_chap and discovery need the initiator's CHAP user"));
+            };
+            chap.validate("auth.chap")?;
+            if let Some(m) = &auth.mutual_chap {
+                m.validate("auth.mutual_chap")?;
+            }
+        }
+        for (i, name) in self.allowed_initiators.iter().enumerate() {
+            if name.is_empty() || name.len() > MAX_ISCSI_NAME || name.contains(|c: char| c.is_whitespace() || c == ',')
+            {
+                return Err(invalid(format!("allowed_initiators[{i}]"), format!("{name:?} is not an iSCSI name")));
+            }
+        }
+        self.acl()?;
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.max_sessions_per_initiator == Some(0) {
+            return Err(invalid("max_sessions_per_initiator", "must be at least 1 (leave it out for no limit)"));
+        }
+        if let Some(g) = &self.control_socket_group {
+            if g.is_empty() {
+                return Err(invalid("control_socket_group", "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `allowed_initiators` and `allowed_networks`, parsed.
+    pub fn acl(&self) -> Result<Acl, ConfigError> {
+        let networks = self
+            .allowed_networks
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.parse::<Cidr>().map_err(|e| invalid(format!("allowed_networks[{i}]"), e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Acl { initiators: self.allowed_initiators.clone(), networks })
+    }
+
+    /// The CHAP credentials, with secret files read and checked (mode 0600 or stricter,
+    /// 12 to 255 bytes). Errors name the key, never the secret.
+    pub fn auth_config(&self) -> Result<AuthConfig, ConfigError> {
+        resolve_auth(self.auth.as_ref())
     }
 
     fn validate_reactors(&self) -> Result<(), ConfigError> {
@@ -475,6 +600,7 @@ impl LunConfig {
             read_only: false,
             lun_id: None,
             is_block: false,
+            initiators: Vec::new(),
         };
         for pair in spec.split(',').filter(|p| !p.is_empty()) {
             let Some((k, v)) = pair.split_once('=') else {
@@ -496,11 +622,13 @@ impl LunConfig {
                 "read_only" => lun.read_only = flag(v)?,
                 "lun_id" => lun.lun_id = Some(num(v)?),
                 "is_block" => lun.is_block = flag(v)?,
+                // Repeatable: initiator=iqn.a,initiator=iqn.b
+                "initiator" => lun.initiators.push(v.to_owned()),
                 _ => {
                     return Err(invalid(
                         format!("--lun {spec}"),
                         format!(
-                            "unknown key {k:?}, expected one of name, file_path, size_mb, backing, read_only, lun_id, is_block"
+                            "unknown key {k:?}, expected one of name, file_path, size_mb, backing, read_only, lun_id, is_block, initiator"
                         ),
                     ))
                 }
@@ -541,6 +669,7 @@ impl LunConfig {
                 return Err(invalid(k("lun_id"), format!("{id} is above the highest LUN number, {MAX_LUN_ID}")));
             }
         }
+        validate_initiator_list(&self.initiators, &k("initiators"))?;
         if self.size_mb > u64::MAX >> 20 {
             return Err(invalid(k("size_mb"), format!("{} MiB does not fit in 64 bits of bytes", self.size_mb)));
         }
@@ -588,6 +717,107 @@ fn field_key(key: &str, field: &str) -> String {
     } else {
         format!("{key}.{field}")
     }
+}
+
+/// An `auth` section (of the configuration or of `set_auth`) checked, with its secret files
+/// read; `None` is demo mode. Errors name the key, never the secret.
+pub fn resolve_auth(auth: Option<&AuthSection>) -> Result<AuthConfig, ConfigError> {
+    let Some(auth) = auth else { return Ok(AuthConfig::default()) };
+    let Some(chap) = &auth.chap else {
+        return Err(invalid("auth.chap", "required: mutual_chap and discovery need the initiator's CHAP user"));
+    };
+    let chap = chap.credentials("auth.chap")?;
+    let mutual = auth.mutual_chap.as_ref().map(|c| c.credentials("auth.mutual_chap")).transpose()?;
+    // RFC 7143 §12.1.3: a secret must not authenticate both directions.
+    if mutual.as_ref().is_some_and(|m| m.secret == chap.secret) {
+        return Err(invalid("auth.mutual_chap", "the secret must differ from auth.chap's"));
+    }
+    Ok(AuthConfig { chap: Some(chap), mutual, discovery: auth.discovery })
+}
+
+/// A list of initiator names (a LUN's `initiators`).
+pub fn validate_initiator_list(names: &[String], key: &str) -> Result<(), ConfigError> {
+    for (i, name) in names.iter().enumerate() {
+        if name.is_empty() || name.len() > MAX_ISCSI_NAME || name.contains(|c: char| c.is_whitespace() || c == ',') {
+            return Err(invalid(format!("{key}[{i}]"), format!("{name:?} is not an iSCSI name")));
+        }
+    }
+    Ok(())
+}
+
+impl ChapSection {
+    /// Checks what can be checked without reading `secret_file`.
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.username.is_empty() {
+            return Err(invalid(format!("{key}.username"), "must not be empty"));
+        }
+        if self.username.len() > 255 || self.username.contains(|c: char| c.is_control()) {
+            return Err(invalid(format!("{key}.username"), "must be at most 255 printable characters"));
+        }
+        match (&self.secret, &self.secret_file) {
+            (Some(_), Some(_)) => Err(invalid(key, "set either secret or secret_file, not both")),
+            (None, None) => Err(invalid(key, "needs secret or secret_file")),
+            (Some(s), None) => check_secret_len(s.0.len(), &format!("{key}.secret")),
+            (None, Some(p)) if p.as_os_str().is_empty() => {
+                Err(invalid(format!("{key}.secret_file"), "must not be empty"))
+            }
+            (None, Some(_)) => Ok(()),
+        }
+    }
+
+    /// The credentials, reading `secret_file` if that is where the secret is.
+    fn credentials(&self, key: &str) -> Result<Credentials, ConfigError> {
+        self.validate(key)?;
+        let secret = match (&self.secret, &self.secret_file) {
+            (Some(s), _) => Secret::new(s.0.as_bytes()),
+            (None, Some(path)) => read_secret_file(path, &format!("{key}.secret_file"))?,
+            (None, None) => unreachable!("validate() demands one"),
+        };
+        Ok(Credentials { username: self.username.clone(), secret })
+    }
+}
+
+fn check_secret_len(len: usize, key: &str) -> Result<(), ConfigError> {
+    if len < chap::MIN_SECRET_LEN {
+        return Err(invalid(
+            key,
+            format!("{len} bytes; a CHAP secret needs at least {} (RFC 7143 §12.1.3)", chap::MIN_SECRET_LEN),
+        ));
+    }
+    if len > chap::MAX_SECRET_LEN {
+        return Err(invalid(key, format!("{len} bytes; at most {} are accepted", chap::MAX_SECRET_LEN)));
+    }
+    Ok(())
+}
+
+/// Reads a secret file: it must be a regular file nobody but its owner can read or write
+/// (mode 0600 or stricter). One trailing newline (`\n` or `\r\n`) is not part of the secret.
+fn read_secret_file(path: &Path, key: &str) -> Result<Secret, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path).map_err(io_err(path, "read secret file"))?;
+    if !meta.is_file() {
+        return Err(invalid(key, format!("{} is not a regular file", path.display())));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(invalid(
+            key,
+            format!(
+                "{} has mode {mode:04o}; it must be 0600 or stricter (chmod 600 {})",
+                path.display(),
+                path.display()
+            ),
+        ));
+    }
+    let mut bytes = fs::read(path).map_err(io_err(path, "read secret file"))?;
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    check_secret_len(bytes.len(), key)?;
+    Ok(Secret::new(bytes))
 }
 
 /// An image path must stay below root_dir by construction: relative, no `..`, not empty.
@@ -1103,6 +1333,7 @@ mod tests {
                 read_only: true,
                 lun_id: Some(3),
                 is_block: false,
+                initiators: Vec::new(),
             }
         );
         assert_eq!(LunConfig::parse_spec("name=d").unwrap().file_path, Some("d.img".into()));

@@ -24,9 +24,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the configured target.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Talk to a running target over its control socket.
-    Ctl(CtlArgs),
+    Ctl(Box<CtlArgs>),
 }
 
 #[derive(Args)]
@@ -62,6 +62,9 @@ enum CtlCommand {
         /// Export an allow-listed block device.
         #[arg(long)]
         block: bool,
+        /// Only this initiator sees the LUN (repeatable; default: every initiator).
+        #[arg(long = "initiator", value_name = "IQN")]
+        initiators: Vec<String>,
     },
     /// Upload an image (raw, or .gz .xz .bz2 .zst) from a file or an HTTP(S) URL into root_dir
     /// and export it as a LUN. A local file is hashed first and not sent when the target
@@ -128,6 +131,24 @@ enum CtlCommand {
     Start,
     /// Close the portal and log every session out; LUNs stay.
     Stop,
+    /// The CHAP users and ACLs in force for new logins (never a secret).
+    GetAuth,
+    /// Replace the CHAP credentials for new logins; logged-in sessions keep running. Without
+    /// --chap-user, authentication is turned off (demo mode).
+    SetAuth {
+        #[arg(long, value_name = "NAME", requires = "chap_secret_file")]
+        chap_user: Option<String>,
+        /// File with the secret, read by the target (mode 0600).
+        #[arg(long, value_name = "FILE", requires = "chap_user")]
+        chap_secret_file: Option<PathBuf>,
+        #[arg(long, value_name = "NAME", requires_all = ["mutual_chap_secret_file", "chap_user"])]
+        mutual_chap_user: Option<String>,
+        #[arg(long, value_name = "FILE", requires = "mutual_chap_user")]
+        mutual_chap_secret_file: Option<PathBuf>,
+        /// Discovery sessions authenticate too.
+        #[arg(long, requires = "chap_user")]
+        discovery_auth: bool,
+    },
 }
 
 /// What `ctl upload` and `ctl serve` take.
@@ -158,6 +179,9 @@ struct UploadArgs {
     /// Mozilla roots (default: $SSL_CERT_FILE when set).
     #[arg(long, value_name = "FILE")]
     cacert: Option<PathBuf>,
+    /// Only this initiator sees the LUN (repeatable; default: every initiator).
+    #[arg(long = "initiator", value_name = "IQN")]
+    initiators: Vec<String>,
 }
 
 /// What `ctl import-image` takes.
@@ -221,6 +245,28 @@ struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace, or a RUST_LOG-style filter); default info.
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// CHAP user initiators must log in as (replaces the file's auth.chap).
+    #[arg(long, value_name = "NAME", requires = "chap_secret_file")]
+    chap_user: Option<String>,
+    /// File holding that user's CHAP secret (mode 0600, 12 to 255 bytes).
+    #[arg(long, value_name = "FILE", requires = "chap_user")]
+    chap_secret_file: Option<PathBuf>,
+    /// Mutual CHAP: the user the target answers initiators' challenges as.
+    #[arg(long, value_name = "NAME", requires_all = ["mutual_chap_secret_file", "chap_user"])]
+    mutual_chap_user: Option<String>,
+    /// File holding the target's mutual CHAP secret (mode 0600).
+    #[arg(long, value_name = "FILE", requires = "mutual_chap_user")]
+    mutual_chap_secret_file: Option<PathBuf>,
+    /// Discovery sessions authenticate with CHAP too.
+    #[arg(long, requires = "chap_user")]
+    discovery_auth: bool,
+    /// An initiator name allowed to log in (repeatable; adds to allowed_initiators).
+    #[arg(long = "allow-initiator", value_name = "IQN")]
+    allow_initiators: Vec<String>,
+    /// A source address block allowed to log in, e.g. 10.0.0.0/8 (repeatable; adds to
+    /// allowed_networks).
+    #[arg(long = "allow-network", value_name = "CIDR")]
+    allow_networks: Vec<String>,
     /// Trace every PDU of this initiator's sessions in the log (repeatable; adds to the file's
     /// trace_initiators).
     #[arg(long = "trace-initiator", value_name = "IQN")]
@@ -248,8 +294,8 @@ enum CliError {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Ctl(args) => ctl(args),
+        Command::Serve(args) => serve(*args),
+        Command::Ctl(args) => ctl(*args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -316,9 +362,12 @@ fn naming_source(e: CliError, src: &str) -> CliError {
 /// The method and params a `ctl` subcommand calls.
 fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
     match cmd {
-        CtlCommand::AddLun { name, path, size_mb, read_only, backing, lun_id, block } => {
+        CtlCommand::AddLun { name, path, size_mb, read_only, backing, lun_id, block, initiators } => {
             let mut p = json!({"name": name, "size_mb": size_mb, "read_only": read_only, "backing": backing,
                                "is_block": block});
+            if !initiators.is_empty() {
+                p["initiators"] = json!(initiators);
+            }
             if let Some(path) = path {
                 p["file_path"] = json!(path);
             }
@@ -328,6 +377,25 @@ fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
             ("add_lun", p)
         }
         CtlCommand::RemoveLun { name } => ("remove_lun", json!({"name": name})),
+        CtlCommand::GetAuth => ("get_auth", Value::Null),
+        CtlCommand::SetAuth {
+            chap_user,
+            chap_secret_file,
+            mutual_chap_user,
+            mutual_chap_secret_file,
+            discovery_auth,
+        } => {
+            // The target reads the files: send absolute paths (it may run elsewhere in the tree).
+            let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            let user = |u: &Option<String>, f: &Option<PathBuf>| match (u, f) {
+                (Some(u), Some(f)) => json!({"username": u, "secret_file": abs(f)}),
+                _ => Value::Null,
+            };
+            let p = json!({"chap": user(chap_user, chap_secret_file),
+                           "mutual_chap": user(mutual_chap_user, mutual_chap_secret_file),
+                           "discovery": discovery_auth});
+            ("set_auth", p)
+        }
         CtlCommand::ListLuns { .. } => ("list_luns", Value::Null),
         CtlCommand::ClearLuns => ("clear_all_luns", Value::Null),
         CtlCommand::Stats { .. } => ("get_stats", Value::Null),
@@ -370,8 +438,11 @@ fn upload(client: &mut Client, req: &UploadArgs) -> Result<Value, CliError> {
     let ca_file = req.cacert.clone().or_else(|| images::is_url(&req.file).then(ssl_cert_file).flatten());
     let src = images::open_source(&req.file, &images::FetchOptions { headers, ca_file })?;
     let compression = compression.unwrap_or(src.compression);
-    let params = json!({"name": name, "compression": compression.as_str(), "size_mb": req.size_mb,
+    let mut params = json!({"name": name, "compression": compression.as_str(), "size_mb": req.size_mb,
                         "force": req.force, "read_only": req.read_only, "size": 0});
+    if !req.initiators.is_empty() {
+        params["initiators"] = json!(req.initiators);
+    }
     if images::is_url(&req.file) {
         // No pre-hash (it would download the image twice) and so no `sha256`: the target
         // computes it, and skips the write when it equals the image in place.
@@ -521,6 +592,7 @@ fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
             result.as_array().into_iter().flatten().map(|a| s(a) + "\n").collect()
         }
         CtlCommand::Serve(_) => serve_output(result),
+        CtlCommand::GetAuth | CtlCommand::SetAuth { .. } => auth_output(result),
     }
 }
 
@@ -536,6 +608,28 @@ fn image_info_output(r: &Value) -> String {
         s(&r["size"]),
         opt(&r["image_bytes"]),
         opt(&r["sha256"])
+    )
+}
+
+/// `get_auth`/`set_auth`: one line per setting (there is never a secret to show).
+fn auth_output(r: &Value) -> String {
+    let user = |v: &Value| v["username"].as_str().map_or_else(|| "-".to_owned(), str::to_owned);
+    let list = |v: &Value| {
+        let items: Vec<String> =
+            v.as_array().into_iter().flatten().filter_map(|x| x.as_str().map(str::to_owned)).collect();
+        if items.is_empty() {
+            "any".to_owned()
+        } else {
+            items.join(" ")
+        }
+    };
+    let chap = if r["chap"].is_null() { "off (demo mode: no authentication)".to_owned() } else { user(&r["chap"]) };
+    format!(
+        "chap: {chap}\nmutual_chap: {}\ndiscovery: {}\nallowed_initiators: {}\nallowed_networks: {}\n",
+        user(&r["mutual_chap"]),
+        r["discovery"],
+        list(&r["allowed_initiators"]),
+        list(&r["allowed_networks"])
     )
 }
 
@@ -725,12 +819,37 @@ fn build_config(args: &ServeArgs) -> Result<Config, ConfigError> {
     if let Ok(cwd) = std::env::current_dir() {
         cfg.resolve_relative_paths(&cwd);
     }
+    apply_access_flags(args, &mut cfg);
     cfg.trace_initiators.extend(args.trace_initiators.iter().cloned());
     if let Some(v) = &args.metrics_listen {
         cfg.metrics_listen = Some(v.clone());
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The CHAP and ACL flags of `serve` over the file's `auth`, `allowed_initiators` and
+/// `allowed_networks`.
+fn apply_access_flags(args: &ServeArgs, cfg: &mut Config) {
+    use uringtgt::config::{AuthSection, ChapSection};
+    let section = |user: &str, file: &PathBuf| ChapSection {
+        username: user.to_owned(),
+        secret: None,
+        secret_file: Some(file.clone()),
+    };
+    if let (Some(user), Some(file)) = (&args.chap_user, &args.chap_secret_file) {
+        let auth = cfg.auth.get_or_insert_with(AuthSection::default);
+        auth.chap = Some(section(user, file));
+        if args.discovery_auth {
+            auth.discovery = true;
+        }
+    }
+    if let (Some(user), Some(file), Some(auth)) = (&args.mutual_chap_user, &args.mutual_chap_secret_file, &mut cfg.auth)
+    {
+        auth.mutual_chap = Some(section(user, file));
+    }
+    cfg.allowed_initiators.extend(args.allow_initiators.iter().cloned());
+    cfg.allowed_networks.extend(args.allow_networks.iter().cloned());
 }
 
 /// Precedence: --log-level, then RUST_LOG, then the file's log_level, then info.
@@ -762,7 +881,7 @@ mod tests {
     fn args(extra: &[&str]) -> ServeArgs {
         let argv = ["uringtgt", "serve"].iter().chain(extra).copied();
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             Command::Ctl(_) => unreachable!("parsed serve"),
         }
     }
