@@ -24,6 +24,7 @@ const SKIPPED: &[(&str, &str)] = &[
     ("https://ci.example/", "needs the network"),
     ("https://lab.internal/", "needs the network"),
     ("/dev/sdb", "needs a block device in block_device_allowlist"),
+    ("trace-session ", "needs the TSIH of a session still logged in (tests/ops_trace.rs runs it)"),
 ];
 
 /// The text of `## title` up to the next `## ` heading.
