@@ -38,10 +38,17 @@ pub fn import_file(
     src_path: &Path,
     opts: &ImportOptions,
 ) -> Result<ImportResult, ImageError> {
-    let path = root_dir.join(src_path);
-    let bad = |reason: String| ImageError::BadSource { path: path.clone(), reason };
-    let file = File::open(&path).map_err(|e| bad(format!("open: {e}")))?;
+    let (path, file) = open_source(root_dir, src_path)?;
     import_open_file(root_dir, name, &path, file, opts)
+}
+
+/// `src_path` taken against root_dir (an absolute one stays as it is), opened for reading.
+fn open_source(root_dir: &Path, src_path: &Path) -> Result<(PathBuf, File), ImageError> {
+    let path = root_dir.join(src_path);
+    match File::open(&path) {
+        Ok(file) => Ok((path, file)),
+        Err(e) => Err(ImageError::BadSource { path, reason: format!("open: {e}") }),
+    }
 }
 
 /// [`import_file`] for a caller that must not read any file the process can: the source must
@@ -55,9 +62,8 @@ pub fn import_file_within(
     src_path: &Path,
     opts: &ImportOptions,
 ) -> Result<ImportResult, ImageError> {
-    let path = root_dir.join(src_path);
+    let (path, file) = open_source(root_dir, src_path)?;
     let bad = |reason: String| ImageError::BadSource { path: path.clone(), reason };
-    let file = File::open(&path).map_err(|e| bad(format!("open: {e}")))?;
     let real = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
         .or_else(|_| fs::canonicalize(&path))
         .map_err(|e| bad(format!("resolve: {e}")))?;
