@@ -60,32 +60,22 @@ pub fn record(out: &mut Vec<u8>, bhs: &[u8; BHS_LEN], ahs: &[u8], data: &[u8]) {
     put_chunk(out, data);
 }
 
-/// The keys of the harness's own login (flag bit 4), as open-iscsi sends them.
+/// The keys of the harness's own login (flag bit 4), as open-iscsi sends them, in one request.
 pub fn login_keys(header_digest: bool, data_digest: bool) -> Vec<u8> {
     let hd = if header_digest { "CRC32C,None" } else { "None" };
     let dd = if data_digest { "CRC32C,None" } else { "None" };
-    crate::kv(&[
+    let mut keys = vec![
         ("InitiatorName", "iqn.2004-10.com.ubuntu:01:fuzz"),
         ("InitiatorAlias", "fuzz"),
         ("TargetName", crate::TARGET),
         ("SessionType", "Normal"),
-        ("HeaderDigest", hd),
-        ("DataDigest", dd),
-        ("DefaultTime2Wait", "2"),
-        ("DefaultTime2Retain", "0"),
-        ("IFMarker", "No"),
-        ("OFMarker", "No"),
-        ("ErrorRecoveryLevel", "0"),
-        ("InitialR2T", "No"),
-        ("ImmediateData", "Yes"),
-        ("MaxBurstLength", "16776192"),
-        ("FirstBurstLength", "262144"),
-        ("MaxOutstandingR2T", "1"),
-        ("MaxConnections", "1"),
-        ("DataPDUInOrder", "Yes"),
-        ("DataSequenceInOrder", "Yes"),
-        ("MaxRecvDataSegmentLength", "262144"),
-    ])
+    ];
+    keys.extend(crate::login_peers::OPEN_ISCSI_OPERATIONAL.iter().map(|&(k, v)| match k {
+        "HeaderDigest" => (k, hd),
+        "DataDigest" => (k, dd),
+        _ => (k, v),
+    }));
+    crate::kv(&keys)
 }
 
 /// A Login Request BHS: `flags` is byte 1 (T, C, CSG, NSG).
