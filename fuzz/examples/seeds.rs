@@ -309,6 +309,33 @@ fn login_seeds() {
     );
     login::record(&mut s, 0x01, &kv(&[("CHAP_A", "5,7,8")]));
     write("login", "chap-offered", &s);
+    // CHAP logins as libiscsi and open-iscsi make them (the target demands CHAP in the
+    // harness's second run): AuthMethod, CHAP_A, then CHAP_N and the response (`auto`: the
+    // harness computes it), with a challenge of the initiator's for mutual CHAP; then the
+    // operational stage.
+    let chap_login = |session: &str, algorithms: &str, user: &str, mutual: bool| {
+        let mut s = Vec::new();
+        let mut first = vec![("InitiatorName", INITIATOR), ("SessionType", session)];
+        if session == "Normal" {
+            first.push(("TargetName", TARGET));
+        }
+        first.push(("AuthMethod", "CHAP,None"));
+        login::record(&mut s, 0x80 | 1, &kv(&first));
+        login::record(&mut s, 0x80 | 1, &kv(&[("CHAP_A", algorithms)]));
+        let mut r = kv(&[("CHAP_N", user)]);
+        r.extend_from_slice(login::AUTO_RESPONSE);
+        r.push(0);
+        if mutual {
+            r.extend(kv(&[("CHAP_I", "17"), ("CHAP_C", "0x0123456789abcdef0123456789abcdef")]));
+        }
+        login::record(&mut s, 0x80 | 1, &r);
+        login::record(&mut s, 0x80 | (1 << 2) | 3, &kv(login_peers::OPEN_ISCSI_OPERATIONAL));
+        s
+    };
+    write("login", "chap-md5", &chap_login("Normal", "5", login::CHAP_USER, false));
+    write("login", "chap-sha256-mutual", &chap_login("Normal", "7,5", login::CHAP_USER, true));
+    write("login", "chap-sha3-discovery", &chap_login("Discovery", "8,7,5", login::CHAP_USER, false));
+    write("login", "chap-wrong-user", &chap_login("Normal", "5", "someone", false));
 }
 
 fn text_seeds() {
