@@ -142,8 +142,9 @@ fn run_with(input: &[u8], auth: AuthConfig) {
         let pairs = text::parse_unique(&rsp.data).expect("response text parses with unique keys");
         if !auth.required(true) {
             // CHAP keys sent where no CHAP runs are only declined, never answered.
-            let answered =
-                pairs.iter().any(|(k, v)| k.starts_with("CHAP_") && !matches!(*v, "NotUnderstood" | "Irrelevant" | "Reject"));
+            let answered = pairs
+                .iter()
+                .any(|(k, v)| k.starts_with("CHAP_") && !matches!(*v, "NotUnderstood" | "Irrelevant" | "Reject"));
             assert!(!answered, "a CHAP key answered without CHAP configured: {pairs:?}");
         } else if let Ok(request) = text::parse(data) {
             if let Some(ch) = check_chap(&request, &pairs, &auth, challenge.as_ref()) {
