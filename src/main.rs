@@ -62,6 +62,9 @@ enum CtlCommand {
         /// Export an allow-listed block device.
         #[arg(long)]
         block: bool,
+        /// Removable medium (INQUIRY RMB=1): initiators can eject and load it.
+        #[arg(long)]
+        removable: bool,
     },
     /// Upload an image (raw, or .gz .xz .bz2 .zst) from a file or an HTTP(S) URL into root_dir
     /// and export it as a LUN. A local file is hashed first and not sent when the target
@@ -260,9 +263,9 @@ fn ctl(args: CtlArgs) -> Result<(), CliError> {
 /// The method and params a `ctl` subcommand calls.
 fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
     match cmd {
-        CtlCommand::AddLun { name, path, size_mb, read_only, backing, lun_id, block } => {
+        CtlCommand::AddLun { name, path, size_mb, read_only, backing, lun_id, block, removable } => {
             let mut p = json!({"name": name, "size_mb": size_mb, "read_only": read_only, "backing": backing,
-                               "is_block": block});
+                               "is_block": block, "removable": removable});
             if let Some(path) = path {
                 p["file_path"] = json!(path);
             }
@@ -480,6 +483,9 @@ fn lun_table(luns: &Value) -> String {
             }
             if l["is_block"] == json!(true) {
                 flags.push("block");
+            }
+            if l["removable"] == json!(true) {
+                flags.push("removable");
             }
             vec![
                 s(&l["lun_id"]),
@@ -727,8 +733,10 @@ mod tests {
         assert_eq!(
             p,
             json!({"name": "d", "file_path": "d.img", "size_mb": 8, "read_only": true, "backing": "file",
-                   "is_block": false, "lun_id": 3})
+                   "is_block": false, "removable": false, "lun_id": 3})
         );
+        let (_, p) = ctl_request(&ctl_cmd(&["add-lun", "iso", "--read-only", "--removable"]));
+        assert_eq!(p["removable"], json!(true));
         let (_, p) = ctl_request(&ctl_cmd(&["add-lun", "r", "--backing", "mem", "--size-mb", "1"]));
         assert!(p.get("file_path").is_none() && p["backing"] == "mem");
         assert_eq!(ctl_request(&ctl_cmd(&["remove-lun", "d"])), ("remove_lun", json!({"name": "d"})));

@@ -272,7 +272,7 @@ pub fn build_luns(cfg: &Config) -> Result<(LunTable, Vec<PathBuf>), TargetError>
                 .ok_or_else(|| TargetError::NoLunId { name: lc.name.clone() })?,
         };
         let read_only = lc.read_only;
-        luns.push(Arc::new(Lun::new(id, &lc.name, path, backing, read_only, &iqn)));
+        luns.push(Arc::new(Lun::new(id, &lc.name, path, backing, read_only, &iqn).with_removable(lc.removable)));
     }
     Ok((LunTable::new(luns), created))
 }
@@ -492,7 +492,9 @@ impl Target {
                 self.created.lock().expect("created list lock poisoned").push(path.clone());
             }
         }
-        let lun = Arc::new(Lun::new(id, &lc.name, store.path, store.backing, lc.read_only, &self.iqn));
+        let lun = Arc::new(
+            Lun::new(id, &lc.name, store.path, store.backing, lc.read_only, &self.iqn).with_removable(lc.removable),
+        );
         let luns = table.iter().filter(|l| l.name != lc.name).cloned().chain([lun.clone()]).collect();
         self.shared.publish_luns(LunTable::new(luns));
         self.shared.wake_reactors();

@@ -50,8 +50,11 @@ struct AddLun {
     backing: BackingKind,
     #[serde(default)]
     lun_id: Option<u64>,
+    #[serde(default)]
+    removable: bool,
 }
-const ADD_LUN_PARAMS: &[&str] = &["name", "file_path", "size_mb", "is_block", "read_only", "backing", "lun_id"];
+const ADD_LUN_PARAMS: &[&str] =
+    &["name", "file_path", "size_mb", "is_block", "read_only", "backing", "lun_id", "removable"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +93,7 @@ pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcEr
                 read_only: p.read_only,
                 lun_id: p.lun_id,
                 is_block: p.is_block,
+                removable: p.removable,
             };
             let lun = target.add_lun(lc).map_err(map_target_error)?;
             Ok(lun_info(&lun))
@@ -138,6 +142,7 @@ pub fn lun_info(l: &Lun) -> Value {
         "is_block": l.is_block,
         "read_only": l.read_only,
         "backing": l.kind(),
+        "removable": l.removable,
     })
 }
 

@@ -55,6 +55,11 @@ pub struct Lun {
     pub ranges: Arc<RangeLock<Job>>,
     /// EXTENDED COPY results held for RECEIVE COPY RESULTS (this LUN as copy manager).
     pub xcopy: super::commands::xcopy::CopyResults,
+    /// Removable medium (INQUIRY RMB=1): START STOP UNIT can eject and load it, PREVENT ALLOW
+    /// MEDIUM REMOVAL can hold it. Set once at creation ([`Lun::with_removable`]).
+    pub removable: bool,
+    /// The medium's state; only consulted when `removable`.
+    pub medium: super::medium::Medium,
 }
 
 impl Lun {
@@ -85,7 +90,20 @@ impl Lun {
             sessions: Sessions::default(),
             ranges: Arc::default(),
             xcopy: Default::default(),
+            removable: false,
+            medium: Default::default(),
         }
+    }
+
+    /// Makes the LUN removable (an installer ISO, say): see [`super::medium`].
+    pub fn with_removable(mut self, removable: bool) -> Self {
+        self.removable = removable;
+        self
+    }
+
+    /// Whether commands that need the medium can run: always on fixed LUNs.
+    pub fn medium_present(&self) -> bool {
+        !self.removable || self.medium.present()
     }
 
     pub fn block_size(&self) -> u32 {
