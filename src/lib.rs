@@ -13,6 +13,7 @@
 //! - [`control`]: the control plane (JSON-RPC on a Unix socket) and its client.
 //! - [`images`]: disk image import: streaming decompression, hashing, sparse atomic writes.
 //! - [`metrics`]: the Prometheus `/metrics` endpoint and the counters it adds.
+//! - [`portals`]: the addresses a portal is reachable on (wildcard binds).
 //! - [`uring_check`]: the start-up io_uring check and why it fails (sysctl, group, seccomp).
 
 pub mod backing;
@@ -22,6 +23,7 @@ pub mod images;
 pub mod iscsi;
 pub mod metrics;
 pub mod offload;
+pub mod portals;
 pub mod protocol;
 pub mod reactor;
 pub mod scsi;

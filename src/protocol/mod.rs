@@ -1,5 +1,7 @@
 //! iSCSI (RFC 7143): PDUs, text keys, login negotiation, digests.
 
+pub mod acl;
+pub mod chap;
 pub mod digest;
 pub mod login;
 pub mod pdu;

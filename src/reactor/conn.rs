@@ -39,6 +39,10 @@ const LOGIN_RX_BUF: usize = 16 * 1024;
 const NOP_INTERVAL: Duration = Duration::from_secs(5);
 const NOP_TIMEOUT: Duration = Duration::from_secs(15);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// A login refused for authentication or authorization gets its answer this late (at the
+/// first reactor tick after it, so 1 to 2 s), which slows down guessing secrets. The reactor
+/// keeps running meanwhile.
+const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 /// Target Transfer Tag of our NOP-In pings (never a task's TTT: those have bit 31 clear).
 const PING_TTT: u32 = 0x8000_0000;
 /// Data-Out segments at least this long are received straight into their task's buffer
@@ -138,6 +142,12 @@ pub struct Conn {
     started: Instant,
     /// Close once the transmit queue drains (after a logout response or a login failure).
     close_after_send: bool,
+    /// A refused login's response, held back until the instant given (see AUTH_FAILURE_DELAY).
+    delayed_login_failure: Option<(Instant, BhsBuf)>,
+    /// The LUNs this session sees when some LUN is mapped to other initiators only (`None`:
+    /// the reactor's whole table), and the (id, instance) pairs of that view.
+    view: Option<Arc<LunTable>>,
+    view_fingerprint: Vec<(u64, u64)>,
     /// Being torn down: no new work; freed when `ops_inflight` reaches zero.
     pub closing: bool,
     /// Ring operations referencing this connection's memory.
@@ -183,7 +193,7 @@ impl Conn {
             peer,
             token,
             slot: 0,
-            phase: Phase::Login(Box::new(Login::new(shared.login_config()))),
+            phase: Phase::Login(Box::new(Login::with_peer(shared.login_config(), peer.ip()))),
             neg: None,
             header_digest: false,
             data_digest: false,
@@ -205,6 +215,9 @@ impl Conn {
             ping_sent: None,
             started: now,
             close_after_send: false,
+            delayed_login_failure: None,
+            view: None,
+            view_fingerprint: Vec::new(),
             closing: false,
             ops_inflight: 0,
             recv_posted: false,
@@ -272,6 +285,7 @@ impl Conn {
         if self.tsih != 0 {
             env.shared.unregister_session(self.tsih, self.token);
         }
+        env.shared.connection_closed();
         if self.proto_unlogged > 0 {
             log::warn!(
                 "{}: {} more protocol errors before the connection ended ({} in all)",
@@ -514,7 +528,9 @@ impl Conn {
             trace::pdu(Dir::In, self.peer, self.tsih, bhs.bytes(), data, data.len());
         }
         if matches!(self.phase, Phase::Login(_)) {
-            if bhs.opcode() == opcode::LOGIN_REQUEST {
+            if self.delayed_login_failure.is_some() {
+                // The login has failed; nothing more is read until its answer is sent.
+            } else if bhs.opcode() == opcode::LOGIN_REQUEST {
                 self.login(bhs, data, env);
             } else {
                 crate::metrics::protocol_error("non_login_pdu_during_login");
@@ -686,6 +702,7 @@ impl Conn {
                 let info = SessionInfo {
                     tsih: req.tsih,
                     initiator: neg.initiator_name.clone(),
+                    auth: neg.auth.clone(),
                     isid: req.isid,
                     discovery: neg.session_type == SessionType::Discovery,
                     peer: self.peer,
@@ -693,6 +710,7 @@ impl Conn {
                     token: self.token,
                     negotiated: neg.pairs(),
                     trace: self.trace.clone(),
+                    portal: self.stream.local_addr().ok(),
                 };
                 match env.shared.register_session(info) {
                     Ok(tsih) => self.tsih = tsih,
@@ -700,7 +718,8 @@ impl Conn {
                         log::info!("{}: login refused: {e}", self.peer);
                         let (class, detail) = match e {
                             SessionError::NoSuchSession => (0x02, 0x0A),
-                            SessionError::TooManySessions => (0x03, 0x02),
+                            // Out of resources (RFC 7143 §11.13.5).
+                            SessionError::TooManySessions | SessionError::InitiatorSessionLimit(_) => (0x03, 0x02),
                         };
                         rsp.status_class = class;
                         rsp.status_detail = detail;
@@ -712,16 +731,23 @@ impl Conn {
             }
             if matches!(outcome, LoginOutcome::FullFeature) {
                 log::info!(
-                    "{}: {} login from {} (ISID {:02x?}, TSIH {})",
+                    "{}: {} login from {} (ISID {}, TSIH {})",
                     self.peer,
                     if neg.session_type == SessionType::Normal { "session" } else { "discovery" },
                     neg.initiator_name,
-                    req.isid,
+                    crate::target::isid_hex(&req.isid),
                     self.tsih
                 );
                 self.nexus.set_identity(&neg.initiator_name, req.isid);
                 self.neg = Some(neg);
             }
+        }
+        let refused_auth =
+            matches!(outcome, LoginOutcome::Failed) && matches!((rsp.status_class, rsp.status_detail), (2, 1) | (2, 2));
+        if let (LoginOutcome::Failed, Some(e)) = (outcome, login.error()) {
+            let initiator = &login.negotiated().initiator_name;
+            let initiator = if initiator.is_empty() { "an unnamed initiator" } else { initiator.as_str() };
+            log::info!("{}: login from {initiator} refused: {e}", self.peer);
         }
         let mut b = BhsBuf::new(opcode::LOGIN_RESPONSE);
         let flags = (u8::from(rsp.transit) << 7) | (u8::from(rsp.cont) << 6) | (rsp.csg << 2) | rsp.nsg;
@@ -731,6 +757,11 @@ impl Conn {
             self.stamp_status(&mut b);
         } else {
             b.stat_sn(self.stat_sn).exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.exp_cmd_sn);
+        }
+        if refused_auth {
+            // A failure response carries no data; tick() sends it and closes.
+            self.delayed_login_failure = Some((env.now + AUTH_FAILURE_DELAY, b));
+            return;
         }
         self.push(b, TxData::Inline(rsp.data), None);
         match outcome {
@@ -745,6 +776,7 @@ impl Conn {
                 self.header_digest = neg.header_digest;
                 self.data_digest = neg.data_digest;
                 self.phase = Phase::FullFeature;
+                self.update_view(env.luns);
             }
         }
     }
@@ -801,6 +833,11 @@ impl Conn {
             return;
         }
         match self.phase {
+            Phase::Login(_) if self.delayed_login_failure.is_some_and(|(due, _)| now >= due) => {
+                let (_, b) = self.delayed_login_failure.take().expect("checked above");
+                self.push(b, TxData::None, None);
+                self.close_after_send = true;
+            }
             Phase::Login(_) if now.duration_since(self.started) > LOGIN_TIMEOUT => self.close("login timed out"),
             Phase::Login(_) => {}
             Phase::FullFeature => match self.ping_sent {
@@ -827,14 +864,20 @@ impl Conn {
         let local = self.stream.local_addr().ok();
         let negotiator = self.text.get_or_insert_with(|| {
             let cfg = env.shared.login_config();
-            // Answer SendTargets with the address this connection reached us on: right
-            // whether we listen on one address or on all of them.
+            // Every portal address (RFC 7143 TargetAddress, one per address), the one this
+            // connection reached us on first: the address the initiator already knows works.
             let tpgt = cfg.portal_group_tag;
-            let addresses = match local {
-                Some(a) => vec![format!("{a},{tpgt}")],
-                None => cfg.addresses.clone(),
-            };
-            text::TextNegotiator::new(session_type, &cfg.target_name, &addresses, max_xmit)
+            let mut addresses = cfg.addresses.clone();
+            if let Some(a) = local {
+                let own = format!("{a},{tpgt}");
+                addresses.retain(|x| *x != own);
+                addresses.insert(0, own);
+            }
+            // An initiator outside the ACLs is not shown the target at all.
+            let authorized = self.neg.as_ref().is_some_and(|n| n.authorized);
+            let addresses = if authorized { addresses } else { Vec::new() };
+            let target_name = if authorized { cfg.target_name.as_str() } else { "" };
+            text::TextNegotiator::new(session_type, target_name, &addresses, max_xmit)
         });
         let req = text::TextRequest {
             final_bit: bhs.final_bit(),
@@ -881,11 +924,27 @@ impl Conn {
         self.close_after_send && self.tx.is_empty() && self.pending_tmfs.is_empty()
     }
 
-    /// A table change (LUN added or removed): every session gets a unit attention.
-    pub fn luns_changed(&mut self) {
-        if matches!(self.phase, Phase::FullFeature) {
+    /// A table change (LUN added, removed or replaced): a session whose view of the LUNs
+    /// changed gets a unit attention; one that sees the same LUNs as before gets none.
+    pub fn luns_changed(&mut self, table: &Arc<LunTable>) {
+        if matches!(self.phase, Phase::FullFeature) && self.update_view(table) {
             self.nexus.luns_changed();
         }
+    }
+
+    /// Recomputes the LUNs this session sees; returns whether they changed.
+    fn update_view(&mut self, table: &Arc<LunTable>) -> bool {
+        let Some(neg) = &self.neg else { return false };
+        let (view, fingerprint) = table.view_for(&neg.initiator_name);
+        self.view = view.map(Arc::new);
+        let changed = fingerprint != self.view_fingerprint;
+        self.view_fingerprint = fingerprint;
+        changed
+    }
+
+    /// The LUN table commands of this session run against.
+    fn luns<'t>(view: &'t Option<Arc<LunTable>>, all: &'t Arc<LunTable>) -> &'t Arc<LunTable> {
+        view.as_ref().unwrap_or(all)
     }
 }
 

@@ -454,7 +454,7 @@ impl Reactor {
         }
         (self.luns, self.lun_gen) = self.shared.lun_table();
         for slot in self.conns.iter_mut().flatten() {
-            slot.conn.luns_changed();
+            slot.conn.luns_changed(&self.luns);
         }
     }
 

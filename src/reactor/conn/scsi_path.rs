@@ -71,8 +71,9 @@ impl Conn {
             read: bhs.read_bit(),
             write: bhs.write_bit(),
         };
-        let disposition = scsi::execute(&req, env.luns, &mut self.nexus, env.scratch);
-        let d_sense = req.lun.and_then(|id| env.luns.get(id)).is_some_and(|l| l.d_sense());
+        let luns = Self::luns(&self.view, env.luns);
+        let disposition = scsi::execute(&req, luns, &mut self.nexus, env.scratch);
+        let d_sense = req.lun.and_then(|id| luns.get(id)).is_some_and(|l| l.d_sense());
         let (action, needed) = match disposition {
             Disposition::Good => return self.scsi_response(itt, status::GOOD, None, Residual::of(edtl, 0)),
             Disposition::Status(s) => return self.scsi_response(itt, s, None, Residual::None),
@@ -95,7 +96,7 @@ impl Conn {
             return self.scsi_response(itt, status::TASK_SET_FULL, None, Residual::None);
         }
         let xfer = needed.min(edtl);
-        let lun = req.lun.and_then(|id| env.luns.get(id)).cloned();
+        let lun = req.lun.and_then(|id| Self::luns(&self.view, env.luns).get(id)).cloned();
         // A write to a RAM LUN whose data all came as immediate data completes right here,
         // copied straight from the receive buffer: no task, no buffer, no second copy.
         if let (Action::Write { offset, .. }, Some(l)) = (action, &lun) {
@@ -359,7 +360,8 @@ impl Conn {
             write: task.write_bit,
         };
         let data_out: &[u8] = task.buf.as_ref().map_or(&[], |b| &b[..task.xfer as usize]);
-        let disposition = scsi::execute_data_out(&req, env.luns, &mut self.nexus, data_out, env.scratch);
+        let luns = Self::luns(&self.view, env.luns);
+        let disposition = scsi::execute_data_out(&req, luns, &mut self.nexus, data_out, env.scratch);
         if let Disposition::Offload { lock } = disposition {
             // Checked; the work itself (backing I/O) runs on a worker.
             let task = self.tasks.get_mut(slot).expect("live task");
@@ -599,7 +601,7 @@ impl Conn {
     pub(super) fn task_mgmt(&mut self, bhs: Bhs, env: &mut ConnEnv) {
         let function = bhs.tmf_function();
         let lun_id = lun::decode_lun(bhs.lun());
-        let lun_exists = lun_id.is_some_and(|id| env.luns.get(id).is_some());
+        let lun_exists = lun_id.is_some_and(|id| Self::luns(&self.view, env.luns).get(id).is_some());
         let mut waiting = 0;
         let response = match function {
             tmf::ABORT_TASK => {
@@ -633,7 +635,7 @@ impl Conn {
                     waiting += self.abort(s, bhs.itt(), env.pool);
                 }
                 if function == tmf::LOGICAL_UNIT_RESET {
-                    if let Some(l) = lun_id.and_then(|id| env.luns.get(id)) {
+                    if let Some(l) = lun_id.and_then(|id| Self::luns(&self.view, env.luns).get(id)) {
                         self.nexus.lun_reset(l);
                     }
                 }
@@ -644,7 +646,7 @@ impl Conn {
                 for s in slots {
                     waiting += self.abort(s, bhs.itt(), env.pool);
                 }
-                self.nexus.target_reset(env.luns);
+                self.nexus.target_reset(Self::luns(&self.view, env.luns));
                 if function == tmf::TARGET_COLD_RESET {
                     self.close_after_send = true;
                 }

@@ -26,6 +26,12 @@ fn ascii(out: &mut [u8], s: &str) {
     out[..n].copy_from_slice(&s.as_bytes()[..n]);
 }
 
+/// The 4-byte PRODUCT REVISION LEVEL from a version: as much of it as fits, without a dangling
+/// separator (`0.1.0` → `0.1`, not `0.1.`).
+fn product_revision(version: &str) -> &str {
+    version[..version.len().min(4)].trim_end_matches(['.', '-', '+'])
+}
+
 /// INQUIRY; `lun` is `None` for a LUN address with no logical unit behind it.
 pub(super) fn inquiry(cdb: &[u8], lun: Option<&Lun>, buf: &mut [u8]) -> Res {
     let evpd = cdb[1] & 0x01 != 0;
@@ -90,7 +96,7 @@ fn standard(lun: Option<&Lun>, buf: &mut [u8]) -> usize {
     b[7] = 0x02; // CMDQUE
     ascii(&mut b[8..16], VENDOR);
     ascii(&mut b[16..32], PRODUCT);
-    ascii(&mut b[32..36], env!("CARGO_PKG_VERSION"));
+    ascii(&mut b[32..36], product_revision(env!("CARGO_PKG_VERSION")));
     for (i, v) in VERSION_DESCRIPTORS.iter().enumerate() {
         put16(b, 58 + 2 * i, *v);
     }
@@ -159,7 +165,12 @@ mod tests {
         assert_eq!(&d[..8], &[0x00, 0x00, 0x06, 0x12, 91, 0x08, 0x00, 0x02], "3PC set");
         assert_eq!(&d[8..16], b"URINGTGT");
         assert_eq!(&d[16..32], b"uringtgt disk   ");
-        assert_eq!(&d[32..36], &env!("CARGO_PKG_VERSION").as_bytes()[..4]);
+        let rev = product_revision(env!("CARGO_PKG_VERSION"));
+        assert_eq!(&d[32..32 + rev.len()], rev.as_bytes());
+        assert!(!rev.ends_with('.') && d[32 + rev.len()..36].iter().all(|&b| b == b' '), "{rev:?}");
+        assert_eq!(product_revision("0.1.0"), "0.1");
+        assert_eq!(product_revision("0.12.3"), "0.12");
+        assert_eq!(product_revision("10.2.3"), "10.2");
         assert_eq!(&d[58..66], &[0x00, 0xA0, 0x09, 0x60, 0x04, 0x60, 0x04, 0xC0]);
         assert!(d[66..].iter().all(|&b| b == 0));
     }
