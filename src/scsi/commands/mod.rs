@@ -495,14 +495,20 @@ mod tests {
         }
         // What does not touch the medium still works.
         assert_eq!(exec(&t, &mut a, &[op::INQUIRY, 0, 0, 0, 36, 0], 0, &mut buf), Disposition::DataIn(36));
-        assert!(matches!(exec(&t, &mut a, &[op::MODE_SENSE_6, 0, 0x3F, 0, 255, 0], 0, &mut buf), Disposition::DataIn(_)));
+        assert!(matches!(
+            exec(&t, &mut a, &[op::MODE_SENSE_6, 0, 0x3F, 0, 255, 0], 0, &mut buf),
+            Disposition::DataIn(_)
+        ));
         // Ejecting an ejected medium, and a power condition with LOEJ, change nothing.
         assert_eq!(exec(&t, &mut a, &EJECT, 0, &mut buf), Disposition::Good);
         assert_eq!(exec(&t, &mut a, &[op::START_STOP_UNIT, 0, 0, 0, 0x13, 0], 0, &mut buf), Disposition::Good);
         assert_eq!(check(exec(&t, &mut a, &[0u8; 6], 0, &mut buf)), NO_MEDIUM);
         assert_eq!(exec(&t, &mut a, &LOAD, 0, &mut buf), Disposition::Good);
         assert_eq!(exec(&t, &mut a, &[0u8; 6], 0, &mut buf), Disposition::Good);
-        assert_eq!(exec(&t, &mut a, &cdb10(op::READ_10, 0, 0, 1), 0, &mut buf), Disposition::Read { offset: 0, len: 512 });
+        assert_eq!(
+            exec(&t, &mut a, &cdb10(op::READ_10, 0, 0, 1), 0, &mut buf),
+            Disposition::Read { offset: 0, len: 512 }
+        );
         // LOEJ=0 (START alone) neither loads nor ejects.
         assert_eq!(exec(&t, &mut a, &[op::START_STOP_UNIT, 0, 0, 0, 0x00, 0], 0, &mut buf), Disposition::Good);
         assert_eq!(exec(&t, &mut a, &[0u8; 6], 0, &mut buf), Disposition::Good);
