@@ -68,6 +68,10 @@ fn answer_challenge(data: &[u8], challenge: Option<&Challenge>) -> Option<Vec<u8
     Some(out)
 }
 
+fn declined(value: &str) -> bool {
+    matches!(value, "NotUnderstood" | "Irrelevant" | "Reject")
+}
+
 fn get<'a>(pairs: &[(&str, &'a str)], key: &str) -> Option<&'a str> {
     pairs.iter().find(|(k, _)| *k == key).map(|&(_, v)| v)
 }
@@ -79,14 +83,16 @@ fn check_chap(
     auth: &AuthConfig,
     last: Option<&Challenge>,
 ) -> Option<Challenge> {
-    if let Some(c) = get(response, "CHAP_C") {
+    // A CHAP key the target declines (sent out of turn) is no challenge and no answer.
+    let offered = |key| get(response, key).filter(|v| !declined(v));
+    if let Some(c) = offered("CHAP_C") {
         let alg = get(response, "CHAP_A").and_then(Algorithm::choose).expect("a challenge names its digest");
         let id = get(response, "CHAP_I").and_then(text::parse_number).expect("a challenge has an identifier");
         let c = chap::decode_binary(c).expect("the challenge is hex");
         assert_eq!(c.len(), alg.digest_len(), "a challenge shorter than the digest");
         return Some((alg, u8::try_from(id).expect("CHAP_I fits a byte"), c));
     }
-    if let Some(r) = get(response, "CHAP_R") {
+    if let Some(r) = offered("CHAP_R") {
         // The target's answer to the initiator's challenge (mutual CHAP).
         let ours = auth.mutual.as_ref().expect("a CHAP_R without mutual credentials");
         assert_eq!(get(response, "CHAP_N"), Some(ours.username.as_str()));
@@ -142,9 +148,7 @@ fn run_with(input: &[u8], auth: AuthConfig) {
         let pairs = text::parse_unique(&rsp.data).expect("response text parses with unique keys");
         if !auth.required(true) {
             // CHAP keys sent where no CHAP runs are only declined, never answered.
-            let answered = pairs
-                .iter()
-                .any(|(k, v)| k.starts_with("CHAP_") && !matches!(*v, "NotUnderstood" | "Irrelevant" | "Reject"));
+            let answered = pairs.iter().any(|(k, v)| k.starts_with("CHAP_") && !declined(v));
             assert!(!answered, "a CHAP key answered without CHAP configured: {pairs:?}");
         } else if let Ok(request) = text::parse(data) {
             if let Some(ch) = check_chap(&request, &pairs, &auth, challenge.as_ref()) {
