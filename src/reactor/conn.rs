@@ -134,6 +134,9 @@ pub struct Conn {
     started: Instant,
     /// Close once the transmit queue drains (after a logout response or a login failure).
     close_after_send: bool,
+    /// The final login response of a reinstatement, held until the old connection is gone
+    /// ([`Conn::release_login`]).
+    deferred_login: Option<(BhsBuf, Vec<u8>)>,
     /// Being torn down: no new work; freed when `ops_inflight` reaches zero.
     pub closing: bool,
     /// Ring operations referencing this connection's memory.
@@ -178,6 +181,7 @@ impl Conn {
             ping_sent: None,
             started: now,
             close_after_send: false,
+            deferred_login: None,
             closing: false,
             ops_inflight: 0,
             recv_posted: false,
@@ -580,6 +584,7 @@ impl Conn {
             self.exp_cmd_sn = req.cmd_sn;
             self.stat_sn = req.exp_stat_sn;
         }
+        let mut fenced = false;
         if matches!(outcome, LoginOutcome::FullFeature) {
             let neg = login.negotiated().clone();
             {
@@ -594,7 +599,7 @@ impl Conn {
                     negotiated: neg.pairs(),
                 };
                 match env.shared.register_session(info) {
-                    Ok(tsih) => self.tsih = tsih,
+                    Ok((tsih, f)) => (self.tsih, fenced) = (tsih, f),
                     Err(e) => {
                         log::info!("{}: login refused: {e}", self.peer);
                         let (class, detail) = match e {
@@ -631,6 +636,12 @@ impl Conn {
         } else {
             b.stat_sn(self.stat_sn).exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.exp_cmd_sn);
         }
+        if fenced {
+            // Reinstatement: answered once the old connection's tasks have all ended.
+            log::debug!("{}: login waits for the old connection of this session to end", self.peer);
+            self.deferred_login = Some((b, rsp.data));
+            return;
+        }
         self.push(b, TxData::Inline(rsp.data), None);
         match outcome {
             LoginOutcome::Continue => {}
@@ -643,6 +654,21 @@ impl Conn {
                 self.phase = Phase::FullFeature;
             }
         }
+    }
+
+    /// The old connection a reinstating login waited for is gone: answer the login and enter
+    /// the full feature phase.
+    pub fn release_login(&mut self) {
+        let Some((b, data)) = self.deferred_login.take() else { return };
+        if self.closing {
+            return;
+        }
+        // Digests start with the first PDU after the final login response.
+        self.tx.push(b, TxData::Inline(data), false, false, None);
+        let neg = self.neg.as_ref().expect("a deferred login finished negotiating");
+        self.header_digest = neg.header_digest;
+        self.data_digest = neg.data_digest;
+        self.phase = Phase::FullFeature;
     }
 
     // ---- NOP ----

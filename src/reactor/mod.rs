@@ -40,10 +40,38 @@ pub enum Msg {
     Refresh,
     /// Work a connection handed to the offload pool is done.
     Offloaded(crate::offload::Completion),
+    /// Abort tasks of other sessions (task management of one session reaching all).
+    AbortTasks(AbortRequest),
+    /// A reactor finished an [`Msg::AbortTasks`]: the TMF it names may progress.
+    AbortDone(AbortReply),
+    /// The old connection a reinstating login (this token) waited for is gone.
+    Fenced(u64),
     /// Send a snapshot of this reactor's statistics.
     Stats(crossbeam_channel::Sender<ReactorStats>),
     /// Close every connection and exit.
     Stop,
+}
+
+/// Aborting tasks of every session on a LUN (or every LUN) but the requester's.
+#[derive(Debug, Clone)]
+pub struct AbortRequest {
+    /// The LUN; `None` for every LUN (target reset).
+    pub lun: Option<u64>,
+    /// Only the sessions of these I_T nexuses (PREEMPT AND ABORT); `None` for all.
+    pub only: Option<Arc<[Arc<str>]>>,
+    /// The connection token of the requester, which aborted its own tasks itself.
+    pub except: u64,
+    /// Where to acknowledge, for a TMF response that waits for every reactor.
+    pub reply: Option<AbortReply>,
+}
+
+/// The task management request waiting for an [`AbortRequest`].
+#[derive(Debug, Clone, Copy)]
+pub struct AbortReply {
+    pub reactor: usize,
+    pub conn: u32,
+    pub token: u64,
+    pub tmf_itt: u32,
 }
 
 /// Submission queue entries per ring.
@@ -406,6 +434,37 @@ impl Reactor {
                 }
                 Msg::Refresh => {}
                 Msg::Offloaded(done) => self.offloaded(done),
+                Msg::AbortTasks(req) => {
+                    for slot in self.conns.iter_mut().flatten() {
+                        if slot.conn.token != req.except {
+                            let mut env = conn_env!(self);
+                            slot.conn.abort_foreign(req.lun, req.only.as_deref(), &mut env);
+                        }
+                    }
+                    self.touch_all();
+                    if let Some(reply) = req.reply {
+                        self.shared.abort_done(reply);
+                    }
+                }
+                Msg::Fenced(token) => {
+                    for slot in self.conns.iter_mut().flatten() {
+                        if slot.conn.token == token {
+                            slot.conn.release_login();
+                        }
+                    }
+                    self.touch_all();
+                }
+                Msg::AbortDone(reply) => {
+                    if let Some(Some(slot)) = self.conns.get_mut(reply.conn as usize) {
+                        if slot.conn.token == reply.token {
+                            slot.conn.tmf_progress(reply.tmf_itt);
+                            if !slot.touched {
+                                slot.touched = true;
+                                self.touched.push(reply.conn);
+                            }
+                        }
+                    }
+                }
                 Msg::Stats(reply) => {
                     let live = self.conns.iter().flatten().count();
                     let _ = reply.send(self.stats.snapshot(self.id, live));
@@ -454,7 +513,10 @@ impl Reactor {
         (self.luns, self.lun_gen) = self.shared.lun_table();
         for slot in self.conns.iter_mut().flatten() {
             slot.conn.luns_changed();
+            let mut env = conn_env!(self);
+            slot.conn.fence_removed_luns(&mut env);
         }
+        self.touch_all();
     }
 
     /// Posts receives and sends for every connection touched in this iteration, submits the

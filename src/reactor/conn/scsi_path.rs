@@ -37,6 +37,11 @@ fn io_len(task: &Task) -> u32 {
     }
 }
 
+/// Whether a task's LUN is still the one the table serves under its number.
+fn lun_current(task: &Task, luns: &LunTable) -> bool {
+    task.lun.as_ref().is_none_or(|l| luns.get(l.id).is_some_and(|cur| Arc::ptr_eq(cur, l)))
+}
+
 /// Largest Data-In an offloaded command may return (GET LBA STATUS): the reactor's scratch.
 const OFFLOAD_DATA_IN_MAX: usize = 256 * 1024;
 
@@ -85,6 +90,8 @@ impl Conn {
             Disposition::DataOut { len } => (Action::SlowPath, len),
             Disposition::Flush => (Action::Flush, 0),
             Disposition::Offload { lock } => (Action::Offload { lock }, 0),
+            // Only a command's Data-Out phase asks for this (see `finish_slow_path`).
+            Disposition::AbortNexuses(_) => return self.scsi_response(itt, status::GOOD, None, Residual::of(edtl, 0)),
         };
         let is_out = matches!(action, Action::Write { .. } | Action::SlowPath);
         if needed as usize > MAX_BUF {
@@ -120,9 +127,11 @@ impl Conn {
         task.action = action;
         task.needed = needed;
         task.xfer = xfer;
-        // Reads from a RAM LUN need no buffer: Data-In goes out straight from the store.
-        let from_ram =
-            matches!((action, &task.lun), (Action::Read { .. }, Some(l)) if matches!(l.backing, Backing::Mem(_)));
+        // Reads from a RAM LUN need no buffer: Data-In goes out straight from the store. Not
+        // with a data digest: it is computed when the PDU is queued, and a write landing
+        // before the kernel sends the bytes would make it wrong, so those reads copy first.
+        let from_ram = !self.data_digest
+            && matches!((action, &task.lun), (Action::Read { .. }, Some(l)) if matches!(l.backing, Backing::Mem(_)));
         if xfer > 0 && !from_ram {
             task.buf = Some(env.pool.get((xfer as usize).next_multiple_of(SECTOR as usize)));
         }
@@ -217,7 +226,11 @@ impl Conn {
     pub(super) fn data_out_in_place(&mut self, bhs: Bhs, slot: u16, len: u32, env: &mut ConnEnv) {
         let task = self.tasks.get_mut(slot).expect("a direct receive's task lives until it ends");
         // Checked by data_out_dst, and nothing of this connection ran in between.
+        let aborted = task.aborted;
         match task.dout.accept(bhs.ttt(), bhs.data_sn(), bhs.buffer_offset(), len, bhs.final_bit()) {
+            // Aborted from another connection while its data was arriving: the buffer could
+            // not be freed under the receive; it can now.
+            Ok(_) if aborted => self.free_task(slot, env.pool),
             Ok(a) => self.data_out_sequence_end(slot, a, env),
             Err(e) => self.protocol_error_close(bhs.bytes(), &e),
         }
@@ -301,6 +314,10 @@ impl Conn {
         if task.stage != Stage::DataOut || !task.dout.is_complete() {
             return;
         }
+        if !lun_current(task, env.luns) {
+            // The LUN was removed or replaced while the data came: the old store is fenced.
+            return self.fail_fenced(slot, env);
+        }
         if task.action == Action::SlowPath {
             return self.slow_path(slot, env);
         }
@@ -327,9 +344,66 @@ impl Conn {
         self.finish_slow_path(slot, disposition, env);
     }
 
+    /// Ends a task whose LUN was removed or replaced: LOGICAL UNIT NOT SUPPORTED.
+    fn fail_fenced(&mut self, slot: u16, env: &mut ConnEnv) {
+        self.finish_slow_path(slot, Disposition::Check(Sense::lun_not_supported()), env);
+    }
+
+    /// The LUN table changed: tasks of a LUN that is gone (removed, or replaced by a new
+    /// store) that still wait for Data-Out end now, so nothing they receive can reach the old
+    /// store and `remove_lun` need not wait for the initiator. Tasks with I/O in flight end
+    /// when it completes; the one whose data is being received straight into its buffer is
+    /// failed when that PDU is in ([`Self::maybe_data_complete`] checks again).
+    pub fn fence_removed_luns(&mut self, env: &mut ConnEnv) {
+        let direct = self.direct.as_ref().map(|d| d.slot);
+        let fenced: Vec<u16> = self
+            .tasks
+            .slots()
+            .filter(|&(s, t)| t.stage == Stage::DataOut && !t.aborted && Some(s) != direct && !lun_current(t, env.luns))
+            .map(|(s, _)| s)
+            .collect();
+        for slot in fenced {
+            self.fail_fenced(slot, env);
+        }
+    }
+
+    /// Task management of another session reached this one (LOGICAL UNIT RESET, TARGET
+    /// RESET, PREEMPT AND ABORT): its tasks on `lun` (every LUN when `None`) are aborted
+    /// without a response (TAS=0; the unit attention tells the initiator), and only when
+    /// this session's I_T nexus is one of `only` if given.
+    pub fn abort_foreign(&mut self, lun: Option<u64>, only: Option<&[Arc<str>]>, env: &mut ConnEnv) {
+        if only.is_some_and(|ids| !ids.contains(self.nexus.identity())) {
+            return;
+        }
+        let direct = self.direct.as_ref().map(|d| d.slot);
+        let hit: Vec<u16> = self
+            .tasks
+            .slots()
+            .filter(|(_, t)| !t.aborted && t.stage != Stage::Sending)
+            .filter(|(_, t)| lun.is_none_or(|id| t.lun.as_ref().is_some_and(|l| l.id == id)))
+            .map(|(s, _)| s)
+            .collect();
+        for slot in hit {
+            let task = self.tasks.get_mut(slot).expect("live task");
+            if task.stage == Stage::DataOut && Some(slot) != direct {
+                self.free_task(slot, env.pool);
+            } else {
+                // I/O in flight (or data arriving into its buffer): freed when it ends.
+                task.aborted = true;
+                task.abort_tmf = RESERVED_TAG;
+            }
+        }
+    }
+
     /// Answers a slow-path command with its disposition and frees its task.
     fn finish_slow_path(&mut self, slot: u16, disposition: Disposition, env: &mut ConnEnv) {
         let task = self.tasks.get(slot).expect("live task");
+        if let Disposition::AbortNexuses(ids) = &disposition {
+            let lun = task.lun.as_ref().map(|l| l.id);
+            let req =
+                crate::reactor::AbortRequest { lun, only: Some(ids.clone().into()), except: self.token, reply: None };
+            env.shared.abort_tasks(req);
+        }
         let (itt, lun_field, edtl, needed) = (task.itt, task.lun_field, task.expected_len, task.needed);
         let (d_sense, r2ts) = (task.lun.as_ref().is_some_and(|l| l.d_sense()), task.r2t_sn);
         self.free_task(slot, env.pool);
@@ -340,7 +414,10 @@ impl Conn {
             }
             Disposition::Status(s) => self.scsi_response_after(itt, s, None, Residual::None, r2ts),
             other => {
-                debug_assert!(matches!(other, Disposition::Good), "slow path returned {other:?}");
+                debug_assert!(
+                    matches!(other, Disposition::Good | Disposition::AbortNexuses(_)),
+                    "slow path returned {other:?}"
+                );
                 self.scsi_response_after(itt, status::GOOD, None, Residual::of(edtl, needed), r2ts)
             }
         }
@@ -369,8 +446,11 @@ impl Conn {
         };
         match &lun.backing {
             Backing::Mem(m) => {
-                if let IoKind::Write { .. } = kind {
-                    m.write(offset, &task.buf.as_ref().expect("buffer")[..len as usize]);
+                match (kind, task.buf.as_mut()) {
+                    (IoKind::Write { .. }, buf) => m.write(offset, &buf.expect("buffer")[..len as usize]),
+                    // A copy for a digested Data-In (see `scsi_command`).
+                    (IoKind::Read, Some(buf)) => m.read(offset, &mut buf[..len as usize]),
+                    _ => {}
                 }
                 self.io_done(slot, len as i32, env);
             }
@@ -587,6 +667,9 @@ impl Conn {
                     if let Some(l) = lun_id.and_then(|id| env.luns.get(id)) {
                         self.nexus.lun_reset(l);
                     }
+                    // Every other I_T nexus's tasks on the LUN too, on every reactor; the
+                    // response waits until each reactor has aborted them.
+                    waiting += self.abort_other_nexuses(lun_id, bhs.itt(), env);
                 }
                 tmf::COMPLETE
             }
@@ -596,6 +679,7 @@ impl Conn {
                     waiting += self.abort(s, bhs.itt(), env.pool);
                 }
                 self.nexus.target_reset(env.luns);
+                waiting += self.abort_other_nexuses(None, bhs.itt(), env);
                 if function == tmf::TARGET_COLD_RESET {
                     self.close_after_send = true;
                 }
@@ -632,8 +716,16 @@ impl Conn {
         }
     }
 
-    /// An aborted task ended: the TMF that aborted it may now answer.
-    fn tmf_progress(&mut self, tmf_itt: u32) {
+    /// Asks every reactor to abort the tasks other sessions have on `lun` (all LUNs when
+    /// `None`); returns how many acknowledgements the TMF `tmf_itt` now waits for.
+    fn abort_other_nexuses(&mut self, lun: Option<u64>, tmf_itt: u32, env: &mut ConnEnv) -> u32 {
+        let reply = crate::reactor::AbortReply { reactor: env.reactor, conn: self.slot, token: self.token, tmf_itt };
+        env.shared.abort_tasks(crate::reactor::AbortRequest { lun, only: None, except: self.token, reply: Some(reply) })
+    }
+
+    /// An aborted task ended, or a reactor acknowledged aborting other sessions' tasks: the
+    /// TMF that waits for them may now answer.
+    pub fn tmf_progress(&mut self, tmf_itt: u32) {
         let Some(i) = self.pending_tmfs.iter().position(|p| p.itt == tmf_itt) else { return };
         let p = &mut self.pending_tmfs[i];
         p.waiting -= 1;
