@@ -6,6 +6,8 @@
 //! the semantics of the old driver's `add_lun`, minus its defects.
 
 use crate::backing::{Backing, BackingError, BackingKind};
+use crate::protocol::acl::{Acl, Cidr};
+use crate::protocol::chap::{self, AuthConfig, Credentials, Secret};
 use crate::scsi::lun::{BLOCK_SIZE, MAX_LUN_ID};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -101,7 +103,85 @@ pub struct Config {
     pub log_level: Option<String>,
     /// LUNs exported at start.
     pub luns: Vec<LunConfig>,
+    // ---- access control (README "Security") ----
+    /// CHAP credentials; `None`: no authentication (demo mode).
+    pub auth: Option<AuthSection>,
+    /// Initiator names that may log in; empty: any.
+    pub allowed_initiators: Vec<String>,
+    /// Source address blocks (CIDR) that may log in; empty: any.
+    pub allowed_networks: Vec<String>,
+    /// Group that owns the control socket (name or numeric id); `None`: the process's group.
+    pub control_socket_group: Option<String>,
+    /// Open iSCSI connections at most; further ones are closed at once.
+    pub max_connections: usize,
+    /// Sessions one initiator name may hold at once; `None`: no limit.
+    pub max_sessions_per_initiator: Option<u32>,
+    // ---- observability (README "Protocol tracing", "Metrics") ----
+    /// Initiator IQNs whose sessions are traced PDU by PDU from their first login PDU.
+    pub trace_initiators: Vec<String>,
+    /// `ADDRESS:PORT` of the Prometheus `/metrics` endpoint; `None`: off.
+    pub metrics_listen: Option<String>,
+    /// Directories besides root_dir that `import_image` may read source files from (compared
+    /// after resolving symlinks); empty means root_dir only.
+    pub import_dirs: Vec<PathBuf>,
+    /// The `--lun` specs the last entries of `luns` came from, so errors name the flag rather
+    /// than an index into a list the user never wrote.
+    #[serde(skip)]
+    pub lun_flags: Vec<String>,
+    /// Per-connection resource bounds.
+    pub limits: ConnLimits,
 }
+
+/// The `auth:` key.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSection {
+    /// What initiators must prove.
+    pub chap: Option<ChapSection>,
+    /// What the target proves to initiators that ask (mutual CHAP).
+    pub mutual_chap: Option<ChapSection>,
+    /// Discovery sessions authenticate too.
+    #[serde(default)]
+    pub discovery: bool,
+}
+
+/// A CHAP user: `{username, secret}` or `{username, secret_file}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChapSection {
+    pub username: String,
+    #[serde(default)]
+    pub secret: Option<SecretText>,
+    /// A file holding the secret (one trailing newline ignored); mode 0600 or stricter.
+    #[serde(default)]
+    pub secret_file: Option<PathBuf>,
+}
+
+/// A secret as written in the configuration: prints and serialises as `<redacted>`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(String);
+
+impl SecretText {
+    pub fn new(s: impl Into<String>) -> Self {
+        SecretText(s.into())
+    }
+}
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for SecretText {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
+    }
+}
+
+/// Default of `max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
 
 impl Default for Config {
     fn default() -> Self {
@@ -120,7 +200,65 @@ impl Default for Config {
             offload_threads: None,
             log_level: None,
             luns: Vec::new(),
+            auth: None,
+            allowed_initiators: Vec::new(),
+            allowed_networks: Vec::new(),
+            control_socket_group: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_sessions_per_initiator: None,
+            trace_initiators: Vec::new(),
+            metrics_listen: None,
+            import_dirs: Vec::new(),
+            lun_flags: Vec::new(),
+            limits: ConnLimits::default(),
         }
+    }
+}
+
+/// What one connection (one session: MaxConnections=1) may hold; the `limits` block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnLimits {
+    /// Commands a session may have outstanding: the CmdSN window (MaxCmdSN) is sized from it.
+    pub max_cmds_per_session: u32,
+    /// A command waiting for Data-Out that makes no progress for this long is aborted.
+    pub dataout_timeout_secs: u64,
+    /// Bytes of PDUs queued for sending beyond which the connection stops reading requests
+    /// until the queue drains.
+    pub max_tx_queue_kib: u32,
+    /// A connection whose queue stays over `max_tx_queue_kib` this long is dropped.
+    pub tx_stall_timeout_secs: u64,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            max_cmds_per_session: 128,
+            dataout_timeout_secs: 30,
+            max_tx_queue_kib: 16 * 1024,
+            tx_stall_timeout_secs: 30,
+        }
+    }
+}
+
+impl ConnLimits {
+    /// Most commands per session: task slots are preallocated per connection.
+    pub const MAX_CMDS: u32 = 1024;
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=Self::MAX_CMDS).contains(&self.max_cmds_per_session) {
+            return Err(invalid("limits.max_cmds_per_session", format!("must be 1 to {}", Self::MAX_CMDS)));
+        }
+        if self.dataout_timeout_secs == 0 {
+            return Err(invalid("limits.dataout_timeout_secs", "must be at least 1"));
+        }
+        if self.max_tx_queue_kib < 64 {
+            return Err(invalid("limits.max_tx_queue_kib", "must be at least 64"));
+        }
+        if self.tx_stall_timeout_secs == 0 {
+            return Err(invalid("limits.tx_stall_timeout_secs", "must be at least 1"));
+        }
+        Ok(())
     }
 }
 
@@ -147,6 +285,9 @@ pub struct LunConfig {
     /// Export an allow-listed block device instead of an image file.
     #[serde(default)]
     pub is_block: bool,
+    /// Initiator names that see this LUN; empty: every initiator.
+    #[serde(default)]
+    pub initiators: Vec<String>,
 }
 
 impl Config {
@@ -155,13 +296,42 @@ impl Config {
         Self::parse(s, "config")
     }
 
-    /// Reads, parses and checks a configuration file.
+    /// Reads, parses and checks a configuration file. Relative paths in it (`root_dir`,
+    /// `control_socket`, `import_dirs`) are resolved against the file's directory, as most
+    /// daemons do, so the file means the same from any working directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = fs::read_to_string(path).map_err(io_err(path, "read config"))?;
-        Self::parse(&text, &path.display().to_string())
+        let origin = path.display().to_string();
+        let mut cfg = Self::parse_unchecked(&text, &origin)?;
+        // Canonical, so the paths printed and used carry no `..` of a relative --config.
+        let file = fs::canonicalize(path).map_err(io_err(path, "resolve config path"))?;
+        if let Some(dir) = file.parent() {
+            cfg.resolve_relative_paths(dir);
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Makes `root_dir`, `control_socket` and `import_dirs` absolute, relative ones taken
+    /// against `base` (the config file's directory, or for flags the working directory).
+    pub fn resolve_relative_paths(&mut self, base: &Path) {
+        let abs = |p: &Path| if p.is_relative() && !p.as_os_str().is_empty() { base.join(p) } else { p.to_owned() };
+        self.root_dir = abs(&self.root_dir);
+        if let Some(sock) = &self.control_socket {
+            self.control_socket = Some(abs(sock));
+        }
+        for d in &mut self.import_dirs {
+            *d = abs(d);
+        }
     }
 
     fn parse(s: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg = Self::parse_unchecked(s, origin)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn parse_unchecked(s: &str, origin: &str) -> Result<Config, ConfigError> {
         let yaml_err = |origin: String| move |source| ConfigError::Yaml { origin, source };
         let doc: serde_norway::Value = serde_norway::from_str(s).map_err(yaml_err(origin.to_owned()))?;
         let mut cfg = match &doc {
@@ -170,7 +340,11 @@ impl Config {
             serde_norway::Value::Mapping(m) if m.contains_key("export") => {
                 let file: ExporterFile = serde_norway::from_str(s).map_err(yaml_err(origin.to_owned()))?;
                 file.export.0.ok_or_else(|| {
-                    invalid("export", "no export has an iSCSI type (e.g. jumpstarter_driver_iscsi.driver.ISCSI)")
+                    invalid(
+                        "export",
+                        "no export has an iSCSI type (e.g. jumpstarter_driver_iscsi.driver.ISCSI), nested \
+                         children: included",
+                    )
                 })?
             }
             // Parsed again from the text so errors carry their line and column.
@@ -179,7 +353,6 @@ impl Config {
         for lun in &mut cfg.luns {
             lun.fill_defaults();
         }
-        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -203,6 +376,11 @@ impl Config {
                 ));
             }
         }
+        for (i, p) in self.import_dirs.iter().enumerate() {
+            if p.as_os_str().is_empty() {
+                return Err(invalid(format!("import_dirs[{i}]"), "must not be empty"));
+            }
+        }
         if let Some(p) = &self.control_socket {
             if p.as_os_str().is_empty() {
                 return Err(invalid("control_socket", "must not be empty"));
@@ -220,6 +398,7 @@ impl Config {
             ));
         }
         self.validate_reactors()?;
+        self.limits.validate()?;
         if let Some(n) = self.offload_threads {
             if !(1..=MAX_OFFLOAD_THREADS).contains(&n) {
                 return Err(invalid("offload_threads", format!("{n} is not between 1 and {MAX_OFFLOAD_THREADS}")));
@@ -233,7 +412,76 @@ impl Config {
                 ));
             }
         }
+        self.validate_access()?;
+        self.validate_observability()?;
         self.validate_luns()
+    }
+
+    /// `trace_initiators` and `metrics_listen`.
+    fn validate_observability(&self) -> Result<(), ConfigError> {
+        for (i, name) in self.trace_initiators.iter().enumerate() {
+            if name.is_empty() || name.contains(char::is_whitespace) {
+                return Err(invalid(format!("trace_initiators[{i}]"), format!("not an iSCSI name: {name:?}")));
+            }
+        }
+        if let Some(addr) = &self.metrics_listen {
+            if addr.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "metrics_listen",
+                    format!("not an ADDRESS:PORT: {addr:?} (e.g. 127.0.0.1:9460, [::1]:9460)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The access-control keys, short of reading secret files (see [`Config::auth_config`]).
+    fn validate_access(&self) -> Result<(), ConfigError> {
+        if let Some(auth) = &self.auth {
+            let Some(chap) = &auth.chap else {
+                return Err(invalid("auth.chap", "required: mutual_chap and discovery need the initiator's CHAP user"));
+            };
+            chap.validate("auth.chap")?;
+            if let Some(m) = &auth.mutual_chap {
+                m.validate("auth.mutual_chap")?;
+            }
+        }
+        for (i, name) in self.allowed_initiators.iter().enumerate() {
+            if name.is_empty() || name.len() > MAX_ISCSI_NAME || name.contains(|c: char| c.is_whitespace() || c == ',')
+            {
+                return Err(invalid(format!("allowed_initiators[{i}]"), format!("{name:?} is not an iSCSI name")));
+            }
+        }
+        self.acl()?;
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be at least 1"));
+        }
+        if self.max_sessions_per_initiator == Some(0) {
+            return Err(invalid("max_sessions_per_initiator", "must be at least 1 (leave it out for no limit)"));
+        }
+        if let Some(g) = &self.control_socket_group {
+            if g.is_empty() {
+                return Err(invalid("control_socket_group", "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+
+    /// `allowed_initiators` and `allowed_networks`, parsed.
+    pub fn acl(&self) -> Result<Acl, ConfigError> {
+        let networks = self
+            .allowed_networks
+            .iter()
+            .enumerate()
+            .map(|(i, n)| n.parse::<Cidr>().map_err(|e| invalid(format!("allowed_networks[{i}]"), e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Acl { initiators: self.allowed_initiators.clone(), networks })
+    }
+
+    /// The CHAP credentials, with secret files read and checked (mode 0600 or stricter,
+    /// 12 to 255 bytes). Errors name the key, never the secret.
+    pub fn auth_config(&self) -> Result<AuthConfig, ConfigError> {
+        resolve_auth(self.auth.as_ref())
     }
 
     fn validate_reactors(&self) -> Result<(), ConfigError> {
@@ -268,19 +516,19 @@ impl Config {
         let mut ids = HashMap::new();
         let mut files: HashMap<PathBuf, &str> = HashMap::new();
         for (i, lun) in self.luns.iter().enumerate() {
-            let key = format!("luns[{i}]");
+            let key = self.lun_key(i);
             lun.validate(&key)?;
             if let Some(first) = names.insert(lun.name.as_str(), i) {
                 return Err(invalid(
-                    format!("{key}.name"),
-                    format!("{:?} is already the name of luns[{first}]", lun.name),
+                    field_key(&key, "name"),
+                    format!("{:?} is already the name of {}", lun.name, self.lun_key(first)),
                 ));
             }
             if let Some(id) = lun.lun_id {
                 if let Some(first) = ids.insert(id, i) {
                     return Err(invalid(
-                        format!("{key}.lun_id"),
-                        format!("{id} is already the lun_id of luns[{first}]"),
+                        field_key(&key, "lun_id"),
+                        format!("{id} is already the lun_id of {}", self.lun_key(first)),
                     ));
                 }
             }
@@ -289,13 +537,22 @@ impl Config {
                 let path: PathBuf = path.components().filter(|c| *c != Component::CurDir).collect();
                 if let Some(other) = files.insert(path.clone(), &lun.name) {
                     return Err(invalid(
-                        format!("{key}.file_path"),
+                        field_key(&key, "file_path"),
                         format!("{} is already exported by lun {other}", path.display()),
                     ));
                 }
             }
         }
         Ok(())
+    }
+
+    /// How errors name `luns[i]`: its index in the file, or the `--lun` flag it came from.
+    fn lun_key(&self, i: usize) -> String {
+        let first_flag = self.luns.len().saturating_sub(self.lun_flags.len());
+        match i.checked_sub(first_flag).and_then(|k| self.lun_flags.get(k)) {
+            Some(spec) => format!("--lun {spec}"),
+            None => format!("luns[{i}]"),
+        }
     }
 
     /// The target's IQN, `iqn_prefix:target_name`, lower-cased: iSCSI names compare
@@ -343,6 +600,7 @@ impl LunConfig {
             read_only: false,
             lun_id: None,
             is_block: false,
+            initiators: Vec::new(),
         };
         for pair in spec.split(',').filter(|p| !p.is_empty()) {
             let Some((k, v)) = pair.split_once('=') else {
@@ -364,11 +622,13 @@ impl LunConfig {
                 "read_only" => lun.read_only = flag(v)?,
                 "lun_id" => lun.lun_id = Some(num(v)?),
                 "is_block" => lun.is_block = flag(v)?,
+                // Repeatable: initiator=iqn.a,initiator=iqn.b
+                "initiator" => lun.initiators.push(v.to_owned()),
                 _ => {
                     return Err(invalid(
                         format!("--lun {spec}"),
                         format!(
-                            "unknown key {k:?}, expected one of name, file_path, size_mb, backing, read_only, lun_id, is_block"
+                            "unknown key {k:?}, expected one of name, file_path, size_mb, backing, read_only, lun_id, is_block, initiator"
                         ),
                     ))
                 }
@@ -397,7 +657,7 @@ impl LunConfig {
 
     /// Checks this LUN on its own; `key` prefixes error keys (`luns[1]`, `--lun ...`).
     pub fn validate(&self, key: &str) -> Result<(), ConfigError> {
-        let k = |field: &str| format!("{key}.{field}");
+        let k = |field: &str| field_key(key, field);
         if self.name.is_empty() {
             return Err(invalid(k("name"), "must not be empty"));
         }
@@ -409,6 +669,7 @@ impl LunConfig {
                 return Err(invalid(k("lun_id"), format!("{id} is above the highest LUN number, {MAX_LUN_ID}")));
             }
         }
+        validate_initiator_list(&self.initiators, &k("initiators"))?;
         if self.size_mb > u64::MAX >> 20 {
             return Err(invalid(k("size_mb"), format!("{} MiB does not fit in 64 bits of bytes", self.size_mb)));
         }
@@ -446,6 +707,117 @@ impl LunConfig {
         }
         Ok(())
     }
+}
+
+/// `luns[1].name`, or for a flag `--lun name=a,size_mb=1: name` (as [`LunConfig::parse_spec`]
+/// words its errors).
+fn field_key(key: &str, field: &str) -> String {
+    if key.starts_with("--") {
+        format!("{key}: {field}")
+    } else {
+        format!("{key}.{field}")
+    }
+}
+
+/// An `auth` section (of the configuration or of `set_auth`) checked, with its secret files
+/// read; `None` is demo mode. Errors name the key, never the secret.
+pub fn resolve_auth(auth: Option<&AuthSection>) -> Result<AuthConfig, ConfigError> {
+    let Some(auth) = auth else { return Ok(AuthConfig::default()) };
+    let Some(chap) = &auth.chap else {
+        return Err(invalid("auth.chap", "required: mutual_chap and discovery need the initiator's CHAP user"));
+    };
+    let chap = chap.credentials("auth.chap")?;
+    let mutual = auth.mutual_chap.as_ref().map(|c| c.credentials("auth.mutual_chap")).transpose()?;
+    // RFC 7143 §12.1.3: a secret must not authenticate both directions.
+    if mutual.as_ref().is_some_and(|m| m.secret == chap.secret) {
+        return Err(invalid("auth.mutual_chap", "the secret must differ from auth.chap's"));
+    }
+    Ok(AuthConfig { chap: Some(chap), mutual, discovery: auth.discovery })
+}
+
+/// A list of initiator names (a LUN's `initiators`).
+pub fn validate_initiator_list(names: &[String], key: &str) -> Result<(), ConfigError> {
+    for (i, name) in names.iter().enumerate() {
+        if name.is_empty() || name.len() > MAX_ISCSI_NAME || name.contains(|c: char| c.is_whitespace() || c == ',') {
+            return Err(invalid(format!("{key}[{i}]"), format!("{name:?} is not an iSCSI name")));
+        }
+    }
+    Ok(())
+}
+
+impl ChapSection {
+    /// Checks what can be checked without reading `secret_file`.
+    fn validate(&self, key: &str) -> Result<(), ConfigError> {
+        if self.username.is_empty() {
+            return Err(invalid(format!("{key}.username"), "must not be empty"));
+        }
+        if self.username.len() > 255 || self.username.contains(|c: char| c.is_control()) {
+            return Err(invalid(format!("{key}.username"), "must be at most 255 printable characters"));
+        }
+        match (&self.secret, &self.secret_file) {
+            (Some(_), Some(_)) => Err(invalid(key, "set either secret or secret_file, not both")),
+            (None, None) => Err(invalid(key, "needs secret or secret_file")),
+            (Some(s), None) => check_secret_len(s.0.len(), &format!("{key}.secret")),
+            (None, Some(p)) if p.as_os_str().is_empty() => {
+                Err(invalid(format!("{key}.secret_file"), "must not be empty"))
+            }
+            (None, Some(_)) => Ok(()),
+        }
+    }
+
+    /// The credentials, reading `secret_file` if that is where the secret is.
+    fn credentials(&self, key: &str) -> Result<Credentials, ConfigError> {
+        self.validate(key)?;
+        let secret = match (&self.secret, &self.secret_file) {
+            (Some(s), _) => Secret::new(s.0.as_bytes()),
+            (None, Some(path)) => read_secret_file(path, &format!("{key}.secret_file"))?,
+            (None, None) => unreachable!("validate() demands one"),
+        };
+        Ok(Credentials { username: self.username.clone(), secret })
+    }
+}
+
+fn check_secret_len(len: usize, key: &str) -> Result<(), ConfigError> {
+    if len < chap::MIN_SECRET_LEN {
+        return Err(invalid(
+            key,
+            format!("{len} bytes; a CHAP secret needs at least {} (RFC 7143 §12.1.3)", chap::MIN_SECRET_LEN),
+        ));
+    }
+    if len > chap::MAX_SECRET_LEN {
+        return Err(invalid(key, format!("{len} bytes; at most {} are accepted", chap::MAX_SECRET_LEN)));
+    }
+    Ok(())
+}
+
+/// Reads a secret file: it must be a regular file nobody but its owner can read or write
+/// (mode 0600 or stricter). One trailing newline (`\n` or `\r\n`) is not part of the secret.
+fn read_secret_file(path: &Path, key: &str) -> Result<Secret, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path).map_err(io_err(path, "read secret file"))?;
+    if !meta.is_file() {
+        return Err(invalid(key, format!("{} is not a regular file", path.display())));
+    }
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(invalid(
+            key,
+            format!(
+                "{} has mode {mode:04o}; it must be 0600 or stricter (chmod 600 {})",
+                path.display(),
+                path.display()
+            ),
+        ));
+    }
+    let mut bytes = fs::read(path).map_err(io_err(path, "read secret file"))?;
+    if bytes.ends_with(b"\n") {
+        bytes.pop();
+        if bytes.ends_with(b"\r") {
+            bytes.pop();
+        }
+    }
+    check_secret_len(bytes.len(), key)?;
+    Ok(Secret::new(bytes))
 }
 
 /// An image path must stay below root_dir by construction: relative, no `..`, not empty.
@@ -503,7 +875,8 @@ struct ExporterFile {
 /// The `config:` block of the first export whose `type` names iSCSI, if any.
 struct IscsiExport(Option<Config>);
 
-/// One export: its `config:` when its `type` names iSCSI.
+/// One export: its `config:` when its `type` names iSCSI, else the first iSCSI export among
+/// its `children:` (a composite driver nests the drivers it groups), searched depth first.
 struct ExportEntry(Option<Config>);
 
 fn is_iscsi_type(ty: &str) -> bool {
@@ -544,6 +917,7 @@ impl<'de> Deserialize<'de> for ExportEntry {
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ExportEntry, A::Error> {
                 let mut ty: Option<String> = None;
                 let mut config: Option<Config> = None;
+                let mut children: Option<Config> = None;
                 // `config` before `type`: kept as a value until the type is known.
                 let mut early: Option<serde_norway::Value> = None;
                 while let Some(key) = map.next_key::<String>()? {
@@ -554,13 +928,18 @@ impl<'de> Deserialize<'de> for ExportEntry {
                             config = Some(map.next_value::<Option<Config>>()?.unwrap_or_default())
                         }
                         ("config", None) => early = Some(map.next_value()?),
+                        ("children", _) => {
+                            if let Some(found) = map.next_value::<Option<IscsiExport>>()?.and_then(|c| c.0) {
+                                children.get_or_insert(found);
+                            }
+                        }
                         _ => {
                             map.next_value::<IgnoredAny>()?;
                         }
                     }
                 }
                 if !ty.as_deref().is_some_and(is_iscsi_type) {
-                    return Ok(ExportEntry(None));
+                    return Ok(ExportEntry(children));
                 }
                 if let Some(v) = early.filter(|v| !v.is_null()) {
                     config = Some(serde_norway::from_value(v).map_err(|e| A::Error::custom(format!("config: {e}")))?);
@@ -574,7 +953,7 @@ impl<'de> Deserialize<'de> for ExportEntry {
 
 /// The local address a UDP socket "connected" to a public address gets: connect() on UDP sends
 /// nothing, it only asks the kernel for the route.
-fn default_route_addr() -> Option<IpAddr> {
+pub(crate) fn default_route_addr() -> Option<IpAddr> {
     let sock = UdpSocket::bind("0.0.0.0:0").ok()?;
     sock.connect("8.8.8.8:53").ok()?;
     let ip = sock.local_addr().ok()?.ip();
@@ -782,6 +1161,21 @@ mod tests {
         Config { root_dir: dir.join("root"), ..Config::default() }
     }
 
+    #[test]
+    fn limits_block_defaults_and_checks() {
+        let c = Config::from_yaml_str("").unwrap();
+        assert_eq!(c.limits, ConnLimits::default());
+        assert_eq!(c.limits.max_cmds_per_session, 128);
+        let c = Config::from_yaml_str("limits:\n  dataout_timeout_secs: 5\n").unwrap();
+        assert_eq!(c.limits.dataout_timeout_secs, 5);
+        assert_eq!(c.limits.max_tx_queue_kib, 16 * 1024, "unset keys keep their defaults");
+        assert!(err("limits:\n  max_cmds_per_session: 0\n").contains("limits.max_cmds_per_session"));
+        assert!(err("limits:\n  max_cmds_per_session: 5000\n").contains("limits.max_cmds_per_session"));
+        assert!(err("limits:\n  max_tx_queue_kib: 1\n").contains("limits.max_tx_queue_kib"));
+        assert!(err("limits:\n  tx_stall_timeout_secs: 0\n").contains("limits.tx_stall_timeout_secs"));
+        assert!(err("limits:\n  bogus: 1\n").contains("bogus"));
+    }
+
     fn file_lun(name: &str, size_mb: u64) -> LunConfig {
         LunConfig::parse_spec(&format!("name={name},size_mb={size_mb}")).unwrap()
     }
@@ -843,6 +1237,11 @@ mod tests {
         assert_eq!(c.port, 1);
         let e = err("export:\n  iscsi:\n    config: {prot: 1}\n    type: ISCSI\n");
         assert!(e.contains("prot"), "{e}");
+        // Nested under a composite's children, at any depth.
+        let nested = "export:\n  dut:\n    type: jumpstarter_driver_composite.driver.Composite\n    children:\n      \
+                      power:\n        type: MockPower\n      box:\n        type: Composite\n        children:\n          \
+                      storage:\n            type: jumpstarter_driver_iscsi.driver.ISCSI\n            config: {port: 7}\n";
+        assert_eq!(Config::from_yaml_str(nested).unwrap().port, 7);
     }
 
     #[test]
@@ -934,6 +1333,7 @@ mod tests {
                 read_only: true,
                 lun_id: Some(3),
                 is_block: false,
+                initiators: Vec::new(),
             }
         );
         assert_eq!(LunConfig::parse_spec("name=d").unwrap().file_path, Some("d.img".into()));

@@ -12,6 +12,8 @@
 //! - [`config`]: the YAML configuration and its defaults.
 //! - [`control`]: the control plane (JSON-RPC on a Unix socket) and its client.
 //! - [`images`]: disk image import: streaming decompression, hashing, sparse atomic writes.
+//! - [`metrics`]: the Prometheus `/metrics` endpoint and the counters it adds.
+//! - [`portals`]: the addresses a portal is reachable on (wildcard binds).
 //! - [`uring_check`]: the start-up io_uring check and why it fails (sysctl, group, seccomp).
 
 pub mod backing;
@@ -19,7 +21,9 @@ pub mod config;
 pub mod control;
 pub mod images;
 pub mod iscsi;
+pub mod metrics;
 pub mod offload;
+pub mod portals;
 pub mod protocol;
 pub mod reactor;
 pub mod scsi;

@@ -24,9 +24,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the configured target.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Talk to a running target over its control socket.
-    Ctl(CtlArgs),
+    Ctl(Box<CtlArgs>),
 }
 
 #[derive(Args)]
@@ -62,6 +62,9 @@ enum CtlCommand {
         /// Export an allow-listed block device.
         #[arg(long)]
         block: bool,
+        /// Only this initiator sees the LUN (repeatable; default: every initiator).
+        #[arg(long = "initiator", value_name = "IQN")]
+        initiators: Vec<String>,
     },
     /// Upload an image (raw, or .gz .xz .bz2 .zst) from a file or an HTTP(S) URL into root_dir
     /// and export it as a LUN. A local file is hashed first and not sent when the target
@@ -87,6 +90,19 @@ enum CtlCommand {
     Stats {
         #[arg(long)]
         json: bool,
+        /// Print them again every second, until Ctrl-C (or --count refreshes).
+        #[arg(long)]
+        watch: bool,
+        /// With --watch: stop after N refreshes.
+        #[arg(long, value_name = "N", requires = "watch")]
+        count: Option<u64>,
+    },
+    /// Trace a session's PDUs in the target's log (one line each), or stop tracing it (--off).
+    TraceSession {
+        /// The session's TSIH, as `sessions` lists it.
+        tsih: u16,
+        #[arg(long)]
+        off: bool,
     },
     /// Logged-in sessions.
     Sessions {
@@ -96,10 +112,43 @@ enum CtlCommand {
     GetHost,
     GetPort,
     GetTargetIqn,
+    /// Every address the portal is reachable on, one per line (a wildcard bind lists each
+    /// interface's address).
+    GetPortals {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Size and (while it is known) SHA-256 of the image <root_dir>/<NAME>.img.
+    ImageInfo {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Import an image file already on the target's machine (under root_dir or an import_dirs
+    /// directory) and export it as a LUN. Prints `host:port iqn lun_id`, then what happened.
+    ImportImage(ImportArgs),
     /// Open the portal (after stop).
     Start,
     /// Close the portal and log every session out; LUNs stay.
     Stop,
+    /// The CHAP users and ACLs in force for new logins (never a secret).
+    GetAuth,
+    /// Replace the CHAP credentials for new logins; logged-in sessions keep running. Without
+    /// --chap-user, authentication is turned off (demo mode).
+    SetAuth {
+        #[arg(long, value_name = "NAME", requires = "chap_secret_file")]
+        chap_user: Option<String>,
+        /// File with the secret, read by the target (mode 0600).
+        #[arg(long, value_name = "FILE", requires = "chap_user")]
+        chap_secret_file: Option<PathBuf>,
+        #[arg(long, value_name = "NAME", requires_all = ["mutual_chap_secret_file", "chap_user"])]
+        mutual_chap_user: Option<String>,
+        #[arg(long, value_name = "FILE", requires = "mutual_chap_user")]
+        mutual_chap_secret_file: Option<PathBuf>,
+        /// Discovery sessions authenticate too.
+        #[arg(long, requires = "chap_user")]
+        discovery_auth: bool,
+    },
 }
 
 /// What `ctl upload` and `ctl serve` take.
@@ -130,6 +179,34 @@ struct UploadArgs {
     /// Mozilla roots (default: $SSL_CERT_FILE when set).
     #[arg(long, value_name = "FILE")]
     cacert: Option<PathBuf>,
+    /// Only this initiator sees the LUN (repeatable; default: every initiator).
+    #[arg(long = "initiator", value_name = "IQN")]
+    initiators: Vec<String>,
+}
+
+/// What `ctl import-image` takes.
+#[derive(Args)]
+struct ImportArgs {
+    /// The file on the target's machine: absolute, or relative to root_dir.
+    #[arg(value_name = "SRC")]
+    src_path: PathBuf,
+    /// Image and LUN name (default: the file's base name without .img and compression suffixes).
+    #[arg(long)]
+    name: Option<String>,
+    /// LUN size in MiB; 0 means the image size rounded up to 512 bytes.
+    #[arg(long, default_value_t = 0)]
+    size_mb: u64,
+    /// Import even when an identical image is in place.
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    read_only: bool,
+    /// none, gz, xz, bz2 or zstd (default: from the file's extension).
+    #[arg(long)]
+    compression: Option<String>,
+    /// Expected SHA-256 of the uncompressed image (hex); a mismatch keeps the old image.
+    #[arg(long)]
+    sha256: Option<String>,
 }
 
 /// Flags override the configuration file's keys of the same name.
@@ -152,7 +229,7 @@ struct ServeArgs {
     #[arg(long, value_name = "NAME")]
     target_name: Option<String>,
     /// Number of reactors (replaces the file's reactors or cpus).
-    #[arg(long, value_name = "N", conflicts_with = "cpus")]
+    #[arg(long, value_name = "N")]
     reactors: Option<usize>,
     /// CPUs to pin one reactor each to, e.g. 0,1 (replaces the file's reactors or cpus).
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
@@ -168,6 +245,35 @@ struct ServeArgs {
     /// Log filter (error, warn, info, debug, trace, or a RUST_LOG-style filter); default info.
     #[arg(long, value_name = "FILTER")]
     log_level: Option<String>,
+    /// CHAP user initiators must log in as (replaces the file's auth.chap).
+    #[arg(long, value_name = "NAME", requires = "chap_secret_file")]
+    chap_user: Option<String>,
+    /// File holding that user's CHAP secret (mode 0600, 12 to 255 bytes).
+    #[arg(long, value_name = "FILE", requires = "chap_user")]
+    chap_secret_file: Option<PathBuf>,
+    /// Mutual CHAP: the user the target answers initiators' challenges as.
+    #[arg(long, value_name = "NAME", requires_all = ["mutual_chap_secret_file", "chap_user"])]
+    mutual_chap_user: Option<String>,
+    /// File holding the target's mutual CHAP secret (mode 0600).
+    #[arg(long, value_name = "FILE", requires = "mutual_chap_user")]
+    mutual_chap_secret_file: Option<PathBuf>,
+    /// Discovery sessions authenticate with CHAP too.
+    #[arg(long, requires = "chap_user")]
+    discovery_auth: bool,
+    /// An initiator name allowed to log in (repeatable; adds to allowed_initiators).
+    #[arg(long = "allow-initiator", value_name = "IQN")]
+    allow_initiators: Vec<String>,
+    /// A source address block allowed to log in, e.g. 10.0.0.0/8 (repeatable; adds to
+    /// allowed_networks).
+    #[arg(long = "allow-network", value_name = "CIDR")]
+    allow_networks: Vec<String>,
+    /// Trace every PDU of this initiator's sessions in the log (repeatable; adds to the file's
+    /// trace_initiators).
+    #[arg(long = "trace-initiator", value_name = "IQN")]
+    trace_initiators: Vec<String>,
+    /// Serve Prometheus metrics on http://ADDRESS:PORT/metrics, e.g. 127.0.0.1:9460.
+    #[arg(long, value_name = "ADDRESS:PORT")]
+    metrics_listen: Option<String>,
 }
 
 /// What stops `uringtgt` with exit status 1.
@@ -188,8 +294,8 @@ enum CliError {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Ctl(args) => ctl(args),
+        Command::Serve(args) => serve(*args),
+        Command::Ctl(args) => ctl(*args),
     };
     match res {
         Ok(()) => ExitCode::SUCCESS,
@@ -210,38 +316,58 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
 fn ctl(args: CtlArgs) -> Result<(), CliError> {
     let socket = match (&args.socket, &args.config) {
         (Some(s), _) => s.clone(),
+        // Relative paths in the file are taken against its directory, so this works from anywhere.
         (None, Some(file)) => Config::load(file)?.control_socket_path(),
         (None, None) => Config::default().control_socket_path(),
     };
     match &args.command {
         CtlCommand::Upload(req) => {
             let mut client = Client::connect(&socket)?;
-            let result = upload(&mut client, req)?;
+            let result = upload(&mut client, req).map_err(|e| naming_source(e, &req.file))?;
             print!("{}", upload_output(&result));
             return Ok(());
         }
         CtlCommand::Serve(req) => {
             let mut client = Client::connect(&socket)?;
             client.call("start", Value::Null)?;
-            let result = upload(&mut client, req)?;
+            let result = upload(&mut client, req).map_err(|e| naming_source(e, &req.file))?;
             print!("{}", serve_output(&result));
             return Ok(());
         }
+        CtlCommand::Stats { json, watch: true, count } => return watch_stats(&socket, *json, *count),
         _ => {}
     }
     let (method, params) = ctl_request(&args.command);
     let mut client = Client::connect(&socket)?;
-    let result = client.call(method, params)?;
+    let result = client.call(method, params).map_err(CliError::from);
+    let result = match &args.command {
+        CtlCommand::ImportImage(a) => result.map_err(|e| naming_source(e, &a.src_path.to_string_lossy()))?,
+        _ => result?,
+    };
     print!("{}", ctl_output(&args.command, &result));
     Ok(())
+}
+
+/// The target's answer to a failed upload (a truncated or corrupt stream, a digest mismatch)
+/// prefixed with the file or URL it came from, unless it names it already.
+fn naming_source(e: CliError, src: &str) -> CliError {
+    match e {
+        CliError::Control(ControlError::Server { code, message }) if !message.contains(src) => {
+            CliError::Control(ControlError::Server { code, message: format!("{src}: {message}") })
+        }
+        e => e,
+    }
 }
 
 /// The method and params a `ctl` subcommand calls.
 fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
     match cmd {
-        CtlCommand::AddLun { name, path, size_mb, read_only, backing, lun_id, block } => {
+        CtlCommand::AddLun { name, path, size_mb, read_only, backing, lun_id, block, initiators } => {
             let mut p = json!({"name": name, "size_mb": size_mb, "read_only": read_only, "backing": backing,
                                "is_block": block});
+            if !initiators.is_empty() {
+                p["initiators"] = json!(initiators);
+            }
             if let Some(path) = path {
                 p["file_path"] = json!(path);
             }
@@ -251,6 +377,25 @@ fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
             ("add_lun", p)
         }
         CtlCommand::RemoveLun { name } => ("remove_lun", json!({"name": name})),
+        CtlCommand::GetAuth => ("get_auth", Value::Null),
+        CtlCommand::SetAuth {
+            chap_user,
+            chap_secret_file,
+            mutual_chap_user,
+            mutual_chap_secret_file,
+            discovery_auth,
+        } => {
+            // The target reads the files: send absolute paths (it may run elsewhere in the tree).
+            let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            let user = |u: &Option<String>, f: &Option<PathBuf>| match (u, f) {
+                (Some(u), Some(f)) => json!({"username": u, "secret_file": abs(f)}),
+                _ => Value::Null,
+            };
+            let p = json!({"chap": user(chap_user, chap_secret_file),
+                           "mutual_chap": user(mutual_chap_user, mutual_chap_secret_file),
+                           "discovery": discovery_auth});
+            ("set_auth", p)
+        }
         CtlCommand::ListLuns { .. } => ("list_luns", Value::Null),
         CtlCommand::ClearLuns => ("clear_all_luns", Value::Null),
         CtlCommand::Stats { .. } => ("get_stats", Value::Null),
@@ -258,8 +403,23 @@ fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
         CtlCommand::GetHost => ("get_host", Value::Null),
         CtlCommand::GetPort => ("get_port", Value::Null),
         CtlCommand::GetTargetIqn => ("get_target_iqn", Value::Null),
+        CtlCommand::GetPortals { .. } => ("get_portals", Value::Null),
         CtlCommand::Start => ("start", Value::Null),
         CtlCommand::Stop => ("stop", Value::Null),
+        CtlCommand::TraceSession { tsih, off } => ("trace_session", json!({"tsih": tsih, "enable": !off})),
+        CtlCommand::ImageInfo { name, .. } => ("image_info", json!({"name": name})),
+        CtlCommand::ImportImage(a) => {
+            let name = a.name.clone().unwrap_or_else(|| images::name_from_source(&a.src_path.to_string_lossy()));
+            let mut p = json!({"name": name, "src_path": a.src_path, "size_mb": a.size_mb, "force": a.force,
+                               "read_only": a.read_only});
+            if let Some(c) = &a.compression {
+                p["compression"] = json!(c);
+            }
+            if let Some(d) = &a.sha256 {
+                p["sha256"] = json!(d);
+            }
+            ("import_image", p)
+        }
         // Stream a file: served by upload(), not a single call.
         CtlCommand::Upload(_) | CtlCommand::Serve(_) => ("upload_image", Value::Null),
     }
@@ -278,8 +438,11 @@ fn upload(client: &mut Client, req: &UploadArgs) -> Result<Value, CliError> {
     let ca_file = req.cacert.clone().or_else(|| images::is_url(&req.file).then(ssl_cert_file).flatten());
     let src = images::open_source(&req.file, &images::FetchOptions { headers, ca_file })?;
     let compression = compression.unwrap_or(src.compression);
-    let params = json!({"name": name, "compression": compression.as_str(), "size_mb": req.size_mb,
+    let mut params = json!({"name": name, "compression": compression.as_str(), "size_mb": req.size_mb,
                         "force": req.force, "read_only": req.read_only, "size": 0});
+    if !req.initiators.is_empty() {
+        params["initiators"] = json!(req.initiators);
+    }
     if images::is_url(&req.file) {
         // No pre-hash (it would download the image twice) and so no `sha256`: the target
         // computes it, and skips the write when it equals the image in place.
@@ -399,13 +562,21 @@ fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
     let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
     match cmd {
         CtlCommand::ListLuns { json: true }
-        | CtlCommand::Stats { json: true }
-        | CtlCommand::Sessions { json: true } => {
+        | CtlCommand::Stats { json: true, .. }
+        | CtlCommand::Sessions { json: true }
+        | CtlCommand::ImageInfo { json: true, .. }
+        | CtlCommand::GetPortals { json: true } => {
             format!("{result}\n")
         }
         CtlCommand::ListLuns { json: false } => lun_table(result),
         CtlCommand::AddLun { .. } => lun_table(&json!([result])),
-        CtlCommand::Stats { json: false } => stats_table(result),
+        CtlCommand::Stats { json: false, .. } => stats_table(result),
+        CtlCommand::TraceSession { .. } => format!(
+            "session {} ({}): trace {}\n",
+            s(&result["tsih"]),
+            s(&result["initiator"]),
+            if result["trace"] == json!(true) { "on" } else { "off" }
+        ),
         CtlCommand::Sessions { json: false } => sessions_table(result),
         CtlCommand::RemoveLun { name } => format!("removed {name}\n"),
         CtlCommand::ClearLuns => {
@@ -415,9 +586,51 @@ fn ctl_output(cmd: &CtlCommand, result: &Value) -> String {
         CtlCommand::Start => format!("portal open on {}\n", s(&result["address"])),
         CtlCommand::Stop => "portal closed\n".to_owned(),
         CtlCommand::GetHost | CtlCommand::GetPort | CtlCommand::GetTargetIqn => format!("{}\n", s(result)),
-        CtlCommand::Upload(_) => upload_output(result),
+        CtlCommand::Upload(_) | CtlCommand::ImportImage(_) => upload_output(result),
+        CtlCommand::ImageInfo { json: false, .. } => image_info_output(result),
+        CtlCommand::GetPortals { json: false } => {
+            result.as_array().into_iter().flatten().map(|a| s(a) + "\n").collect()
+        }
         CtlCommand::Serve(_) => serve_output(result),
+        CtlCommand::GetAuth | CtlCommand::SetAuth { .. } => auth_output(result),
     }
+}
+
+/// `image_info` as `key: value` lines.
+fn image_info_output(r: &Value) -> String {
+    let s = |v: &Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
+    let unknown = "unknown (not imported, or changed since)";
+    let opt = |v: &Value| if v.is_null() { unknown.to_owned() } else { s(v) };
+    format!(
+        "name: {}\npath: {}\nsize: {}\nimage_bytes: {}\nsha256: {}\n",
+        s(&r["name"]),
+        s(&r["path"]),
+        s(&r["size"]),
+        opt(&r["image_bytes"]),
+        opt(&r["sha256"])
+    )
+}
+
+/// `get_auth`/`set_auth`: one line per setting (there is never a secret to show).
+fn auth_output(r: &Value) -> String {
+    let user = |v: &Value| v["username"].as_str().map_or_else(|| "-".to_owned(), str::to_owned);
+    let list = |v: &Value| {
+        let items: Vec<String> =
+            v.as_array().into_iter().flatten().filter_map(|x| x.as_str().map(str::to_owned)).collect();
+        if items.is_empty() {
+            "any".to_owned()
+        } else {
+            items.join(" ")
+        }
+    };
+    let chap = if r["chap"].is_null() { "off (demo mode: no authentication)".to_owned() } else { user(&r["chap"]) };
+    format!(
+        "chap: {chap}\nmutual_chap: {}\ndiscovery: {}\nallowed_initiators: {}\nallowed_networks: {}\n",
+        user(&r["mutual_chap"]),
+        r["discovery"],
+        list(&r["allowed_initiators"]),
+        list(&r["allowed_networks"])
+    )
 }
 
 /// Rows padded to their columns' widths.
@@ -501,12 +714,57 @@ fn sessions_table(sessions: &Value) -> String {
                 s(&x["initiator"]),
                 s(&x["isid"]),
                 s(&x["address"]),
+                s(&x["portal"]),
                 s(&x["reactor"]),
                 if x["discovery"] == json!(true) { "discovery".into() } else { "normal".into() },
             ]
         })
         .collect();
-    table(&["TSIH", "INITIATOR", "ISID", "ADDRESS", "REACTOR", "TYPE"], &rows)
+    table(&["TSIH", "INITIATOR", "ISID", "ADDRESS", "PORTAL", "REACTOR", "TYPE"], &rows)
+}
+
+// ---- ctl stats --watch ----
+
+/// Set by SIGINT while `ctl stats --watch` runs.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// `ctl stats --watch`: the stats table (or JSON line) once a second, each under a header line
+/// with the time and refresh number, until SIGINT (exit 0) or `count` refreshes. On a terminal
+/// the screen is cleared before each refresh.
+fn watch_stats(socket: &std::path::Path, json: bool, count: Option<u64>) -> Result<(), CliError> {
+    use std::io::Write;
+    use std::sync::atomic::Ordering;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe { libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t) };
+    let mut client = Client::connect(socket)?;
+    let clear = std::io::stdout().is_terminal() && !json;
+    let start = std::time::Instant::now();
+    let mut n = 0u64;
+    while !INTERRUPTED.load(Ordering::Relaxed) {
+        let result = client.call("get_stats", Value::Null)?;
+        n += 1;
+        let mut out = std::io::stdout().lock();
+        if clear {
+            let _ = write!(out, "\x1b[2J\x1b[H");
+        }
+        let body = if json { format!("{result}\n") } else { stats_table(&result) };
+        let _ = write!(out, "--- refresh {n} at {:.1} s (Ctrl-C stops)\n{body}", start.elapsed().as_secs_f64());
+        let _ = out.flush();
+        drop(out);
+        if count.is_some_and(|c| n >= c) {
+            break;
+        }
+        // A second between refreshes, in slices so Ctrl-C ends it at once.
+        let next = start + std::time::Duration::from_secs(n);
+        while !INTERRUPTED.load(Ordering::Relaxed) && std::time::Instant::now() < next {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    Ok(())
 }
 
 /// The file (or defaults) with the flags applied, checked as a whole.
@@ -531,6 +789,13 @@ fn build_config(args: &ServeArgs) -> Result<Config, ConfigError> {
         cfg.target_name = v.clone();
     }
     // reactors and cpus exclude each other: a flag for one replaces the file's choice of either.
+    // Both flags at once is refused here, in the one-line format, rather than by clap.
+    if args.reactors.is_some() && args.cpus.is_some() {
+        return Err(ConfigError::Invalid {
+            key: "--reactors".into(),
+            message: "cannot be combined with --cpus (set one: N reactors, or one per listed CPU)".into(),
+        });
+    }
     if let Some(v) = args.reactors {
         cfg.reactors = Some(v);
         cfg.cpus = None;
@@ -547,9 +812,44 @@ fn build_config(args: &ServeArgs) -> Result<Config, ConfigError> {
     }
     for spec in &args.luns {
         cfg.luns.push(LunConfig::parse_spec(spec)?);
+        cfg.lun_flags.push(spec.clone());
+    }
+    // The file's relative paths are already taken against its directory; the flags' against
+    // the working directory. Absolute from here on, so the paths printed at start are too.
+    if let Ok(cwd) = std::env::current_dir() {
+        cfg.resolve_relative_paths(&cwd);
+    }
+    apply_access_flags(args, &mut cfg);
+    cfg.trace_initiators.extend(args.trace_initiators.iter().cloned());
+    if let Some(v) = &args.metrics_listen {
+        cfg.metrics_listen = Some(v.clone());
     }
     cfg.validate()?;
     Ok(cfg)
+}
+
+/// The CHAP and ACL flags of `serve` over the file's `auth`, `allowed_initiators` and
+/// `allowed_networks`.
+fn apply_access_flags(args: &ServeArgs, cfg: &mut Config) {
+    use uringtgt::config::{AuthSection, ChapSection};
+    let section = |user: &str, file: &PathBuf| ChapSection {
+        username: user.to_owned(),
+        secret: None,
+        secret_file: Some(file.clone()),
+    };
+    if let (Some(user), Some(file)) = (&args.chap_user, &args.chap_secret_file) {
+        let auth = cfg.auth.get_or_insert_with(AuthSection::default);
+        auth.chap = Some(section(user, file));
+        if args.discovery_auth {
+            auth.discovery = true;
+        }
+    }
+    if let (Some(user), Some(file), Some(auth)) = (&args.mutual_chap_user, &args.mutual_chap_secret_file, &mut cfg.auth)
+    {
+        auth.mutual_chap = Some(section(user, file));
+    }
+    cfg.allowed_initiators.extend(args.allow_initiators.iter().cloned());
+    cfg.allowed_networks.extend(args.allow_networks.iter().cloned());
 }
 
 /// Precedence: --log-level, then RUST_LOG, then the file's log_level, then info.
@@ -581,7 +881,7 @@ mod tests {
     fn args(extra: &[&str]) -> ServeArgs {
         let argv = ["uringtgt", "serve"].iter().chain(extra).copied();
         match Cli::try_parse_from(argv).unwrap().command {
-            Command::Serve(a) => a,
+            Command::Serve(a) => *a,
             Command::Ctl(_) => unreachable!("parsed serve"),
         }
     }
@@ -619,13 +919,14 @@ mod tests {
 
     #[test]
     fn duplicate_cli_luns_are_refused() {
-        let err = build_config(&args(&["--lun", "name=a", "--lun", "name=a"])).unwrap_err();
-        assert!(err.to_string().contains("luns[1].name"), "{err}");
+        let err = build_config(&args(&["--lun", "name=a", "--lun", "name=a,size_mb=1"])).unwrap_err();
+        assert_eq!(err.to_string(), "--lun name=a,size_mb=1: name: \"a\" is already the name of --lun name=a");
     }
 
     #[test]
     fn reactors_and_cpus_flags_conflict() {
-        assert!(Cli::try_parse_from(["uringtgt", "serve", "--reactors", "2", "--cpus", "0"]).is_err());
+        let err = build_config(&args(&["--reactors", "2", "--cpus", "0"])).unwrap_err().to_string();
+        assert!(err.starts_with("--reactors: cannot be combined with --cpus"), "{err}");
     }
 
     #[test]
@@ -659,6 +960,34 @@ mod tests {
         assert_eq!(ctl_request(&ctl_cmd(&["clear-luns"])).0, "clear_all_luns");
         assert_eq!(ctl_request(&ctl_cmd(&["stats", "--json"])).0, "get_stats");
         assert!(Cli::try_parse_from(["uringtgt", "ctl", "add-lun", "x", "--backing", "disk"]).is_err());
+    }
+
+    /// Every method of the control plane's dispatch table is reachable from a `ctl` subcommand:
+    /// each subcommand is parsed with a placeholder value for its required arguments and the
+    /// methods it calls are collected.
+    #[test]
+    fn ctl_covers_every_method() {
+        use clap::CommandFactory;
+        let cli = Cli::command();
+        let ctl = cli.find_subcommand("ctl").expect("ctl subcommand");
+        let mut called = std::collections::BTreeSet::new();
+        for sub in ctl.get_subcommands() {
+            let mut argv = vec![sub.get_name().to_owned()];
+            // "1" parses as every positional's type (names, paths, TSIH numbers).
+            for _ in sub.get_arguments().filter(|a| a.is_positional() && a.is_required_set()) {
+                argv.push("1".to_owned());
+            }
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let cmd = ctl_cmd(&argv);
+            called.insert(ctl_request(&cmd).0);
+            // `ctl serve` opens the portal before uploading.
+            if matches!(cmd, CtlCommand::Serve(_)) {
+                called.insert("start");
+            }
+        }
+        let missing: Vec<&&str> =
+            uringtgt::control::methods::METHODS.iter().filter(|m| !called.contains(**m)).collect();
+        assert!(missing.is_empty(), "methods without a ctl subcommand: {missing:?}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The target: LUN table, reactors, the listener, sessions, and orderly shutdown.
 
 use crate::backing::BackingKind;
-use crate::config::{self, Config, ConfigError, LunConfig};
+use crate::config::{self, Config, ConfigError, ConnLimits, LunConfig};
+use crate::protocol::chap::AuthConfig;
 use crate::protocol::login::LoginConfig;
 use crate::reactor::{Msg, Reactor, ReactorError, ReactorStats, Waker};
 use crate::scsi::{lun, Lun, LunTable};
@@ -11,7 +12,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -24,7 +25,9 @@ pub enum TargetError {
     /// The portal address cannot be bound (in use, not local, no permission).
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
-    #[error("LUN {name}: {source}")]
+    /// The configuration error names the LUN itself when it can (`lun x: ...`); only the
+    /// others get the `LUN x:` prefix, so no message reads `LUN x: lun x: ...`.
+    #[error("{}", lun_message(name, source))]
     Lun { name: String, source: ConfigError },
     #[error("LUN {name}: no free LUN id")]
     NoLunId { name: String },
@@ -33,12 +36,17 @@ pub enum TargetError {
     /// io_uring is switched off here or lacks operations (with the cause and the fix).
     #[error(transparent)]
     Uring(#[from] crate::uring_check::UringError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     #[error("signal handling: {0}")]
     Signal(std::io::Error),
     #[error(transparent)]
     Control(#[from] crate::control::ControlError),
+    /// `control_socket_group` names no group, or the socket cannot be given to it.
+    #[error("control_socket_group {group:?}: {message}")]
+    SocketGroup { group: String, message: String },
     /// No LUN has this name.
     #[error("no LUN named {name:?}")]
     LunNotFound { name: String },
@@ -53,6 +61,17 @@ pub enum TargetError {
     FileInUse { path: PathBuf, by: String },
 }
 
+fn lun_message(name: &str, source: &ConfigError) -> String {
+    match source {
+        ConfigError::Lun { .. }
+        | ConfigError::PathRejected { .. }
+        | ConfigError::NoSpace { .. }
+        | ConfigError::Backing { .. } => source.to_string(),
+        ConfigError::Invalid { key, .. } if key.starts_with(&format!("lun {name}.")) => source.to_string(),
+        _ => format!("LUN {name}: {source}"),
+    }
+}
+
 /// Why a login cannot join or start a session.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SessionError {
@@ -61,6 +80,9 @@ pub enum SessionError {
     NoSuchSession,
     #[error("too many sessions")]
     TooManySessions,
+    /// `max_sessions_per_initiator` reached.
+    #[error("initiator already has {0} sessions (max_sessions_per_initiator)")]
+    InitiatorSessionLimit(u32),
 }
 
 /// A logged-in session, as registered at the end of its login.
@@ -70,6 +92,8 @@ pub struct SessionInfo {
     /// registered.
     pub tsih: u16,
     pub initiator: String,
+    /// How it authenticated: `None`, or e.g. `CHAP SHA-256, mutual`.
+    pub auth: String,
     pub isid: [u8; 6],
     /// Discovery sessions get a TSIH but never reinstate (or get reinstated by) others.
     pub discovery: bool,
@@ -79,6 +103,15 @@ pub struct SessionInfo {
     pub token: u64,
     /// Negotiated login keys.
     pub negotiated: Vec<(&'static str, String)>,
+    /// The connection's protocol trace switch (`trace_session`).
+    pub trace: crate::protocol::trace::Switch,
+    /// The address the initiator reached the portal on (never a wildcard).
+    pub portal: Option<SocketAddr>,
+}
+
+/// An ISID as logs and `list_sessions` print it: 12 hex digits.
+pub fn isid_hex(isid: &[u8; 6]) -> String {
+    isid.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 struct ReactorHandle {
@@ -97,7 +130,8 @@ impl ReactorHandle {
 /// State shared by every reactor. Nothing here is touched on the I/O path: the LUN table is
 /// read through a generation counter, sessions only at login.
 pub struct Shared {
-    login: Arc<LoginConfig>,
+    /// Swapped whole by `set_auth`: a connection keeps the one it started its login with.
+    login: RwLock<Arc<LoginConfig>>,
     luns: RwLock<Arc<LunTable>>,
     lun_gen: AtomicU64,
     sessions: Mutex<HashMap<u16, SessionInfo>>,
@@ -107,14 +141,31 @@ pub struct Shared {
     next_tsih: Mutex<u16>,
     reactors: OnceLock<Vec<ReactorHandle>>,
     next_token: AtomicU64,
+    limits: ConnLimits,
     /// Worker threads for commands whose work would block a reactor.
     offload: OnceLock<crate::offload::Pool>,
+    /// Open iSCSI connections, counted by the acceptor and decremented at teardown.
+    connections: AtomicUsize,
+    pub admission: Limits,
+}
+
+/// Admission limits (README "Security").
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_sessions_per_initiator: Option<u32>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_connections: config::DEFAULT_MAX_CONNECTIONS, max_sessions_per_initiator: None }
+    }
 }
 
 impl Shared {
     pub fn new(login: LoginConfig, luns: LunTable) -> Self {
         Self {
-            login: Arc::new(login),
+            login: RwLock::new(Arc::new(login)),
             luns: RwLock::new(Arc::new(luns)),
             lun_gen: AtomicU64::new(1),
             sessions: Mutex::new(HashMap::new()),
@@ -122,8 +173,21 @@ impl Shared {
             next_tsih: Mutex::new(0),
             reactors: OnceLock::new(),
             next_token: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            admission: Limits::default(),
+            limits: ConnLimits::default(),
             offload: OnceLock::new(),
         }
+    }
+
+    /// Sets the per-connection limits (before any connection exists).
+    pub fn with_limits(mut self, limits: ConnLimits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    pub fn limits(&self) -> &ConnLimits {
+        &self.limits
     }
 
     /// The offload pool (started with the reactors, before the portal opens).
@@ -132,7 +196,26 @@ impl Shared {
     }
 
     pub fn login_config(&self) -> Arc<LoginConfig> {
-        self.login.clone()
+        self.login.read().expect("login config lock poisoned").clone()
+    }
+
+    /// New credentials for logins that start from now on; sessions logged in stay.
+    pub fn set_auth(&self, auth: AuthConfig) {
+        let mut login = self.login.write().expect("login config lock poisoned");
+        let mut next = LoginConfig::clone(&login);
+        next.auth = auth;
+        *login = Arc::new(next);
+    }
+
+    /// One more connection, unless `max_connections` are open.
+    fn admit_connection(&self) -> bool {
+        let max = self.admission.max_connections;
+        self.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
+    }
+
+    /// A connection admitted by the acceptor is gone.
+    pub fn connection_closed(&self) {
+        let _ = self.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
     }
 
     /// The current LUN table and its generation.
@@ -190,6 +273,12 @@ impl Shared {
             let e = sessions.remove(&old).expect("found above");
             fence(&e, &info);
             fenced = true;
+        }
+        if let (Some(max), false) = (self.admission.max_sessions_per_initiator, info.discovery) {
+            let held = sessions.values().filter(|e| !e.discovery && e.initiator.eq_ignore_ascii_case(&info.initiator));
+            if held.count() >= max as usize {
+                return Err(SessionError::InitiatorSessionLimit(max));
+            }
         }
         let mut next = self.next_tsih.lock().expect("TSIH lock poisoned");
         for _ in 0..u16::MAX {
@@ -301,7 +390,8 @@ pub fn build_luns(cfg: &Config) -> Result<(LunTable, Vec<PathBuf>), TargetError>
                 .ok_or_else(|| TargetError::NoLunId { name: lc.name.clone() })?,
         };
         let read_only = lc.read_only;
-        luns.push(Arc::new(Lun::new(id, &lc.name, path, backing, read_only, &iqn)));
+        let lun = Lun::new(id, &lc.name, path, backing, read_only, &iqn).with_initiators(lc.initiators.clone());
+        luns.push(Arc::new(lun));
     }
     Ok((LunTable::new(luns), created))
 }
@@ -364,15 +454,27 @@ impl Target {
         cfg.validate()?;
         // Before anything is opened: say why io_uring is unusable rather than a bare EPERM.
         crate::uring_check::check()?;
+        crate::protocol::trace::set_initiators(&cfg.trace_initiators);
         let (luns, created) = build_luns(cfg)?;
         let host = cfg.resolve_host();
         let addr = if host.contains(':') { format!("[{host}]:{}", cfg.port) } else { format!("{host}:{}", cfg.port) };
         let listener = TcpListener::bind(&addr).map_err(|source| TargetError::Bind { addr: addr.clone(), source })?;
         let local = listener.local_addr().map_err(|source| TargetError::Bind { addr: addr.clone(), source })?;
         let iqn = cfg.target_iqn();
-        let login =
-            LoginConfig { target_name: iqn.clone(), addresses: vec![format!("{local},1")], ..LoginConfig::default() };
-        let shared = Arc::new(Shared::new(login, luns));
+        // SendTargets lists every portal address (one for a specific bind, each interface's
+        // for a wildcard one).
+        let addresses = crate::portals::portals(local).iter().map(|a| format!("{a},1")).collect();
+        let login = LoginConfig {
+            target_name: iqn.clone(),
+            addresses,
+            auth: cfg.auth_config()?,
+            acl: cfg.acl()?,
+            ..LoginConfig::default()
+        };
+        let mut shared = Shared::new(login, luns).with_limits(cfg.limits.clone());
+        shared.admission =
+            Limits { max_connections: cfg.max_connections, max_sessions_per_initiator: cfg.max_sessions_per_initiator };
+        let shared = Arc::new(shared);
         let mut handles = Vec::new();
         let mut reactors = Vec::new();
         let poll = cfg.poll_mode;
@@ -439,6 +541,16 @@ impl Target {
     /// The portal address (also while the portal is stopped).
     pub fn local_addr(&self) -> SocketAddr {
         self.local
+    }
+
+    /// The portal address to hand to initiators: never a wildcard (see [`crate::portals`]).
+    pub fn advertised_addr(&self) -> SocketAddr {
+        crate::portals::advertised(self.local)
+    }
+
+    /// Every address the portal is reachable on, the advertised one first.
+    pub fn portals(&self) -> Vec<SocketAddr> {
+        crate::portals::portals(self.local)
     }
 
     pub fn iqn(&self) -> &str {
@@ -522,7 +634,10 @@ impl Target {
                 self.created.lock().expect("created list lock poisoned").push(path.clone());
             }
         }
-        let lun = Arc::new(Lun::new(id, &lc.name, store.path, store.backing, lc.read_only, &self.iqn));
+        let lun = Arc::new(
+            Lun::new(id, &lc.name, store.path, store.backing, lc.read_only, &self.iqn)
+                .with_initiators(lc.initiators.clone()),
+        );
         let luns = table.iter().filter(|l| l.name != lc.name).cloned().chain([lun.clone()]).collect();
         self.shared.publish_luns(LunTable::new(luns));
         self.shared.wake_reactors();
@@ -639,8 +754,23 @@ fn drain(lun: Arc<Lun>) -> Result<(), TargetError> {
 fn accept_loop(listener: &TcpListener, shared: &Shared) {
     let reactors = shared.reactors.get().expect("reactors start before the acceptor");
     let mut next = 0;
+    // Refusals beyond max_connections are logged at most once a second, with their count.
+    let mut refused = 0u64;
+    let mut last_refusal_log: Option<Instant> = None;
     loop {
         match listener.accept() {
+            Ok((stream, peer)) if !shared.admit_connection() => {
+                drop(stream);
+                refused += 1;
+                if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    log::warn!(
+                        "{peer}: connection closed: max_connections ({}) open ({refused} refused since the last report)",
+                        shared.admission.max_connections
+                    );
+                    refused = 0;
+                    last_refusal_log = Some(Instant::now());
+                }
+            }
             Ok((stream, peer)) => {
                 reactors[next % reactors.len()].send(Msg::Conn(stream, peer, shared.next_token()));
                 next += 1;
@@ -654,6 +784,27 @@ fn accept_loop(listener: &TcpListener, shared: &Shared) {
             Err(_) => return, // the listener was shut down
         }
     }
+}
+
+/// A group name's (or a numeric id's) group id.
+fn group_id(group: &str) -> Result<u32, String> {
+    if let Ok(gid) = group.parse::<u32>() {
+        return Ok(gid);
+    }
+    let name = std::ffi::CString::new(group).map_err(|_| "contains a NUL byte".to_string())?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: group is plain data, written by getgrnam_r before it is read.
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: name NUL-terminated, buf of buf.len() bytes.
+    let rc = unsafe { libc::getgrnam_r(name.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut found) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc).to_string());
+    }
+    if found.is_null() {
+        return Err("no such group".to_string());
+    }
+    Ok(grp.gr_gid)
 }
 
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it starts) and returns the set,
@@ -680,6 +831,13 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
     // Bound before the target starts: a live socket means another target runs, and this one
     // should not start half-way.
     let socket = crate::control::ControlSocket::bind(&cfg.control_socket_path())?;
+    if let Some(group) = &cfg.control_socket_group {
+        let path = cfg.control_socket_path();
+        let err = |message: String| TargetError::SocketGroup { group: group.clone(), message };
+        let gid = group_id(group).map_err(err)?;
+        std::os::unix::fs::chown(&path, None, Some(gid)).map_err(|e| err(format!("chown {}: {e}", path.display())))?;
+        log::info!("control socket {} belongs to group {group} ({gid})", path.display());
+    }
     // Leftovers of uploads a crash or kill interrupted; live imports of other processes stay.
     match crate::images::remove_stale_temp_files(&cfg.root_dir) {
         Ok(removed) => {
@@ -709,7 +867,24 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
             return Err(e.into());
         }
     };
-    log::info!("control socket {}", control.path().display());
+    log::info!("root_dir {}, control socket {}", cfg.root_dir.display(), control.path().display());
+    let metrics = match cfg.metrics_listen.as_deref().map(|a| crate::metrics::MetricsServer::start(a, target.clone())) {
+        Some(Ok(m)) => {
+            log::info!("metrics on http://{}/metrics", m.local_addr());
+            Some(m)
+        }
+        Some(Err(e)) => {
+            control.stop();
+            target.shutdown();
+            return Err(e.into());
+        }
+        None => None,
+    };
+    // Where initiators can connect: `host: ""` picks the default-route interface's address and
+    // a wildcard bind listens on every interface, so neither is obvious from the config.
+    let portals: Vec<String> = target.portals().iter().map(ToString::to_string).collect();
+    let bound = if cfg.host.is_empty() { " (host \"\": the default-route interface's address)" } else { "" };
+    log::info!("listening on {}{bound}; portal addresses: {}", target.local_addr(), portals.join(" "));
     // The readiness line scripts and tests wait for.
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "listening on {} {}", target.local_addr(), target.iqn());
@@ -719,6 +894,9 @@ pub fn run(cfg: Config) -> Result<(), TargetError> {
     // SAFETY: set holds the blocked signals; sig receives the one that arrived.
     unsafe { libc::sigwait(&set, &mut sig) };
     log::info!("signal {sig}: stopping");
+    if let Some(m) = metrics {
+        m.stop();
+    }
     control.stop();
     target.shutdown();
     if cfg.remove_created_on_close {

@@ -164,6 +164,7 @@ fn sha2_hex(data: &[u8]) -> String {
 fn http_failures_exit_non_zero_naming_the_url() {
     let t = Target::start(&["--reactors", "1"]);
     let img = image(2);
+    let body_len = gzip(&img).len();
     let (port, _heads) = http_server(gzip(&img));
     let fails = |args: &[&str], want: &[&str]| {
         let o = ctl(&t, args);
@@ -191,10 +192,10 @@ fn http_failures_exit_non_zero_naming_the_url() {
     fails(&["upload", &url, "--header", "X Bad: v"], &["--header"]);
 
     // The body breaks off half-way: the upload fails at once (not after the target's stall
-    // timeout), naming the URL, and leaves no temp file.
+    // timeout), naming the URL and how far it got, and leaves no temp file.
     let url = format!("http://127.0.0.1:{port}/broken.img.gz");
     let start = Instant::now();
-    fails(&["upload", &url], &[&format!("uringtgt: {url}: ")]);
+    fails(&["upload", &url], &[&format!("uringtgt: {url}: broke off after "), &format!(" of {body_len} bytes")]);
     assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
     let mut c = t.control();
     let luns = c.ok("list_luns", Value::Null);

@@ -148,6 +148,12 @@ fn target() -> (Shared, Arc<LunTable>) {
     (Shared::new(login, table.clone()), Arc::new(table))
 }
 
+/// Commands whose work the target hands to its offload pool (WRITE SAME, UNMAP, COMPARE AND
+/// WRITE, ORWRITE, VERIFY, GET LBA STATUS).
+fn offloaded(cdb: &[u8]) -> bool {
+    matches!(cdb[0], 0x41 | 0x93 | 0x42 | 0x89 | 0x8B | 0x2F | 0xAF | 0x8F) || (cdb[0] == 0x9E && cdb[1] & 0x1F == 0x12)
+}
+
 /// `PDU_TRACE=1` prints every PDU the target sends (for reading a crash or a seed).
 fn trace() -> bool {
     static T: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -426,6 +432,12 @@ pub fn run(input: &[u8]) {
             let sn = cmd_sn.unwrap_or(0);
             hdr[24..28].copy_from_slice(&sn.to_be_bytes());
             cmd_sn = Some(sn.wrapping_add(1));
+        }
+        if op == opcode::SCSI_COMMAND && offloaded(&hdr[32..48]) {
+            // These run on the target's worker pool, which only Target::start sets up (and
+            // whose completions only a reactor takes): the harness sends TEST UNIT READY
+            // instead. The `scsi` target covers them.
+            hdr[32..48].fill(0);
         }
         if op == opcode::DATA_OUT && hdr[20..24] == LAST_R2T.to_be_bytes() {
             if let Some((itt, ttt)) = h.peer.last_r2t {

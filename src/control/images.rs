@@ -13,7 +13,8 @@
 //! when the digests match (and `force` is not asked) it sends `upload_image` with `size: 0`
 //! and the digest, a conditional re-export that succeeds with `skipped: true` only if that
 //! image is still in place. An `upload_image` that carries the bytes of an image already in
-//! place is skipped too: the server drains the bytes without writing them.
+//! place is skipped too: the server drains the bytes without writing them when the client
+//! gave the digest, or hashes them and drops the copy when it did not (a URL, a raw upload).
 
 use super::methods::map_target_error;
 use super::rpc::{self, decode_params, RpcError};
@@ -44,11 +45,15 @@ pub enum ImageMethodError {
     /// Imported, but exporting it failed.
     #[error("imported {path}, but exporting it failed: {}", .error.message)]
     Export { path: PathBuf, error: RpcError },
+    /// A parameter is unusable (a bad initiator name).
+    #[error("{0}")]
+    Params(String),
 }
 
 impl ImageMethodError {
     pub fn rpc(self) -> RpcError {
         let code = match &self {
+            ImageMethodError::Params(_) => rpc::INVALID_PARAMS,
             ImageMethodError::Image(e) => match e {
                 ImageError::InvalidName { .. }
                 | ImageError::InvalidDigest { .. }
@@ -88,8 +93,12 @@ struct UploadParams {
     force: bool,
     #[serde(default)]
     read_only: bool,
+    /// Initiator names that see the LUN; empty: all.
+    #[serde(default)]
+    initiators: Vec<String>,
 }
-pub const UPLOAD_PARAMS: &[&str] = &["name", "size", "compression", "sha256", "size_mb", "force", "read_only"];
+pub const UPLOAD_PARAMS: &[&str] =
+    &["name", "size", "compression", "sha256", "size_mb", "force", "read_only", "initiators"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -106,8 +115,11 @@ struct ImportParams {
     force: bool,
     #[serde(default)]
     read_only: bool,
+    #[serde(default)]
+    initiators: Vec<String>,
 }
-pub const IMPORT_PARAMS: &[&str] = &["name", "src_path", "compression", "sha256", "size_mb", "force", "read_only"];
+pub const IMPORT_PARAMS: &[&str] =
+    &["name", "src_path", "compression", "sha256", "size_mb", "force", "read_only", "initiators"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -119,6 +131,7 @@ struct InfoParams {
 struct Plan {
     name: String,
     read_only: bool,
+    initiators: Vec<String>,
     opts: ImportOptions,
 }
 
@@ -137,7 +150,13 @@ fn plan(
     // Refused before any byte is read.
     images::lun_size_bytes(0, size_mb)?;
     check_file_free(target, &name)?;
-    Ok(Plan { name, read_only, opts: ImportOptions { compression, expected_size: None, sha256, size_mb, force } })
+    let initiators = Vec::new();
+    Ok(Plan {
+        name,
+        read_only,
+        initiators,
+        opts: ImportOptions { compression, expected_size: None, sha256, size_mb, force },
+    })
 }
 
 /// `image_info {name}` → `{name, path, size, image_bytes, sha256}`.
@@ -161,12 +180,18 @@ pub fn image_info(target: &Target, params: Value) -> Result<Value, RpcError> {
 pub fn import_image(target: &Target, params: Value) -> Result<Value, RpcError> {
     let p: ImportParams = decode_params(params, IMPORT_PARAMS)?;
     let run = || {
-        let plan =
+        let mut plan =
             plan(target, p.name, p.compression.as_deref(), p.sha256.as_deref(), p.size_mb, p.force, p.read_only)?;
-        let res = images::import_file(&target.config().root_dir, &plan.name, &p.src_path, &plan.opts)?;
+        plan.initiators = checked_initiators(p.initiators)?;
+        let cfg = target.config();
+        let res = images::import_file_within(&cfg.root_dir, &cfg.import_dirs, &plan.name, &p.src_path, &plan.opts)?;
         export(target, &plan, &res)
     };
-    run().map_err(ImageMethodError::rpc)
+    let started = std::time::Instant::now();
+    let result = run();
+    let bytes = result.as_ref().ok().and_then(|v| v["bytes"].as_u64()).unwrap_or(0);
+    crate::metrics::upload_finished(result.as_ref().ok(), bytes, started.elapsed());
+    result.map_err(ImageMethodError::rpc)
 }
 
 /// How an `upload_image` ended, for the connection that carried it.
@@ -194,7 +219,9 @@ pub fn upload_image(target: &Target, params: Value, payload: &mut impl Read) -> 
     };
     let size = p.size;
     let mut wire = payload.take(size);
+    let started = std::time::Instant::now();
     let result = upload(target, p, &mut wire);
+    crate::metrics::upload_finished(result.as_ref().ok(), size - wire.limit(), started.elapsed());
     // Whatever the import left unread (it failed early, or skipped) is drained so the next
     // request line is found; a short stream ends the connection.
     let left = wire.limit();
@@ -206,10 +233,15 @@ fn upload(target: &Target, p: UploadParams, wire: &mut impl Read) -> Result<Valu
     let size = p.size;
     let mut plan =
         plan(target, p.name, p.compression.as_deref(), p.sha256.as_deref(), p.size_mb, p.force, p.read_only)?;
+    plan.initiators = checked_initiators(p.initiators)?;
     let root = &target.config().root_dir;
     if images::would_skip(root, &plan.name, &plan.opts)? {
         drain(wire, size).map_err(|e| ImageError::Source { offset: 0, source: e })?;
         return export_in_place(target, &plan);
+    }
+    // Without a digest, 0 bytes are not a conditional re-export but an empty image.
+    if size == 0 && plan.opts.sha256.is_none() {
+        return Err(ImageError::Empty.into());
     }
     if size == 0 {
         let sha256 = plan.opts.sha256.map_or_else(|| "(none given)".into(), |d| images::to_hex(&d));
@@ -227,6 +259,13 @@ fn announced_size(params: &Value) -> Option<u64> {
         Value::Array(a) => a.get(1).and_then(Value::as_u64),
         _ => None,
     }
+}
+
+/// A LUN's `initiators` parameter, checked before any byte is imported.
+fn checked_initiators(initiators: Vec<String>) -> Result<Vec<String>, ImageMethodError> {
+    crate::config::validate_initiator_list(&initiators, "initiators")
+        .map_err(|e| ImageMethodError::Params(e.to_string()))?;
+    Ok(initiators)
 }
 
 /// Reads and discards exactly `n` bytes; an early end is an error.
@@ -275,7 +314,8 @@ fn export_in_place(target: &Target, plan: &Plan) -> Result<Value, ImageMethodErr
     let (table, _) = target.shared().lun_table();
     let current = table.by_name(&plan.name).cloned();
     drop(table);
-    let lun = match current.filter(|l| serves(l, &info.path, info.size, plan.read_only)) {
+    let same = |l: &Lun| serves(l, &info.path, info.size, plan.read_only) && l.initiators == plan.initiators;
+    let lun = match current.filter(|l| same(l)) {
         Some(l) => l,
         None => add(target, plan, &info.path)?,
     };
@@ -305,6 +345,7 @@ fn add(target: &Target, plan: &Plan, path: &Path) -> Result<std::sync::Arc<Lun>,
         read_only: plan.read_only,
         lun_id: None,
         is_block: false,
+        initiators: plan.initiators.clone(),
     };
     target.add_lun(lc).map_err(|e| ImageMethodError::Export { path: path.to_owned(), error: map_target_error(e) })
 }
@@ -312,7 +353,7 @@ fn add(target: &Target, plan: &Plan, path: &Path) -> Result<std::sync::Arc<Lun>,
 fn answer(target: &Target, lun: &Lun, bytes: u64, sha256: &[u8; 32], skipped: bool) -> Value {
     json!({
         "name": lun.name,
-        "address": target.local_addr().to_string(),
+        "address": target.advertised_addr().to_string(),
         "iqn": target.iqn(),
         "lun_id": lun.id,
         "size": lun.size_bytes(),

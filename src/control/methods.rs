@@ -4,7 +4,7 @@
 
 use super::rpc::{self, decode_params, no_params, RpcError};
 use crate::backing::BackingKind;
-use crate::config::{ConfigError, LunConfig};
+use crate::config::{AuthSection, ChapSection, ConfigError, LunConfig};
 use crate::reactor::{OpStats, ReactorStats};
 use crate::scsi::Lun;
 use crate::target::{SessionInfo, Target, TargetError};
@@ -18,6 +18,7 @@ pub const METHODS: &[&str] = &[
     "get_host",
     "get_port",
     "get_target_iqn",
+    "get_portals",
     "start",
     "stop",
     "add_lun",
@@ -29,6 +30,9 @@ pub const METHODS: &[&str] = &[
     "image_info",
     "upload_image",
     "import_image",
+    "get_auth",
+    "set_auth",
+    "trace_session",
 ];
 
 /// `add_lun` parameters; positional order is the replaced driver's (name, file_path, size_mb,
@@ -49,8 +53,12 @@ struct AddLun {
     backing: BackingKind,
     #[serde(default)]
     lun_id: Option<u64>,
+    /// Initiator names that see the LUN; empty: all.
+    #[serde(default)]
+    initiators: Vec<String>,
 }
-const ADD_LUN_PARAMS: &[&str] = &["name", "file_path", "size_mb", "is_block", "read_only", "backing", "lun_id"];
+const ADD_LUN_PARAMS: &[&str] =
+    &["name", "file_path", "size_mb", "is_block", "read_only", "backing", "lun_id", "initiators"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -61,13 +69,17 @@ struct RemoveLun {
 /// Runs one method.
 pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcError> {
     match method {
-        "get_host" => no_params(&params).map(|()| json!(target.local_addr().ip().to_string())),
+        // Never a wildcard: the address a device can be handed (see crate::portals).
+        "get_host" => no_params(&params).map(|()| json!(target.advertised_addr().ip().to_string())),
+        "get_portals" => {
+            no_params(&params).map(|()| Value::Array(target.portals().iter().map(|a| json!(a.to_string())).collect()))
+        }
         "get_port" => no_params(&params).map(|()| json!(target.local_addr().port())),
         "get_target_iqn" => no_params(&params).map(|()| json!(target.iqn())),
         "start" => {
             no_params(&params)?;
             let started = target.start_portal().map_err(map_target_error)?;
-            Ok(json!({"address": target.local_addr().to_string(), "started": started}))
+            Ok(json!({"address": target.advertised_addr().to_string(), "started": started}))
         }
         "stop" => {
             no_params(&params)?;
@@ -89,6 +101,7 @@ pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcEr
                 read_only: p.read_only,
                 lun_id: p.lun_id,
                 is_block: p.is_block,
+                initiators: p.initiators,
             };
             let lun = target.add_lun(lc).map_err(map_target_error)?;
             Ok(lun_info(&lun))
@@ -115,8 +128,26 @@ pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcEr
             no_params(&params)?;
             Ok(Value::Array(target.shared().sessions().iter().map(session_info).collect()))
         }
+        "get_auth" => {
+            no_params(&params)?;
+            Ok(auth_info(target))
+        }
+        "set_auth" => {
+            let p: SetAuth = decode_params(params, &["chap", "mutual_chap", "discovery"])?;
+            let section = p.chap.is_some().then_some(AuthSection {
+                chap: p.chap,
+                mutual_chap: p.mutual_chap,
+                discovery: p.discovery,
+            });
+            let auth =
+                crate::config::resolve_auth(section.as_ref()).map_err(|e| RpcError::invalid_params(e.to_string()))?;
+            target.shared().set_auth(auth);
+            log::info!("set_auth: new logins use the new credentials");
+            Ok(auth_info(target))
+        }
         "image_info" => super::images::image_info(target, params),
         "import_image" => super::images::import_image(target, params),
+        "trace_session" => super::trace::trace_session(target, params),
         // Needs the connection for its payload: the server calls images::upload_image itself.
         "upload_image" => Err(RpcError::new(rpc::INTERNAL_ERROR, "upload_image is served by the connection")),
         _ => Err(RpcError::new(
@@ -126,9 +157,34 @@ pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcEr
     }
 }
 
+/// `set_auth` parameters: the `auth` keys; no `chap` turns authentication off (demo mode).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetAuth {
+    #[serde(default)]
+    chap: Option<ChapSection>,
+    #[serde(default)]
+    mutual_chap: Option<ChapSection>,
+    #[serde(default)]
+    discovery: bool,
+}
+
+/// `get_auth`: the users and switches in force for new logins, never a secret.
+fn auth_info(target: &Target) -> Value {
+    let login = target.shared().login_config();
+    let user = |c: &Option<crate::protocol::chap::Credentials>| c.as_ref().map(|c| json!({"username": c.username}));
+    json!({
+        "chap": user(&login.auth.chap),
+        "mutual_chap": user(&login.auth.mutual),
+        "discovery": login.auth.discovery,
+        "allowed_initiators": login.acl.initiators,
+        "allowed_networks": login.acl.networks.iter().map(ToString::to_string).collect::<Vec<_>>(),
+    })
+}
+
 /// A LUN as `list_luns` and `add_lun` show it.
 pub fn lun_info(l: &Lun) -> Value {
-    json!({
+    let mut v = json!({
         "name": l.name,
         "path": l.path.as_ref().map(|p| p.display().to_string()),
         "size": l.size_bytes(),
@@ -136,7 +192,12 @@ pub fn lun_info(l: &Lun) -> Value {
         "is_block": l.is_block,
         "read_only": l.read_only,
         "backing": l.kind(),
-    })
+    });
+    // Only mapped LUNs carry the key: the answer for the others stays as it was.
+    if !l.initiators.is_empty() {
+        v["initiators"] = json!(l.initiators);
+    }
+    v
 }
 
 /// The error code and message for a failed target operation.
@@ -232,13 +293,15 @@ fn stats(target: &Target) -> Value {
 }
 
 fn session_info(s: &SessionInfo) -> Value {
-    let isid: String = s.isid.iter().map(|b| format!("{b:02x}")).collect();
+    let isid = crate::target::isid_hex(&s.isid);
     let negotiated: Map<String, Value> = s.negotiated.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect();
     json!({
         "tsih": s.tsih,
         "initiator": s.initiator,
         "isid": isid,
+        "auth": s.auth,
         "address": s.peer.to_string(),
+        "portal": s.portal.map(|a| a.to_string()),
         "reactor": s.reactor,
         "discovery": s.discovery,
         "negotiated": negotiated,

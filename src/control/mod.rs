@@ -6,12 +6,14 @@
 //! - [`images`]: `image_info`, `upload_image` and `import_image`.
 //! - [`server`]: the socket, its listener thread and one thread per client.
 //! - [`client`]: a blocking client.
+//! - [`trace`]: `trace_session`, the per-session protocol trace switch.
 
 pub mod client;
 pub mod images;
 pub mod methods;
 pub mod rpc;
 pub mod server;
+pub mod trace;
 
 pub use client::Client;
 pub use server::{ControlSocket, Server};

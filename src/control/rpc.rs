@@ -194,6 +194,19 @@ mod tests {
     }
 
     #[test]
+    fn a_large_numeric_id_comes_back_as_the_same_number() {
+        // Found by fuzz/ (target rpc): an id beyond 64 bits is a float; read inexactly, the
+        // response carried a neighbouring number, and a client could not match its answer.
+        for id in ["107777777777777777777777777777777", "1.0777777777777779e32", "0.30000000000000004", "-4.5e-300"] {
+            let line = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"x"}}"#);
+            let req = parse_request(line.as_bytes()).unwrap();
+            let sent: f64 = id.parse().unwrap();
+            let answer: Value = serde_json::from_str(&response(req.id.as_ref().unwrap(), Ok(json!(1)))).unwrap();
+            assert_eq!(answer["id"].as_f64(), Some(sent), "id {id}");
+        }
+    }
+
+    #[test]
     fn responses_are_one_line() {
         let ok = response(&json!(1), Ok(json!({"path": "a\nb"})));
         assert!(!ok.contains('\n'));

@@ -262,8 +262,13 @@ fn handle_line(line: &[u8], target: &Target, conn: &mut BufReader<UnixStream>) -
             } else {
                 (methods::call(target, &req.method, req.params), false)
             };
-            if let Err(e) = &result {
-                log::info!("control: {} failed: {} ({})", req.method, e.message, e.code);
+            match &result {
+                // The answer `ctl upload` expects before every first upload: not worth an INFO line.
+                Err(e) if e.code == rpc::IMAGE_NOT_FOUND => {
+                    log::debug!("control: {}: {} ({})", req.method, e.message, e.code)
+                }
+                Err(e) => log::info!("control: {} failed: {} ({})", req.method, e.message, e.code),
+                Ok(_) => {}
             }
             (req.id.map(|id| rpc::response(&id, result)), close)
         }

@@ -9,6 +9,7 @@ use super::{
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, Read};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 /// Imports image `name` from `src` into `<root_dir>/<name>.img` (root_dir is created if
@@ -37,14 +38,63 @@ pub fn import_file(
     src_path: &Path,
     opts: &ImportOptions,
 ) -> Result<ImportResult, ImageError> {
+    let (path, file) = open_source(root_dir, src_path)?;
+    import_open_file(root_dir, name, &path, file, opts)
+}
+
+/// `src_path` taken against root_dir (an absolute one stays as it is), opened for reading.
+fn open_source(root_dir: &Path, src_path: &Path) -> Result<(PathBuf, File), ImageError> {
     let path = root_dir.join(src_path);
+    match File::open(&path) {
+        Ok(file) => Ok((path, file)),
+        Err(e) => Err(ImageError::BadSource { path, reason: format!("open: {e}") }),
+    }
+}
+
+/// [`import_file`] for a caller that must not read any file the process can: the source must
+/// resolve (symlinks followed) inside root_dir or one of `allowed_dirs`, else
+/// [`ImageError::BadSource`]. The check is made on the opened file itself, so a path swapped
+/// for a symlink after the check cannot redirect the read.
+pub fn import_file_within(
+    root_dir: &Path,
+    allowed_dirs: &[PathBuf],
+    name: &str,
+    src_path: &Path,
+    opts: &ImportOptions,
+) -> Result<ImportResult, ImageError> {
+    let (path, file) = open_source(root_dir, src_path)?;
     let bad = |reason: String| ImageError::BadSource { path: path.clone(), reason };
-    let file = File::open(&path).map_err(|e| bad(format!("open: {e}")))?;
+    let real = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
+        .or_else(|_| fs::canonicalize(&path))
+        .map_err(|e| bad(format!("resolve: {e}")))?;
+    let dirs: Vec<PathBuf> = std::iter::once(root_dir)
+        .chain(allowed_dirs.iter().map(PathBuf::as_path))
+        .filter_map(|d| fs::canonicalize(d).ok())
+        .collect();
+    if !dirs.iter().any(|d| real.starts_with(d)) {
+        let list: Vec<String> = dirs.iter().map(|d| d.display().to_string()).collect();
+        return Err(bad(format!(
+            "resolves to {}, outside root_dir and import_dirs ({})",
+            real.display(),
+            list.join(", ")
+        )));
+    }
+    import_open_file(root_dir, name, &path, file, opts)
+}
+
+fn import_open_file(
+    root_dir: &Path,
+    name: &str,
+    path: &Path,
+    file: File,
+    opts: &ImportOptions,
+) -> Result<ImportResult, ImageError> {
+    let bad = |reason: String| ImageError::BadSource { path: path.to_owned(), reason };
     let meta = file.metadata().map_err(|e| bad(format!("stat: {e}")))?;
     if !meta.is_file() {
         return Err(bad("not a regular file".into()));
     }
-    let compression = opts.compression.unwrap_or_else(|| Compression::from_extension(&path));
+    let compression = opts.compression.unwrap_or_else(|| Compression::from_extension(path));
     // A file growing or shrinking while it is read is caught like a short or long upload.
     let opts = ImportOptions { expected_size: opts.expected_size.or(Some(meta.len())), ..opts.clone() };
     import_with(root_dir, name, file, compression, &opts, Faults::default())
@@ -116,6 +166,16 @@ pub(crate) fn import_with(
     }
     let lun_size = lun_size_bytes(bytes, opts.size_mb)
         .map_err(|e| ImageError::InvalidSize { name: name.to_owned(), reason: e.to_string() })?;
+    // The digest is known only now when the client sent none (a URL, a raw upload): an image
+    // identical to the one in place, at the same LUN size, is dropped rather than renamed over
+    // it, so the LUN serving it is left alone (no replace, no unit attention).
+    if !opts.force {
+        let same = ImportOptions { sha256: Some(sha256), ..opts.clone() };
+        if let Some(skipped) = skip_result(&root, name, &same)?.filter(|s| s.bytes == bytes) {
+            log::info!("{}: sha256 {} already in place, dropped the copy", skipped.path.display(), to_hex(&sha256));
+            return Ok(skipped);
+        }
+    }
     tmp.finish(lun_size)?;
     // Gone before the rename: a crash in between leaves no sidecar rather than a stale one.
     remove_sidecar(&root, name);

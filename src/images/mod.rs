@@ -20,7 +20,7 @@ mod source;
 mod writer;
 
 pub use decompress::Compression;
-pub use import::{import_file, import_image, would_skip};
+pub use import::{import_file, import_file_within, import_image, would_skip};
 pub use sidecar::{image_info, ImageInfo};
 pub use source::{digest_file, digest_image, is_url, open_source, parse_header, FetchOptions, Progress, Source};
 pub use writer::remove_stale_temp_files;
@@ -72,7 +72,7 @@ pub enum ImageError {
     #[error("sha256 mismatch: expected {expected}, the image has {actual}")]
     DigestMismatch { expected: String, actual: String },
     /// An image of 0 bytes cannot be a LUN.
-    #[error("the image is empty (0 bytes after decompression)")]
+    #[error("empty image: 0 bytes after decompression")]
     Empty,
     /// A local source path is unusable.
     #[error("{path}: {reason}")]
@@ -123,7 +123,8 @@ pub struct ImportResult {
     pub lun_size: u64,
     /// SHA-256 of the uncompressed image.
     pub sha256: [u8; 32],
-    /// The image in place already had this digest: nothing was read or written.
+    /// The image in place already had this digest: nothing was written (and nothing read when
+    /// the digest was given up front; otherwise the bytes were read, hashed and dropped).
     pub skipped: bool,
 }
 

@@ -85,7 +85,7 @@ pub fn open_source(spec: &str, fetch: &FetchOptions) -> Result<Source, ImageErro
     if !meta.is_file() {
         return Err(bad("not a regular file".into()));
     }
-    let reader = Named { name: spec.to_owned(), inner: file };
+    let reader = Named { name: spec.to_owned(), inner: file, done: 0, len: meta.len() };
     Ok(Source { reader: Box::new(reader), len: Some(meta.len()), compression: Compression::from_extension(&path) })
 }
 
@@ -140,7 +140,7 @@ fn open_url(url: &str, fetch: &FetchOptions) -> Result<Source, ImageError> {
                 .into(),
         )
     })?;
-    let reader = Named { name: url.to_owned(), inner: body.into_reader() };
+    let reader = Named { name: url.to_owned(), inner: body.into_reader(), done: 0, len };
     Ok(Source {
         reader: Box::new(reader),
         len: Some(len),
@@ -164,16 +164,28 @@ fn load_ca_file(path: &Path) -> Result<RootCerts, ImageError> {
     Ok(RootCerts::Specific(Arc::new(certs)))
 }
 
-/// A reader whose errors name their source (the path or URL), so a failure mid-upload says
-/// what broke.
+/// A reader whose errors name their source (the path or URL) and how far it got, so a failure
+/// mid-upload says what broke and where (a bare "Peer disconnected" says neither).
 struct Named<R> {
     name: String,
     inner: R,
+    /// Bytes read so far, and the total announced (file size, Content-Length).
+    done: u64,
+    len: u64,
 }
 
 impl<R: Read> Read for Named<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.name)))
+        match self.inner.read(buf) {
+            Ok(n) => {
+                self.done += n as u64;
+                Ok(n)
+            }
+            Err(e) => Err(io::Error::new(
+                e.kind(),
+                format!("{}: broke off after {} of {} bytes: {e}", self.name, self.done, self.len),
+            )),
+        }
     }
 }
 

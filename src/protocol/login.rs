@@ -3,9 +3,12 @@
 //! ISID/TSIH and connection bookkeeping belong to the session layer; this only echoes them.
 
 use std::collections::HashSet;
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 
+use super::acl::Acl;
+use super::chap::{self, AuthConfig, ChapError, ChapKeys};
 use super::text::{self, Chunks, TextError, IRRELEVANT, MAX_TEXT_LEN, NOT_UNDERSTOOD, REJECT};
 
 /// Login stages (CSG/NSG values).
@@ -39,6 +42,7 @@ pub mod status {
     pub const SUCCESS: (u8, u8) = (0, 0);
     pub const INITIATOR_ERROR: (u8, u8) = (2, 0);
     pub const AUTH_FAILURE: (u8, u8) = (2, 1);
+    pub const AUTHORIZATION_FAILURE: (u8, u8) = (2, 2);
     pub const NOT_FOUND: (u8, u8) = (2, 3);
     pub const UNSUPPORTED_VERSION: (u8, u8) = (2, 5);
     pub const MISSING_PARAMETER: (u8, u8) = (2, 7);
@@ -46,6 +50,7 @@ pub mod status {
     pub const INVALID_DURING_LOGIN: (u8, u8) = (2, 0x0b);
 }
 
+#[derive(Clone)]
 pub struct LoginConfig {
     pub target_name: String,
     pub target_alias: Option<String>,
@@ -65,6 +70,10 @@ pub struct LoginConfig {
     pub data_digest: bool,
     pub max_connections: u32,
     pub error_recovery_level: u32,
+    /// CHAP credentials; the default demands none.
+    pub auth: AuthConfig,
+    /// Who may log in; the default allows everyone.
+    pub acl: Acl,
 }
 
 impl Default for LoginConfig {
@@ -84,6 +93,8 @@ impl Default for LoginConfig {
             data_digest: true,
             max_connections: 1,
             error_recovery_level: 0,
+            auth: AuthConfig::default(),
+            acl: Acl::default(),
         }
     }
 }
@@ -119,6 +130,11 @@ pub struct Negotiated {
     pub max_connections: u32,
     pub ifmarker: bool,
     pub ofmarker: bool,
+    /// How the initiator authenticated: `None`, or e.g. `CHAP SHA-256, mutual`.
+    pub auth: String,
+    /// The initiator passes the ACLs. Only a discovery session can end its login without:
+    /// it then is not shown the target.
+    pub authorized: bool,
 }
 
 impl Negotiated {
@@ -148,6 +164,8 @@ impl Negotiated {
             max_connections: 1,
             ifmarker: false,
             ofmarker: false,
+            auth: "None".to_string(),
+            authorized: true,
         }
     }
 
@@ -256,6 +274,12 @@ pub enum LoginError {
     BadValue { key: String, value: String },
     #[error("no acceptable authentication method in {0:?}")]
     AuthFailed(String),
+    #[error("CHAP: {0}")]
+    Chap(#[from] ChapError),
+    #[error("authentication required: {0}")]
+    AuthRequired(&'static str),
+    #[error("not authorized: {0}")]
+    NotAuthorized(String),
     #[error("login already finished")]
     Finished,
 }
@@ -268,15 +292,15 @@ impl LoginError {
             LoginError::MissingInitiatorName | LoginError::MissingTargetName => status::MISSING_PARAMETER,
             LoginError::TargetNotFound(_) => status::NOT_FOUND,
             LoginError::BadSessionType(_) => status::SESSION_TYPE_UNSUPPORTED,
-            LoginError::AuthFailed(_) => status::AUTH_FAILURE,
+            LoginError::AuthFailed(_) | LoginError::Chap(_) | LoginError::AuthRequired(_) => status::AUTH_FAILURE,
+            LoginError::NotAuthorized(_) => status::AUTHORIZATION_FAILURE,
             LoginError::Finished => status::INVALID_DURING_LOGIN,
             _ => status::INITIATOR_ERROR,
         }
     }
 }
 
-/// Authentication methods (RFC 7143 §12.1). Only `None` is offered for now; CHAP slots in
-/// as a further variant with its own exchange state.
+/// Authentication methods (RFC 7143 §12.1).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum AuthMethod {
     None,
@@ -297,11 +321,6 @@ impl AuthMethod {
             AuthMethod::None => "None",
             AuthMethod::Chap => "CHAP",
         }
-    }
-
-    /// Whether this target accepts the method (CHAP needs secrets we do not have yet).
-    fn supported(self) -> bool {
-        self == AuthMethod::None
     }
 }
 
@@ -327,6 +346,10 @@ pub struct Login {
     /// Keys we offered and await an answer to.
     offered: Vec<&'static str>,
     auth: Option<AuthMethod>,
+    /// The CHAP exchange, once AuthMethod=CHAP is agreed.
+    chap: Option<chap::Exchange>,
+    /// The initiator's address, for `allowed_networks`.
+    peer: Option<IpAddr>,
     declared_max_recv: bool,
     declared_target_info: bool,
     finished: bool,
@@ -346,11 +369,20 @@ impl Login {
             seen: HashSet::new(),
             offered: Vec::new(),
             auth: None,
+            chap: None,
+            peer: None,
             declared_max_recv: false,
             declared_target_info: false,
             finished: false,
             error: None,
         }
+    }
+
+    /// A login from `peer`, which `allowed_networks` is checked against.
+    pub fn with_peer(cfg: Arc<LoginConfig>, peer: IpAddr) -> Self {
+        let mut login = Self::new(cfg);
+        login.peer = Some(peer);
+        login
     }
 
     /// One Login Request in, one Login Response out.
@@ -470,7 +502,13 @@ impl Login {
             self.identify(&pairs)?;
             self.started = true;
         }
+        let security = req.csg == STAGE_SECURITY;
+        let required = self.cfg.auth.required(self.neg.session_type == SessionType::Discovery);
+        if first && required && !security {
+            return Err(LoginError::AuthRequired("the login skipped the security stage"));
+        }
         let mut answers: Vec<(&str, String)> = Vec::new();
+        let mut chap_keys = ChapKeys::default();
         for &(key, value) in &pairs {
             if let Some(i) = self.offered.iter().position(|k| *k == key) {
                 self.offered.swap_remove(i);
@@ -481,8 +519,21 @@ impl Login {
             if !self.seen.insert(key.to_string()) {
                 return Err(LoginError::DuplicateKey(key.to_string()));
             }
+            // The CHAP keys of this request go to the exchange together, after the loop.
+            if security && self.chap.is_some() && chap_keys.take(key, value) {
+                continue;
+            }
             if let Some(answer) = self.answer_key(key, value, req.csg, first)? {
                 answers.push((key, answer));
+            }
+        }
+        if let (true, Some(x)) = (security, self.chap.as_mut()) {
+            let chap_answer = x.step(&chap_keys, &self.cfg.auth)?;
+            answers.extend(chap_answer);
+            if x.done() {
+                let alg = x.algorithm().map_or("", chap::Algorithm::name);
+                let mutual = if self.cfg.auth.mutual.is_some() { ", mutual" } else { "" };
+                self.neg.auth = format!("CHAP {alg}{mutual}");
             }
         }
         // FirstBurstLength must not exceed MaxBurstLength (RFC 7143 §13.14).
@@ -504,6 +555,15 @@ impl Login {
             text::push_pair(&mut out, "TargetPortalGroupTag", &self.cfg.portal_group_tag.to_string())?;
         }
         let mut transit = req.transit;
+        if security && transit {
+            // Leaving the security stage needs a finished exchange when one is required or
+            // was started.
+            match &self.chap {
+                Some(x) if !x.done() => transit = false,
+                None if required => return Err(LoginError::AuthRequired("no CHAP exchange before leaving security")),
+                _ => {}
+            }
+        }
         if transit && req.nsg == STAGE_FULL_FEATURE {
             if !self.declared_max_recv {
                 self.declared_max_recv = true;
@@ -543,6 +603,14 @@ impl Login {
         }
         // A discovery session is not bound to a target, so its TargetName is only recorded.
         self.neg.target_name = target.map(str::to_string);
+        if let Err(why) = self.cfg.acl.check(initiator, self.peer) {
+            // Discovery goes on, but will not list the target (RFC 7143 §12.1: authorization
+            // is the target's business; SendTargets only shows what the initiator may use).
+            if self.neg.session_type == SessionType::Normal {
+                return Err(LoginError::NotAuthorized(why));
+            }
+            self.neg.authorized = false;
+        }
         Ok(())
     }
 
@@ -587,9 +655,20 @@ impl Login {
                 if csg != STAGE_SECURITY {
                     return Ok(Some(IRRELEVANT.to_string()));
                 }
-                let chosen = value.split(',').filter_map(AuthMethod::from_name).find(|m| m.supported());
+                // The first of the initiator's list that we take (RFC 7143 §6.2.1): None unless
+                // authentication is required, CHAP when credentials are configured.
+                let required = self.cfg.auth.required(discovery);
+                let has_chap = self.cfg.auth.chap.is_some();
+                let acceptable = |m: &AuthMethod| match m {
+                    AuthMethod::None => !required,
+                    AuthMethod::Chap => has_chap,
+                };
+                let chosen = value.split(',').filter_map(AuthMethod::from_name).find(acceptable);
                 let chosen = chosen.ok_or_else(|| LoginError::AuthFailed(value.to_string()))?;
                 self.auth = Some(chosen);
+                if chosen == AuthMethod::Chap {
+                    self.chap = Some(chap::Exchange::new());
+                }
                 chosen.name().to_string()
             }
             // No CHAP (or other) exchange was selected.
@@ -1465,6 +1544,148 @@ mod tests {
         assert_eq!(l.error(), Some(&LoginError::Text(TextError::MissingEquals)));
         let data = security_text();
         assert_failed(l.step(&req(0, true, 1, &data)), status::INVALID_DURING_LOGIN);
+    }
+
+    fn chap_login(mutual: bool) -> Login {
+        login_with(|c| {
+            c.auth = AuthConfig {
+                chap: Some(chap::Credentials { username: "rig".into(), secret: chap::Secret::new("initiator-secret") }),
+                mutual: mutual.then(|| chap::Credentials {
+                    username: "tgt".into(),
+                    secret: chap::Secret::new("target-secret-1"),
+                }),
+                discovery: true,
+            }
+        })
+    }
+
+    /// Offers CHAP and MD5; returns the target's CHAP_I and CHAP_C.
+    fn chap_start(l: &mut Login, session: &str) -> (u8, Vec<u8>) {
+        let data = text_of(&[
+            ("InitiatorName", INITIATOR),
+            ("SessionType", session),
+            ("TargetName", IQN),
+            ("AuthMethod", "CHAP,None"),
+        ]);
+        let (rsp, out) = l.step(&req(0, false, 0, &data));
+        assert_eq!(out, LoginOutcome::Continue);
+        assert_eq!(get(&rsp.data, "AuthMethod").as_deref(), Some("CHAP"));
+        let (rsp, out) = l.step(&req(0, true, 1, &text_of(&[("CHAP_A", "5")])));
+        assert_eq!(out, LoginOutcome::Continue);
+        assert!(!rsp.transit, "no transit before the response is checked");
+        assert_eq!(get(&rsp.data, "CHAP_A").as_deref(), Some("5"));
+        let id = get(&rsp.data, "CHAP_I").unwrap().parse().unwrap();
+        (id, chap::decode_binary(&get(&rsp.data, "CHAP_C").unwrap()).unwrap())
+    }
+
+    fn chap_response(id: u8, secret: &str, challenge: &[u8]) -> String {
+        chap::to_hex(&chap::Algorithm::Md5.response(id, &chap::Secret::new(secret), challenge))
+    }
+
+    #[test]
+    fn chap_login_succeeds_with_the_right_secret() {
+        let mut l = chap_login(false);
+        let (id, c) = chap_start(&mut l, "Normal");
+        let r = chap_response(id, "initiator-secret", &c);
+        let (rsp, out) = l.step(&req(0, true, 1, &text_of(&[("CHAP_N", "rig"), ("CHAP_R", &r)])));
+        assert_eq!(out, LoginOutcome::Continue);
+        assert!(rsp.transit && rsp.nsg == 1);
+        assert_eq!(l.negotiated().auth, "CHAP MD5");
+        let (_, out) = l.step(&req(1, true, 3, b""));
+        assert_eq!(out, LoginOutcome::FullFeature);
+        assert_eq!(l.auth_method(), Some(AuthMethod::Chap));
+    }
+
+    #[test]
+    fn chap_login_failures_are_authentication_failures() {
+        let mut l = chap_login(false);
+        let (id, c) = chap_start(&mut l, "Normal");
+        let r = chap_response(id, "wrong-secret-xx", &c);
+        let r = l.step(&req(0, true, 1, &text_of(&[("CHAP_N", "rig"), ("CHAP_R", &r)])));
+        assert!(r.0.data.is_empty());
+        assert_failed(r, status::AUTH_FAILURE);
+        assert!(matches!(l.error(), Some(LoginError::Chap(ChapError::WrongResponse(_)))));
+        // No CHAP_R at all.
+        let mut l = chap_login(false);
+        chap_start(&mut l, "Normal");
+        assert_failed(l.step(&req(0, true, 1, &text_of(&[("CHAP_N", "rig")]))), status::AUTH_FAILURE);
+        // AuthMethod=None only, or skipping the security stage.
+        let mut l = chap_login(false);
+        let data = security_text();
+        assert_failed(l.step(&req(0, true, 1, &data)), status::AUTH_FAILURE);
+        let mut l = chap_login(false);
+        let data = text_of(&[("InitiatorName", INITIATOR), ("TargetName", IQN)]);
+        assert_failed(l.step(&req(1, true, 3, &data)), status::AUTH_FAILURE);
+        // Security stage left without any AuthMethod.
+        let mut l = chap_login(false);
+        let data = text_of(&[("InitiatorName", INITIATOR), ("TargetName", IQN)]);
+        assert_failed(l.step(&req(0, true, 1, &data)), status::AUTH_FAILURE);
+        // A mutual challenge to a target without mutual credentials.
+        let mut l = chap_login(false);
+        let (id, c) = chap_start(&mut l, "Normal");
+        let r = chap_response(id, "initiator-secret", &c);
+        let data = text_of(&[("CHAP_N", "rig"), ("CHAP_R", &r), ("CHAP_I", "9"), ("CHAP_C", "0x0102030405060708")]);
+        assert_failed(l.step(&req(0, true, 1, &data)), status::AUTH_FAILURE);
+    }
+
+    #[test]
+    fn mutual_chap_login() {
+        let mut l = chap_login(true);
+        let (id, c) = chap_start(&mut l, "Normal");
+        let r = chap_response(id, "initiator-secret", &c);
+        let ours = [9u8; 16];
+        let data = text_of(&[("CHAP_N", "rig"), ("CHAP_R", &r), ("CHAP_I", "9"), ("CHAP_C", &chap::to_hex(&ours))]);
+        let (rsp, out) = l.step(&req(0, true, 1, &data));
+        assert_eq!(out, LoginOutcome::Continue);
+        assert!(rsp.transit);
+        assert_eq!(get(&rsp.data, "CHAP_N").as_deref(), Some("tgt"));
+        assert_eq!(get(&rsp.data, "CHAP_R"), Some(chap_response(9, "target-secret-1", &ours)));
+        assert_eq!(l.negotiated().auth, "CHAP MD5, mutual");
+    }
+
+    #[test]
+    fn discovery_auth_follows_the_discovery_switch() {
+        // discovery: true: AuthMethod=None is refused, CHAP works.
+        let mut l = chap_login(false);
+        let data = text_of(&[("InitiatorName", INITIATOR), ("SessionType", "Discovery"), ("AuthMethod", "None")]);
+        assert_failed(l.step(&req(0, true, 1, &data)), status::AUTH_FAILURE);
+        let mut l = chap_login(false);
+        let (id, c) = chap_start(&mut l, "Discovery");
+        let r = chap_response(id, "initiator-secret", &c);
+        let (rsp, _) = l.step(&req(0, true, 1, &text_of(&[("CHAP_N", "rig"), ("CHAP_R", &r)])));
+        assert!(rsp.transit);
+        // discovery: false: no credentials needed.
+        let mut l = login_with(|c| {
+            c.auth.chap =
+                Some(chap::Credentials { username: "rig".into(), secret: chap::Secret::new("initiator-secret") })
+        });
+        let (rsp, _) = l.step(&req(0, true, 1, &data));
+        assert!(rsp.transit && rsp.status_class == 0);
+        assert_eq!(l.negotiated().auth, "None");
+    }
+
+    #[test]
+    fn acl_refuses_with_authorization_failure() {
+        let acl = |c: &mut LoginConfig| {
+            c.acl = Acl { initiators: vec![INITIATOR.into()], networks: vec!["127.0.0.1/32".parse().unwrap()] }
+        };
+        let mut cfg = LoginConfig::default();
+        acl(&mut cfg);
+        let cfg = Arc::new(cfg);
+        let ok = |ip: &str| Login::with_peer(cfg.clone(), ip.parse().unwrap());
+        let mut l = ok("127.0.0.1");
+        through_security(&mut l);
+        let mut l = ok("127.0.0.2");
+        assert_failed(l.step(&req(0, true, 1, &security_text())), status::AUTHORIZATION_FAILURE);
+        let mut l = ok("127.0.0.1");
+        let data = text_of(&[("InitiatorName", "iqn.2000-01.com.example:other"), ("TargetName", IQN)]);
+        assert_failed(l.step(&req(0, true, 1, &data)), status::AUTHORIZATION_FAILURE);
+        // Discovery logs in, but is marked as not authorized for the target.
+        let mut l = ok("127.0.0.2");
+        let data = text_of(&[("InitiatorName", INITIATOR), ("SessionType", "Discovery")]);
+        let (_, out) = l.step(&req(1, true, 3, &data));
+        assert_eq!(out, LoginOutcome::FullFeature);
+        assert!(!l.negotiated().authorized);
     }
 
     #[test]

@@ -177,6 +177,10 @@ pub fn key_use(key: &str) -> Option<KeyUse> {
 /// lists the session's target. `addresses` are already formatted `host:port,tpgt`.
 pub fn send_targets(request_value: &str, target_name: &str, addresses: &[String]) -> Result<Vec<u8>, TextError> {
     let mut out = Vec::new();
+    // No target name: the initiator may not see the target (ACLs).
+    if target_name.is_empty() {
+        return Ok(out);
+    }
     if request_value == "All" || request_value.is_empty() || request_value == target_name {
         push_pair(&mut out, "TargetName", target_name)?;
         for addr in addresses {

@@ -12,6 +12,7 @@ use super::tx::{TxData, TxQueue};
 use crate::backing::{AlignedBuf, Backing};
 use crate::protocol::login::{Login, LoginOutcome, LoginRequest, Negotiated, SessionType};
 use crate::protocol::pdu::{self, opcode, reject, Bhs, BhsBuf, Layout, BHS_LEN, RESERVED_TAG};
+use crate::protocol::trace::{self, Dir};
 use crate::protocol::{digest, text};
 use crate::scsi::{self, lun, status, Disposition, LunTable, Nexus, Request, Sense};
 use crate::target::{SessionError, SessionInfo, Shared};
@@ -21,20 +22,27 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Commands a session may have outstanding (the CmdSN window).
-pub const QUEUE_DEPTH: u32 = 128;
-/// Task slots: the window plus room for immediate commands.
-const TASK_SLOTS: usize = QUEUE_DEPTH as usize + 32;
+/// Task slots beyond the CmdSN window (`limits.max_cmds_per_session`): room for immediate
+/// commands.
+const IMMEDIATE_SLOTS: usize = 32;
 /// Data segment we accept per PDU; declared at login.
 pub const MAX_RECV_DSL: u32 = 256 * 1024;
 /// Receive buffer: a full PDU (header, AHS, digests, data) plus room to batch small ones.
 const RX_BUF: usize = 2 * MAX_RECV_DSL as usize;
 /// Before login completes the initiator may send at most 8192 data bytes per PDU.
 const LOGIN_DSL: u32 = 8192;
+/// Receive buffer until login completes: one login PDU (header, AHS, digests, 8 KiB of data).
+/// The full-size buffer and the task table come with the full feature phase, so an accepted
+/// socket that never logs in holds little.
+const LOGIN_RX_BUF: usize = 16 * 1024;
 /// Idle time before the target pings with a NOP-In, and how long the answer may take.
 const NOP_INTERVAL: Duration = Duration::from_secs(5);
 const NOP_TIMEOUT: Duration = Duration::from_secs(15);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// A login refused for authentication or authorization gets its answer this late (at the
+/// first reactor tick after it, so 1 to 2 s), which slows down guessing secrets. The reactor
+/// keeps running meanwhile.
+const AUTH_FAILURE_DELAY: Duration = Duration::from_secs(1);
 /// Target Transfer Tag of our NOP-In pings (never a task's TTT: those have bit 31 clear).
 const PING_TTT: u32 = 0x8000_0000;
 /// Data-Out segments at least this long are received straight into their task's buffer
@@ -137,6 +145,12 @@ pub struct Conn {
     /// The final login response of a reinstatement, held until the old connection is gone
     /// ([`Conn::release_login`]).
     deferred_login: Option<(BhsBuf, Vec<u8>)>,
+    /// A refused login's response, held back until the instant given (see AUTH_FAILURE_DELAY).
+    delayed_login_failure: Option<(Instant, BhsBuf)>,
+    /// The LUNs this session sees when some LUN is mapped to other initiators only (`None`:
+    /// the reactor's whole table), and the (id, instance) pairs of that view.
+    view: Option<Arc<LunTable>>,
+    view_fingerprint: Vec<(u64, u64)>,
     /// Being torn down: no new work; freed when `ops_inflight` reaches zero.
     pub closing: bool,
     /// Ring operations referencing this connection's memory.
@@ -148,27 +162,50 @@ pub struct Conn {
     proto_errors: u64,
     proto_unlogged: u64,
     proto_logged_at: Option<Instant>,
+    /// Protocol trace switch (src/protocol/trace.rs); shared with the session entry.
+    trace: trace::Switch,
+    /// Commands a session may have outstanding (the CmdSN window).
+    queue_depth: u32,
+    dataout_timeout: Duration,
+    /// Bytes queued for sending beyond which requests are not read.
+    tx_limit: usize,
+    tx_stall_timeout: Duration,
+    /// Since when the transmit queue has been over `tx_limit`.
+    tx_full_since: Option<Instant>,
+    /// Data-In bytes of reads in progress (not queued yet): they count against `tx_limit`.
+    tx_reserved: usize,
+    /// Received PDUs wait for the transmit queue to drain.
+    held_back: bool,
+    /// Limits already logged for this connection ([`limit`] bits): each is logged once.
+    limits_logged: u8,
+}
+
+/// Bits of [`Conn::limits_logged`].
+mod limit {
+    pub const TX_QUEUE: u8 = 1;
+    pub const DATA_OUT_TIMEOUT: u8 = 2;
 }
 
 impl Conn {
     pub fn new(stream: TcpStream, peer: SocketAddr, token: u64, shared: &Shared, now: Instant) -> Self {
         let _ = stream.set_nodelay(true);
         set_user_timeout(&stream, NOP_TIMEOUT);
+        let limits = shared.limits();
         Self {
             stream,
             peer,
             token,
             slot: 0,
-            phase: Phase::Login(Box::new(Login::new(shared.login_config()))),
+            phase: Phase::Login(Box::new(Login::with_peer(shared.login_config(), peer.ip()))),
             neg: None,
             header_digest: false,
             data_digest: false,
-            rx: Some(AlignedBuf::new(RX_BUF)),
+            rx: Some(AlignedBuf::new(LOGIN_RX_BUF)),
             rx_start: 0,
             rx_end: 0,
             direct: None,
             tx: TxQueue::new(),
-            tasks: TaskTable::with_capacity(TASK_SLOTS),
+            tasks: TaskTable::with_capacity(0),
             nexus: Nexus::new(),
             isid: [0; 6],
             tsih: 0,
@@ -182,12 +219,24 @@ impl Conn {
             started: now,
             close_after_send: false,
             deferred_login: None,
+            delayed_login_failure: None,
+            view: None,
+            view_fingerprint: Vec::new(),
             closing: false,
             ops_inflight: 0,
             recv_posted: false,
             proto_errors: 0,
             proto_unlogged: 0,
             proto_logged_at: None,
+            trace: trace::Switch::new(),
+            queue_depth: limits.max_cmds_per_session,
+            dataout_timeout: Duration::from_secs(limits.dataout_timeout_secs),
+            tx_limit: limits.max_tx_queue_kib as usize * 1024,
+            tx_stall_timeout: Duration::from_secs(limits.tx_stall_timeout_secs),
+            tx_full_since: None,
+            tx_reserved: 0,
+            held_back: false,
+            limits_logged: 0,
         }
     }
 
@@ -240,6 +289,7 @@ impl Conn {
         if self.tsih != 0 {
             env.shared.unregister_session(self.tsih, self.token);
         }
+        env.shared.connection_closed();
         if self.proto_unlogged > 0 {
             log::warn!(
                 "{}: {} more protocol errors before the connection ended ({} in all)",
@@ -280,7 +330,7 @@ impl Conn {
     /// Whether a receive should be posted: not once the connection only waits to send its
     /// last PDUs (after a logout, a failed login or a protocol error).
     pub fn wants_recv(&self) -> bool {
-        !self.close_after_send
+        !self.close_after_send && !self.tx_full()
     }
 
     /// `n` bytes arrived in the receive buffer.
@@ -296,8 +346,14 @@ impl Conn {
             }
             _ => self.rx_end += n,
         }
+        self.parse(env);
+    }
+
+    /// Handles the complete PDUs in the receive buffer, unless the transmit queue is over its
+    /// limit: then they wait until it drains ([`Self::sent`]).
+    fn parse(&mut self, env: &mut ConnEnv) {
         let rx = self.rx.take().expect("rx buffer present");
-        while !self.closing && !self.close_after_send {
+        while !self.closing && !self.close_after_send && !self.tx_full() {
             if self.direct.is_some() {
                 if !self.finish_direct(&rx, env) {
                     break;
@@ -309,6 +365,7 @@ impl Conn {
             let layout = Layout::of(&bhs, self.header_digest, self.data_digest);
             let limit = if matches!(self.phase, Phase::Login(_)) { LOGIN_DSL } else { MAX_RECV_DSL };
             if layout.data_len as u32 > limit || layout.header_len > BHS_LEN + 1024 {
+                crate::metrics::protocol_error("data_too_long");
                 let err = pdu::PduError::DataTooLong { len: layout.data_len as u32, max: limit };
                 self.protocol_error(&err);
                 self.close(&err.to_string());
@@ -330,6 +387,7 @@ impl Conn {
                 let computed = digest::header(&pdu_bytes[..layout.header_len]);
                 if received != computed {
                     // Without a trustworthy header the stream cannot be resynchronised (ERL 0).
+                    crate::metrics::protocol_error("header_digest");
                     let err = pdu::PduError::HeaderDigest { received, computed };
                     self.protocol_error(&err);
                     self.close(&err.to_string());
@@ -348,6 +406,7 @@ impl Conn {
                     if bhs.opcode() == opcode::DATA_OUT {
                         // ERL 0 cannot ask for the data again (no SNACK recovery): a task
                         // would wait for it forever, so the connection ends.
+                        crate::metrics::protocol_error("data_digest");
                         self.protocol_error(&err);
                         self.close(&err.to_string());
                         break;
@@ -361,9 +420,44 @@ impl Conn {
             self.handle_pdu(bhs, ahs, data, env);
         }
         self.rx = Some(rx);
+        self.held_back = self.tx_full();
         if self.rx_start == self.rx_end {
             self.rx_start = 0;
             self.rx_end = 0;
+        }
+        if matches!(self.phase, Phase::FullFeature) && self.tasks.capacity() == 0 {
+            self.enter_full_feature();
+        }
+    }
+
+    /// Login is complete: the full-size receive buffer (keeping any bytes already received)
+    /// and the task table.
+    fn enter_full_feature(&mut self) {
+        let old = self.rx.take().expect("rx buffer present");
+        let mut rx = AlignedBuf::new(RX_BUF);
+        let n = self.rx_end - self.rx_start;
+        rx[..n].copy_from_slice(&old[self.rx_start..self.rx_end]);
+        (self.rx_start, self.rx_end) = (0, n);
+        self.rx = Some(rx);
+        self.tasks = TaskTable::with_capacity(self.queue_depth as usize + IMMEDIATE_SLOTS);
+    }
+
+    /// Whether the transmit queue (with the Data-In of reads in progress) is over its limit:
+    /// requests are not read meanwhile.
+    fn tx_full(&self) -> bool {
+        self.tx.queued_bytes() + self.tx_reserved > self.tx_limit
+    }
+
+    /// A send completed: requests held back by a full transmit queue may go on.
+    pub fn sent(&mut self, env: &mut ConnEnv) {
+        if !self.held_back || self.closing || self.tx_full() {
+            return;
+        }
+        self.held_back = false;
+        self.tx_full_since = None;
+        // A direct receive still filling its task buffer resumes with its next receive.
+        if self.direct.as_ref().is_none_or(|d| d.got >= d.len) {
+            self.parse(env);
         }
     }
 
@@ -415,6 +509,7 @@ impl Conn {
             let received = digest::from_wire(wire.try_into().expect("4"));
             let computed = digest::data(&[data, pad]);
             if received != computed {
+                crate::metrics::protocol_error("data_digest");
                 let err = pdu::PduError::DataDigest { received, computed };
                 self.protocol_error(&err);
                 self.close(&err.to_string());
@@ -422,15 +517,27 @@ impl Conn {
             }
         }
         let bhs = Bhs::new(&d.bhs);
+        if self.trace.on() {
+            trace::pdu(Dir::In, self.peer, self.tsih, &d.bhs, &[], d.len);
+        }
         self.data_out_in_place(bhs, d.slot, d.len as u32, env);
         true
     }
 
     fn handle_pdu(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
         if matches!(self.phase, Phase::Login(_)) {
-            if bhs.opcode() == opcode::LOGIN_REQUEST {
+            self.trace.login_pdu(data);
+        }
+        if self.trace.on() {
+            trace::pdu(Dir::In, self.peer, self.tsih, bhs.bytes(), data, data.len());
+        }
+        if matches!(self.phase, Phase::Login(_)) {
+            if self.delayed_login_failure.is_some() {
+                // The login has failed; nothing more is read until its answer is sent.
+            } else if bhs.opcode() == opcode::LOGIN_REQUEST {
                 self.login(bhs, data, env);
             } else {
+                crate::metrics::protocol_error("non_login_pdu_during_login");
                 self.close("non-login PDU during login");
             }
             return;
@@ -449,7 +556,7 @@ impl Conn {
     }
 
     fn max_cmd_sn(&self) -> u32 {
-        let free = QUEUE_DEPTH.saturating_sub(self.tasks.in_use() as u32);
+        let free = self.queue_depth.saturating_sub(self.tasks.in_use() as u32);
         self.exp_cmd_sn.wrapping_add(free).wrapping_sub(1)
     }
 
@@ -506,6 +613,14 @@ impl Conn {
     // ---- transmit helpers ----
 
     fn push(&mut self, bhs: BhsBuf, data: TxData, release: Option<u16>) {
+        if self.trace.on() {
+            let (seg, len) = match &data {
+                TxData::Inline(v) => (&v[..], v.len()),
+                TxData::Task { len, .. } => (&[][..], *len as usize),
+                TxData::None => (&[][..], 0),
+            };
+            trace::pdu(Dir::Out, self.peer, self.tsih, &bhs.0, seg, len);
+        }
         self.tx.push(bhs, data, self.header_digest, self.data_digest, release);
     }
 
@@ -523,6 +638,7 @@ impl Conn {
     }
 
     fn push_reject(&mut self, rejected: &[u8; BHS_LEN], reason: u8) {
+        crate::metrics::protocol_error(crate::metrics::reject_kind(reason));
         let mut b = BhsBuf::new(opcode::REJECT);
         b.flags(0x80).byte(2, reason).itt(RESERVED_TAG);
         self.stamp_status(&mut b);
@@ -591,12 +707,15 @@ impl Conn {
                 let info = SessionInfo {
                     tsih: req.tsih,
                     initiator: neg.initiator_name.clone(),
+                    auth: neg.auth.clone(),
                     isid: req.isid,
                     discovery: neg.session_type == SessionType::Discovery,
                     peer: self.peer,
                     reactor: env.reactor,
                     token: self.token,
                     negotiated: neg.pairs(),
+                    trace: self.trace.clone(),
+                    portal: self.stream.local_addr().ok(),
                 };
                 match env.shared.register_session(info) {
                     Ok((tsih, f)) => (self.tsih, fenced) = (tsih, f),
@@ -604,7 +723,8 @@ impl Conn {
                         log::info!("{}: login refused: {e}", self.peer);
                         let (class, detail) = match e {
                             SessionError::NoSuchSession => (0x02, 0x0A),
-                            SessionError::TooManySessions => (0x03, 0x02),
+                            // Out of resources (RFC 7143 §11.13.5).
+                            SessionError::TooManySessions | SessionError::InitiatorSessionLimit(_) => (0x03, 0x02),
                         };
                         rsp.status_class = class;
                         rsp.status_detail = detail;
@@ -616,16 +736,23 @@ impl Conn {
             }
             if matches!(outcome, LoginOutcome::FullFeature) {
                 log::info!(
-                    "{}: {} login from {} (ISID {:02x?}, TSIH {})",
+                    "{}: {} login from {} (ISID {}, TSIH {})",
                     self.peer,
                     if neg.session_type == SessionType::Normal { "session" } else { "discovery" },
                     neg.initiator_name,
-                    req.isid,
+                    crate::target::isid_hex(&req.isid),
                     self.tsih
                 );
                 self.nexus.set_identity(&neg.initiator_name, req.isid);
                 self.neg = Some(neg);
             }
+        }
+        let refused_auth =
+            matches!(outcome, LoginOutcome::Failed) && matches!((rsp.status_class, rsp.status_detail), (2, 1) | (2, 2));
+        if let (LoginOutcome::Failed, Some(e)) = (outcome, login.error()) {
+            let initiator = &login.negotiated().initiator_name;
+            let initiator = if initiator.is_empty() { "an unnamed initiator" } else { initiator.as_str() };
+            log::info!("{}: login from {initiator} refused: {e}", self.peer);
         }
         let mut b = BhsBuf::new(opcode::LOGIN_RESPONSE);
         let flags = (u8::from(rsp.transit) << 7) | (u8::from(rsp.cont) << 6) | (rsp.csg << 2) | rsp.nsg;
@@ -636,6 +763,11 @@ impl Conn {
         } else {
             b.stat_sn(self.stat_sn).exp_cmd_sn(self.exp_cmd_sn).max_cmd_sn(self.exp_cmd_sn);
         }
+        if refused_auth {
+            // A failure response carries no data; tick() sends it and closes.
+            self.delayed_login_failure = Some((env.now + AUTH_FAILURE_DELAY, b));
+            return;
+        }
         if fenced {
             // Reinstatement: answered once the old connection's tasks have all ended.
             log::debug!("{}: login waits for the old connection of this session to end", self.peer);
@@ -645,30 +777,35 @@ impl Conn {
         self.push(b, TxData::Inline(rsp.data), None);
         match outcome {
             LoginOutcome::Continue => {}
-            LoginOutcome::Failed => self.close_after_send = true,
+            LoginOutcome::Failed => {
+                crate::metrics::login_failed(rsp.status_class, rsp.status_detail);
+                self.close_after_send = true;
+            }
             LoginOutcome::FullFeature => {
                 let neg = self.neg.as_ref().expect("set above");
                 // Digests start with the first PDU after the final login response.
                 self.header_digest = neg.header_digest;
                 self.data_digest = neg.data_digest;
                 self.phase = Phase::FullFeature;
+                self.update_view(env.luns);
             }
         }
     }
 
     /// The old connection a reinstating login waited for is gone: answer the login and enter
     /// the full feature phase.
-    pub fn release_login(&mut self) {
+    pub fn release_login(&mut self, luns: &Arc<LunTable>) {
         let Some((b, data)) = self.deferred_login.take() else { return };
         if self.closing {
             return;
         }
-        // Digests start with the first PDU after the final login response.
-        self.tx.push(b, TxData::Inline(data), false, false, None);
+        // Digests start with the first PDU after the final login response (none yet here).
+        self.push(b, TxData::Inline(data), None);
         let neg = self.neg.as_ref().expect("a deferred login finished negotiating");
         self.header_digest = neg.header_digest;
         self.data_digest = neg.data_digest;
         self.phase = Phase::FullFeature;
+        self.update_view(luns);
     }
 
     // ---- NOP ----
@@ -693,11 +830,41 @@ impl Conn {
     }
 
     /// Periodic liveness and timeout checks.
-    pub fn tick(&mut self, now: Instant) {
+    pub fn tick(&mut self, now: Instant, pool: &mut BufPool) {
+        if self.closing {
+            return;
+        }
+        if self.tx_full() {
+            let since = *self.tx_full_since.get_or_insert(now);
+            if self.limits_logged & limit::TX_QUEUE == 0 {
+                self.limits_logged |= limit::TX_QUEUE;
+                log::warn!(
+                    "{}: transmit queue over limits.max_tx_queue_kib ({} KiB): not reading requests until it drains",
+                    self.peer,
+                    self.tx_limit / 1024
+                );
+            }
+            if now.duration_since(since) > self.tx_stall_timeout {
+                log::warn!(
+                    "{}: transmit queue stalled for {:?}: dropping the connection",
+                    self.peer,
+                    self.tx_stall_timeout
+                );
+                return self.close("transmit queue stalled");
+            }
+        } else {
+            self.tx_full_since = None;
+        }
+        self.dataout_timeouts(now, pool);
         if self.closing {
             return;
         }
         match self.phase {
+            Phase::Login(_) if self.delayed_login_failure.is_some_and(|(due, _)| now >= due) => {
+                let (_, b) = self.delayed_login_failure.take().expect("checked above");
+                self.push(b, TxData::None, None);
+                self.close_after_send = true;
+            }
             Phase::Login(_) if now.duration_since(self.started) > LOGIN_TIMEOUT => self.close("login timed out"),
             Phase::Login(_) => {}
             Phase::FullFeature => match self.ping_sent {
@@ -724,14 +891,20 @@ impl Conn {
         let local = self.stream.local_addr().ok();
         let negotiator = self.text.get_or_insert_with(|| {
             let cfg = env.shared.login_config();
-            // Answer SendTargets with the address this connection reached us on: right
-            // whether we listen on one address or on all of them.
+            // Every portal address (RFC 7143 TargetAddress, one per address), the one this
+            // connection reached us on first: the address the initiator already knows works.
             let tpgt = cfg.portal_group_tag;
-            let addresses = match local {
-                Some(a) => vec![format!("{a},{tpgt}")],
-                None => cfg.addresses.clone(),
-            };
-            text::TextNegotiator::new(session_type, &cfg.target_name, &addresses, max_xmit)
+            let mut addresses = cfg.addresses.clone();
+            if let Some(a) = local {
+                let own = format!("{a},{tpgt}");
+                addresses.retain(|x| *x != own);
+                addresses.insert(0, own);
+            }
+            // An initiator outside the ACLs is not shown the target at all.
+            let authorized = self.neg.as_ref().is_some_and(|n| n.authorized);
+            let addresses = if authorized { addresses } else { Vec::new() };
+            let target_name = if authorized { cfg.target_name.as_str() } else { "" };
+            text::TextNegotiator::new(session_type, target_name, &addresses, max_xmit)
         });
         let req = text::TextRequest {
             final_bit: bhs.final_bit(),
@@ -778,11 +951,27 @@ impl Conn {
         self.close_after_send && self.tx.is_empty() && self.pending_tmfs.is_empty()
     }
 
-    /// A table change (LUN added or removed): every session gets a unit attention.
-    pub fn luns_changed(&mut self) {
-        if matches!(self.phase, Phase::FullFeature) {
+    /// A table change (LUN added, removed or replaced): a session whose view of the LUNs
+    /// changed gets a unit attention; one that sees the same LUNs as before gets none.
+    pub fn luns_changed(&mut self, table: &Arc<LunTable>) {
+        if matches!(self.phase, Phase::FullFeature) && self.update_view(table) {
             self.nexus.luns_changed();
         }
+    }
+
+    /// Recomputes the LUNs this session sees; returns whether they changed.
+    fn update_view(&mut self, table: &Arc<LunTable>) -> bool {
+        let Some(neg) = &self.neg else { return false };
+        let (view, fingerprint) = table.view_for(&neg.initiator_name);
+        self.view = view.map(Arc::new);
+        let changed = fingerprint != self.view_fingerprint;
+        self.view_fingerprint = fingerprint;
+        changed
+    }
+
+    /// The LUN table commands of this session run against.
+    fn luns<'t>(view: &'t Option<Arc<LunTable>>, all: &'t Arc<LunTable>) -> &'t Arc<LunTable> {
+        view.as_ref().unwrap_or(all)
     }
 }
 

@@ -337,7 +337,7 @@ impl Reactor {
                 self.aux_inflight -= 1;
                 let now = Instant::now();
                 for slot in self.conns.iter_mut().flatten() {
-                    slot.conn.tick(now);
+                    slot.conn.tick(now, &mut self.pool);
                 }
                 self.touch_all();
                 if !self.stopping {
@@ -384,6 +384,7 @@ impl Reactor {
                 for &s in released.iter() {
                     conn.release_sent(s, env.pool);
                 }
+                conn.sent(&mut env);
             }
             op::IO => conn.io_done(task, res, &mut env),
             _ => panic!("unknown operation in completion {ud:#x}"),
@@ -449,7 +450,7 @@ impl Reactor {
                 Msg::Fenced(token) => {
                     for slot in self.conns.iter_mut().flatten() {
                         if slot.conn.token == token {
-                            slot.conn.release_login();
+                            slot.conn.release_login(&self.luns);
                         }
                     }
                     self.touch_all();
@@ -512,7 +513,7 @@ impl Reactor {
         }
         (self.luns, self.lun_gen) = self.shared.lun_table();
         for slot in self.conns.iter_mut().flatten() {
-            slot.conn.luns_changed();
+            slot.conn.luns_changed(&self.luns);
             let mut env = conn_env!(self);
             slot.conn.fence_removed_luns(&mut env);
         }

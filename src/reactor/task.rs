@@ -60,6 +60,11 @@ pub struct Task {
     pub r2t_sn: u32,
     /// When the command arrived, for latency statistics.
     pub started: Instant,
+    /// Data-In bytes this read will queue, counted against the connection's transmit limit
+    /// from when its read starts until they are queued.
+    pub tx_reserved: u32,
+    /// When its last Data-Out arrived (or the command, before any): for the Data-Out timeout.
+    pub last_data: Instant,
     /// Aborted by task management: no further PDUs, freed when quiet.
     pub aborted: bool,
     /// ITT of the task management request that aborted it and waits for it to end.
@@ -86,6 +91,8 @@ impl Task {
             r2t_next: 0,
             r2t_sn: 0,
             started,
+            last_data: started,
+            tx_reserved: 0,
             aborted: false,
             abort_tmf: 0,
         }

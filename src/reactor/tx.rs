@@ -54,6 +54,8 @@ pub struct TxQueue {
     inflight: Vec<TxPdu>,
     /// Bytes of `inflight[0]` already sent by earlier partial sends.
     front_sent: usize,
+    /// Wire bytes of every PDU queued and not yet completely sent.
+    queued: usize,
     busy: bool,
     iov: Box<[libc::iovec; MAX_IOV]>,
     msg: Box<libc::msghdr>,
@@ -74,6 +76,7 @@ impl TxQueue {
             pending: VecDeque::with_capacity(256),
             inflight: Vec::with_capacity(MAX_IOV),
             front_sent: 0,
+            queued: 0,
             busy: false,
             iov,
             msg,
@@ -107,7 +110,13 @@ impl TxQueue {
             pdu.trailer[pad..pad + 4].copy_from_slice(&digest::to_wire(crc));
             pdu.trailer_len += 4;
         }
+        self.queued += pdu.wire_len();
         self.pending.push_back(pdu);
+    }
+
+    /// Wire bytes queued and not yet sent (those of a partly sent PDU included).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued
     }
 
     pub fn is_empty(&self) -> bool {
@@ -174,6 +183,7 @@ impl TxQueue {
             }
             left -= len;
             done += 1;
+            self.queued -= len;
             if let Some(slot) = pdu.release {
                 released(slot);
             }
@@ -191,6 +201,7 @@ impl TxQueue {
             }
         }
         self.front_sent = 0;
+        self.queued = 0;
     }
 }
 
@@ -219,17 +230,20 @@ mod tests {
         let data = vec![7u8; 10];
         q.push(BhsBuf::new(opcode::NOP_IN), TxData::Inline(data), false, false, Some(3));
         q.push(BhsBuf::new(opcode::SCSI_RESPONSE), TxData::None, false, false, Some(4));
+        assert_eq!(q.queued_bytes(), 48 + 12 + 48);
         let all = gather(&mut q);
         assert_eq!(all.len(), 48 + 12 + 48);
         assert_eq!(all[5..8], [0, 0, 10]);
         let mut freed = vec![];
         q.complete(50, |s| freed.push(s));
         assert!(freed.is_empty());
+        assert_eq!(q.queued_bytes(), 48 + 12 + 48, "a partly sent PDU still counts whole");
         let rest = gather(&mut q);
         assert_eq!(rest, all[50..]);
         q.complete(rest.len(), |s| freed.push(s));
         assert_eq!(freed, vec![3, 4]);
         assert!(q.is_empty());
+        assert_eq!(q.queued_bytes(), 0, "sent PDUs no longer count");
         assert!(q.prepare().is_none());
     }
 

@@ -22,6 +22,7 @@ pub mod op {
     pub const WRITE_VERIFY_10: u8 = 0x2E;
     pub const VERIFY_10: u8 = 0x2F;
     pub const PRE_FETCH_10: u8 = 0x34;
+    pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const SYNC_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
     pub const UNMAP: u8 = 0x42;
@@ -31,6 +32,9 @@ pub mod op {
     pub const MODE_SENSE_10: u8 = 0x5A;
     pub const PERSISTENT_RESERVE_IN: u8 = 0x5E;
     pub const PERSISTENT_RESERVE_OUT: u8 = 0x5F;
+    /// EXTENDED COPY (LID1 service action) and RECEIVE COPY RESULTS.
+    pub const EXTENDED_COPY: u8 = 0x83;
+    pub const RECEIVE_COPY_RESULTS: u8 = 0x84;
     pub const READ_16: u8 = 0x88;
     pub const COMPARE_AND_WRITE: u8 = 0x89;
     pub const WRITE_16: u8 = 0x8A;
@@ -40,6 +44,7 @@ pub mod op {
     pub const PRE_FETCH_16: u8 = 0x90;
     pub const SYNC_CACHE_16: u8 = 0x91;
     pub const WRITE_SAME_16: u8 = 0x93;
+    pub const WRITE_ATOMIC_16: u8 = 0x9C;
     /// SERVICE ACTION IN(16): READ CAPACITY(16), GET LBA STATUS.
     pub const SERVICE_ACTION_IN_16: u8 = 0x9E;
     pub const REPORT_LUNS: u8 = 0xA0;
@@ -49,6 +54,7 @@ pub mod op {
     pub const WRITE_12: u8 = 0xAA;
     pub const WRITE_VERIFY_12: u8 = 0xAE;
     pub const VERIFY_12: u8 = 0xAF;
+    pub const READ_DEFECT_DATA_12: u8 = 0xB7;
 }
 
 /// Service actions of [`op::SERVICE_ACTION_IN_16`] and [`op::MAINTENANCE_IN`].
@@ -161,6 +167,9 @@ pub fn decode_block(cdb: &[u8]) -> Option<BlockCdb> {
         READ_16 | WRITE_16 | WRITE_VERIFY_16 | VERIFY_16 | ORWRITE_16 | PRE_FETCH_16 | SYNC_CACHE_16
         | WRITE_SAME_16 => BlockCdb { lba: be64(cdb, 2), blocks: be32(cdb, 10), flags: cdb[1], len_byte: 10 },
         COMPARE_AND_WRITE => BlockCdb { lba: be64(cdb, 2), blocks: u32::from(cdb[13]), flags: cdb[1], len_byte: 13 },
+        WRITE_ATOMIC_16 => {
+            BlockCdb { lba: be64(cdb, 2), blocks: u32::from(be16(cdb, 12)), flags: cdb[1], len_byte: 12 }
+        }
         _ => return None,
     };
     Some(d)
@@ -263,6 +272,10 @@ mod tests {
         c[13] = 5;
         let d = decode_block(&c).unwrap();
         assert_eq!((d.lba, d.blocks, d.len_byte), (42, 5, 13));
+        let mut c = cdb16(op::WRITE_ATOMIC_16, 0x08, 7, 0);
+        put16(&mut c, 12, 300);
+        let d = decode_block(&c).unwrap();
+        assert_eq!((d.lba, d.blocks, d.len_byte, d.fua()), (7, 300, 12, true));
     }
 
     #[test]

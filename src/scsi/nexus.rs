@@ -9,10 +9,16 @@ use std::sync::{Arc, Mutex, PoisonError, Weak};
 pub mod ua {
     /// POWER ON, RESET, OR BUS DEVICE RESET OCCURRED.
     pub const POWER_ON: (u8, u8) = (0x29, 0x00);
-    /// BUS DEVICE RESET FUNCTION OCCURRED (LUN or target reset).
+    /// BUS DEVICE RESET FUNCTION OCCURRED (LUN reset).
     pub const RESET: (u8, u8) = (0x29, 0x03);
+    /// POWER ON, RESET, OR BUS DEVICE RESET OCCURRED, for a target (warm or cold) reset: the
+    /// generic code of the reset family, the one initiators (libiscsi among them) expect after
+    /// a reset of the whole target rather than of one LUN.
+    pub const TARGET_RESET: (u8, u8) = (0x29, 0x00);
     /// REPORTED LUNS DATA HAS CHANGED.
     pub const LUNS_CHANGED: (u8, u8) = (0x3F, 0x0E);
+    /// MODE PARAMETERS CHANGED (another nexus changed WCE or D_SENSE).
+    pub const MODE_PARAMETERS_CHANGED: (u8, u8) = (0x2A, 0x01);
     /// RESERVATIONS PREEMPTED.
     pub const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2A, 0x03);
     /// RESERVATIONS RELEASED.
@@ -162,16 +168,27 @@ impl Nexus {
     /// included, owes BUS DEVICE RESET FUNCTION OCCURRED (SAM-5 6.3.3), and SPC-2
     /// reservations end (persistent ones survive).
     pub fn lun_reset(&mut self, lun: &Lun) {
-        self.queue(lun.id, ua::RESET);
+        self.reset(lun, ua::RESET);
+    }
+
+    fn reset(&mut self, lun: &Lun, code: (u8, u8)) {
+        self.queue(lun.id, code);
         let me = &self.inbox;
-        lun.sessions.post(lun.id, ua::RESET, |i| !std::ptr::eq(i, &**me));
+        lun.sessions.post(lun.id, code, |i| !std::ptr::eq(i, &**me));
         lun.pr.reset();
     }
 
-    /// A target reset: a LUN reset of every LUN.
+    /// Establishes a unit attention for `lun` on every other session that used it (SPC-4
+    /// 5.14: a change one I_T nexus makes that the others must learn of).
+    pub fn notify_others(&self, lun: &Lun, code: (u8, u8)) {
+        let me = &self.inbox;
+        lun.sessions.post(lun.id, code, |i| !std::ptr::eq(i, &**me));
+    }
+
+    /// A target reset: a LUN reset of every LUN, reported with the generic reset code.
     pub fn target_reset(&mut self, table: &LunTable) {
         for lun in table.iter() {
-            self.lun_reset(lun);
+            self.reset(lun, ua::TARGET_RESET);
         }
     }
 
@@ -293,8 +310,8 @@ mod tests {
         n.target_reset(&t);
         n.expand(&t);
         assert!(n.has_pending(3) && n.has_pending(7));
-        assert_eq!(n.take(7), Some(ua::RESET));
-        assert_eq!(n.take(3), Some(ua::RESET));
+        assert_eq!(n.take(7), Some(ua::TARGET_RESET));
+        assert_eq!(n.take(3), Some(ua::TARGET_RESET));
         assert_eq!(n.take(4), Some(ua::POWER_ON));
         assert_eq!(n.take(4), None);
     }
@@ -323,9 +340,9 @@ mod tests {
         b.target_reset(&t);
         a.sync(l1);
         c.sync(l1);
-        assert_eq!(b.take(1), Some(ua::RESET));
-        assert_eq!(c.take(1), Some(ua::RESET));
-        assert_eq!(a.take(0), Some(ua::RESET));
+        assert_eq!(b.take(1), Some(ua::TARGET_RESET));
+        assert_eq!(c.take(1), Some(ua::TARGET_RESET));
+        assert_eq!(a.take(0), Some(ua::TARGET_RESET));
         // a attached to LUN 1 only after the reset was posted there.
         assert_eq!(a.take(1), None);
     }

@@ -14,6 +14,7 @@ pub enum SenseKey {
     UnitAttention = 0x6,
     DataProtect = 0x7,
     BlankCheck = 0x8,
+    CopyAborted = 0xA,
     AbortedCommand = 0xB,
     Miscompare = 0xE,
 }

@@ -5,7 +5,7 @@
 //! bounds, so a protocol slip in the target fails the test that triggered it.
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,8 @@ pub enum Error {
     DataDigest(u8),
     #[error("target sent Reject, reason {0:#04x}")]
     Reject(u8),
+    #[error("the target's mutual CHAP response is wrong")]
+    MutualChap,
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -244,6 +246,68 @@ pub struct LoginOptions {
     pub initial_r2t: bool,
     /// A fixed ISID (to test session reinstatement); by default each session gets its own.
     pub isid: Option<[u8; 6]>,
+    /// Authenticate with CHAP in the security stage (implies `security_stage`).
+    pub chap: Option<ChapLogin>,
+    /// The local address to connect from (e.g. 127.0.0.2 for ACL tests).
+    pub bind: Option<IpAddr>,
+}
+
+/// CHAP credentials of the test initiator.
+#[derive(Clone, Debug)]
+pub struct ChapLogin {
+    pub username: String,
+    pub secret: Vec<u8>,
+    /// The CHAP_A list offered, e.g. "5" or "7,5".
+    pub algorithms: String,
+    /// Mutual CHAP: the target's expected name and secret; we challenge it and check its answer.
+    pub target: Option<(String, Vec<u8>)>,
+}
+
+impl ChapLogin {
+    pub fn new(username: &str, secret: &str) -> Self {
+        ChapLogin { username: username.into(), secret: secret.into(), algorithms: "5".into(), target: None }
+    }
+
+    pub fn mutual(mut self, username: &str, secret: &str) -> Self {
+        self.target = Some((username.into(), secret.into()));
+        self
+    }
+}
+
+/// The CHAP response H(id || secret || challenge) of RFC 1994 for CHAP_A `alg`.
+fn chap_response(alg: &str, id: u8, secret: &[u8], challenge: &[u8]) -> Result<Vec<u8>> {
+    fn run<D: sha2::Digest>(id: u8, secret: &[u8], challenge: &[u8]) -> Vec<u8> {
+        let mut d = D::new();
+        d.update([id]);
+        d.update(secret);
+        d.update(challenge);
+        d.finalize().to_vec()
+    }
+    Ok(match alg {
+        "5" => run::<md5::Md5>(id, secret, challenge),
+        "7" => run::<sha2::Sha256>(id, secret, challenge),
+        "8" => run::<sha3::Sha3_256>(id, secret, challenge),
+        _ => return proto(format!("target chose unknown CHAP_A={alg}")),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut s = String::from("0x");
+    for b in bytes {
+        s.push_str(&format!("{b:02x}"));
+    }
+    s
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>> {
+    let body = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).ok_or(Error::Protocol(format!("not hex: {s}")))?;
+    if body.len() % 2 != 0 {
+        return proto(format!("odd hex length: {s}"));
+    }
+    (0..body.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&body[i..i + 2], 16).map_err(|_| Error::Protocol(format!("bad hex: {s}"))))
+        .collect()
 }
 
 impl Default for LoginOptions {
@@ -259,6 +323,8 @@ impl Default for LoginOptions {
             immediate_data: true,
             initial_r2t: false,
             isid: None,
+            chap: None,
+            bind: None,
         }
     }
 }
@@ -359,6 +425,8 @@ pub struct Session {
     pub retry_unit_attention: bool,
     /// (ASC, ASCQ) of every UNIT ATTENTION retried.
     pub unit_attentions: Vec<(u8, u8)>,
+    /// The CHAP_A the target chose, once it did.
+    pub chap_alg: String,
     /// Pipelined commands in flight, by ITT (see [`Session::submit`]).
     inflight: std::collections::HashMap<u32, InFlight>,
     /// Pipelined commands that completed while [`Session::submit`] waited for the window.
@@ -375,12 +443,47 @@ struct InFlight {
     resp: Response,
 }
 
-/// Connection and timeout settings.
-fn connect(addr: &str) -> Result<TcpStream> {
-    let stream = TcpStream::connect(addr)?;
+/// Connection and timeout settings; `bind` picks the local address.
+fn connect(addr: &str, bind: Option<IpAddr>) -> Result<TcpStream> {
+    let stream = match bind {
+        None => TcpStream::connect(addr)?,
+        Some(local) => connect_from(addr.parse().map_err(|_| Error::Protocol(format!("bad address {addr}")))?, local)?,
+    };
     stream.set_read_timeout(Some(IO_TIMEOUT))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// A TCP connection from `local` (std cannot bind before connecting).
+fn connect_from(peer: SocketAddr, local: IpAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let (SocketAddr::V4(peer), IpAddr::V4(local)) = (peer, local) else {
+        return Err(std::io::Error::other("only IPv4 is supported"));
+    };
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(ip).to_be() },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket(2) call; the descriptor is owned by the TcpStream below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh socket nobody else owns; the stream closes it on drop.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let (l, p) = (sin(local, 0), sin(*peer.ip(), peer.port()));
+    // SAFETY: l and p are valid sockaddr_in values of `len` bytes, alive for the calls.
+    if unsafe { libc::bind(fd, (&l as *const libc::sockaddr_in).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::connect(fd, (&p as *const libc::sockaddr_in).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(stream)
 }
 
@@ -396,7 +499,7 @@ impl Session {
     }
 
     fn login_inner(addr: &str, target: Option<&str>, opts: &LoginOptions) -> Result<Session> {
-        let stream = connect(addr)?;
+        let stream = connect(addr, opts.bind)?;
         // Random-qualifier ISID (type 0b10), unique per session in this process so that two open
         // sessions are never mistaken for a reinstatement.
         let n = ISID_COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes();
@@ -426,6 +529,7 @@ impl Session {
             nops_answered: 0,
             retry_unit_attention: true,
             unit_attentions: Vec::new(),
+            chap_alg: String::new(),
             inflight: std::collections::HashMap::new(),
             completed: std::collections::VecDeque::new(),
         };
@@ -465,7 +569,12 @@ impl Session {
             ]);
         }
 
-        let mut stage: u8 = if opts.security_stage { 0 } else { 1 };
+        let mut stage: u8 = if opts.security_stage || opts.chap.is_some() { 0 } else { 1 };
+        // CHAP (RFC 7143 §12.1.3): AuthMethod, then CHAP_A, then CHAP_N/CHAP_R; T=1 only
+        // with the response.
+        let mut chap_keys: Vec<(&str, String)> = Vec::new();
+        let mut chap_done = opts.chap.is_none();
+        let mut our_challenge: Option<(u8, Vec<u8>)> = None;
         let mut sent_operational = false;
         let mut first = true;
         let itt = self.alloc_itt();
@@ -476,7 +585,11 @@ impl Session {
                 keys.extend(leading.iter().cloned());
             }
             if stage == 0 && first {
-                keys.push(("AuthMethod", "None".to_string()));
+                let method = if opts.chap.is_some() { "CHAP" } else { "None" };
+                keys.push(("AuthMethod", method.to_string()));
+            }
+            if stage == 0 {
+                keys.append(&mut chap_keys);
             }
             if stage == 1 && !sent_operational {
                 keys.extend(operational.iter().cloned());
@@ -486,7 +599,9 @@ impl Session {
             let nsg = if stage == 0 { 1 } else { 3 };
             let mut req = Pdu::new(OP_LOGIN_REQ);
             req.bhs[0] |= FLAG_IMMEDIATE;
-            req.bhs[1] = 0x80 | (stage << 2) | nsg; // T=1: we are ready to move on
+            // T=1: we are ready to move on (in the security stage only once CHAP is answered).
+            let ready = stage != 0 || chap_done || keys.iter().any(|(k, _)| *k == "CHAP_R");
+            req.bhs[1] = (u8::from(ready) << 7) | (stage << 2) | nsg;
             req.bhs[8..14].copy_from_slice(&self.isid);
             put_u16(&mut req.bhs, 14, 0); // TSIH 0: a new session
             put_u32(&mut req.bhs, 16, itt);
@@ -518,6 +633,44 @@ impl Session {
                     // Tolerated for keys the target does not handle; an essential key being refused
                     // will show up as a wrong value below.
                     eprintln!("initiator: target answered {k}={v}");
+                }
+            }
+            if let (0, Some(chap)) = (stage, &opts.chap) {
+                let get = |name: &str| keys.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+                if let Some(c) = get("CHAP_C") {
+                    let alg = get("CHAP_A").ok_or(Error::Protocol("CHAP_C without CHAP_A".into()))?;
+                    let id: u8 = get("CHAP_I")
+                        .and_then(|i| i.parse().ok())
+                        .ok_or(Error::Protocol("CHAP_C without a usable CHAP_I".into()))?;
+                    let r = chap_response(&alg, id, &chap.secret, &unhex(&c)?)?;
+                    chap_keys.push(("CHAP_N", chap.username.clone()));
+                    chap_keys.push(("CHAP_R", hex(&r)));
+                    if chap.target.is_some() {
+                        let ours: Vec<u8> = (0..16u8).map(|i| i.wrapping_mul(31) ^ id).collect();
+                        let our_id = id.wrapping_add(1);
+                        chap_keys.push(("CHAP_I", our_id.to_string()));
+                        chap_keys.push(("CHAP_C", hex(&ours)));
+                        our_challenge = Some((our_id, ours));
+                    }
+                    self.chap_alg = alg;
+                } else if get("AuthMethod").as_deref() == Some("CHAP") {
+                    chap_keys.push(("CHAP_A", chap.algorithms.clone()));
+                } else if let Some(r) = get("CHAP_R") {
+                    let (Some((name, secret)), Some((id, c))) = (&chap.target, &our_challenge) else {
+                        return proto("target sent CHAP_R unasked");
+                    };
+                    if get("CHAP_N").as_deref() != Some(name.as_str()) {
+                        return proto(format!("target's CHAP_N {:?} is not {name:?}", get("CHAP_N")));
+                    }
+                    if unhex(&r)? != chap_response(&self.chap_alg, *id, secret, c)? {
+                        return Err(Error::MutualChap);
+                    }
+                    chap_done = true;
+                } else if resp.flags() & 0x80 != 0 {
+                    if chap.target.is_some() {
+                        return proto("target moved on without answering our CHAP challenge");
+                    }
+                    chap_done = true;
                 }
             }
             target_keys.extend(keys);

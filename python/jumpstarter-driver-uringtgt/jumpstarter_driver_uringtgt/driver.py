@@ -24,6 +24,7 @@ from .common import (
     ControlClient,
     ControlError,
     ISCSIError,
+    name_from_file,
     parse_headers,
     parse_response,
     request_line,
@@ -38,12 +39,12 @@ MiB = 1 << 20
 _LEVELS = {"CRITICAL": "error", "FATAL": "error", "ERROR": "error", "WARNING": "warn", "WARN": "warn",
            "INFO": "info", "DEBUG": "debug", "TRACE": "trace", "OFF": "off", "NOTSET": "info"}
 
-_ACCESS_KEYS = ("auth", "allowed_initiators", "allowed_networks", "control_socket_group", "max_connections",
-                "max_sessions_per_initiator")
+# Keys handed on only when set (uringtgt's defaults apply otherwise).
+_OPTIONAL_KEYS = ("offload_threads", "limits", "auth", "allowed_initiators", "allowed_networks",
+                  "control_socket_group", "max_connections", "max_sessions_per_initiator")
 
-# `uringtgt ctl upload` prints `host:port iqn lun_id`, then `name: N bytes, sha256 H, what`.
+# The first line `uringtgt ctl upload` prints.
 _UPLOAD_LINE = re.compile(r"^(?P<address>\S+) (?P<iqn>\S+) (?P<lun_id>\d+)$")
-_RESULT_LINE = re.compile(r"^(?P<name>\S+): (?P<bytes>\d+) bytes, sha256 (?P<sha256>\S+), (?P<what>.*)$")
 
 
 def log_levels(level: str) -> tuple[str, str]:
@@ -77,6 +78,8 @@ class ISCSI(Driver):
     cpus: Optional[List[int]] = None
     poll_mode: Literal["adaptive", "busy"] = "adaptive"
     luns: List[Dict[str, Any]] = field(default_factory=list)
+    offload_threads: Optional[int] = None
+    limits: Optional[Dict[str, Any]] = None
 
     # Access control (uringtgt's README, "Security"): handed on only when set, so a uringtgt
     # without them still takes every configuration that does not use them.
@@ -135,7 +138,7 @@ class ISCSI(Driver):
             cfg["reactors"] = self.reactors
         if self.cpus is not None:
             cfg["cpus"] = list(self.cpus)
-        for key in _ACCESS_KEYS:
+        for key in _OPTIONAL_KEYS:
             value = getattr(self, key)
             if value is not None and value != []:
                 cfg[key] = value
@@ -346,11 +349,10 @@ class ISCSI(Driver):
         address, iqn, lun_id, bytes, sha256, skipped}."""
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"upload_url: not an http(s) URL: {url}")
-        argv = [process.find_binary(), "ctl", "--socket", self._socket, "upload", url]
+        name = name or name_from_file(url)
+        argv = [process.find_binary(), "ctl", "--socket", self._socket, "upload", url, "--name", name]
         for h in parse_headers(headers):
             argv += ["--header", h]
-        if name:
-            argv += ["--name", name]
         if size_mb:
             argv += ["--size-mb", str(size_mb)]
         if force:
@@ -360,19 +362,21 @@ class ISCSI(Driver):
         if proc.returncode != 0:
             msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"status {proc.returncode}"
             raise ISCSIError(msg.removeprefix("uringtgt: "))
+        # Only `ctl upload`'s first line (`host:port iqn lun_id`) is parsed; the digest and
+        # size come from image_info, which the import has just recorded.
         lines = proc.stdout.strip().splitlines()
         first = _UPLOAD_LINE.match(lines[0]) if lines else None
-        second = _RESULT_LINE.match(lines[1]) if len(lines) > 1 else None
-        if first is None or second is None:
+        if first is None:
             raise ISCSIError(f"upload_url: unexpected output of uringtgt ctl upload: {proc.stdout!r}")
+        info = self._call("image_info", {"name": name})
         return {
-            "name": second["name"],
+            "name": name,
             "address": first["address"],
             "iqn": first["iqn"],
             "lun_id": int(first["lun_id"]),
-            "bytes": int(second["bytes"]),
-            "sha256": second["sha256"],
-            "skipped": second["what"].startswith("skipped"),
+            "bytes": info.get("image_bytes") or info.get("size"),
+            "sha256": info.get("sha256"),
+            "skipped": any("skipped" in line for line in lines[1:]),
         }
 
     def close(self):

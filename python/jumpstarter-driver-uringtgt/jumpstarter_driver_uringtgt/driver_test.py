@@ -47,7 +47,7 @@ def bare_driver(**fields) -> ISCSI:
         port=3260, remove_created_on_close=False, block_device_allowlist=[], control_socket=None,
         reactors=None, cpus=None, poll_mode="adaptive", luns=[], log_level="INFO", auth=None,
         allowed_initiators=[], allowed_networks=[], control_socket_group=None, max_connections=None,
-        max_sessions_per_initiator=None,
+        max_sessions_per_initiator=None, offload_threads=None, limits=None,
         _socket="/var/lib/iscsi/uringtgt.sock", _uringtgt_level="info",
     )  # fmt: skip
     for k, v in {**defaults, **fields}.items():
@@ -296,6 +296,19 @@ def test_decompress_goes_through_import_image(client, workdir):
     assert client.list_luns() == []
     with pytest.raises(DriverInvalidArgument, match="Unsupported compression"):
         client.call("decompress", "d.img.gz", "d.img", "rar")
+
+
+def test_offload_threads_and_limits_reach_uringtgt(binary, workdir, libiscsi):
+    d = ISCSI(**driver_config(workdir / "root", offload_threads=1, limits={"max_cmds_per_session": 64}))
+    try:
+        assert d.uringtgt_config()["limits"] == {"max_cmds_per_session": 64}
+        with serve(d) as c:
+            c.add_lun("l", "l.img", 1)
+            assert len(read_lun("127.0.0.1", c.get_port(), c.get_target_iqn())) == MiB
+    finally:
+        d.close()
+    with pytest.raises(ConfigurationError, match="limits"):
+        ISCSI(**driver_config(workdir / "root", limits={"max_cmds_per_session": 0}))
 
 
 def test_startup_failure_names_the_key(binary, workdir):

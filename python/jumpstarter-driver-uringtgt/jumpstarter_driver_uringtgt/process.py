@@ -126,6 +126,14 @@ def _spawn(t: _Target, config: dict[str, Any], logger: logging.Logger) -> None:
     argv = [binary, "serve", "--config", path]
     logger.info("starting %s", " ".join(argv))
     parent = os.getpid()
+    # util-linux's setpriv sets the death signal and execs uringtgt, so no Python code runs in
+    # the forked child: a preexec_fn there can meet gRPC's fork handlers and abort the child.
+    setpriv = shutil.which("setpriv")
+    spawn: dict[str, Any] = {}
+    if setpriv:
+        argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+    else:
+        spawn["preexec_fn"] = lambda: _die_with_parent(parent)
     try:
         t.proc = _spawner.submit(
             subprocess.Popen,
@@ -133,7 +141,7 @@ def _spawn(t: _Target, config: dict[str, Any], logger: logging.Logger) -> None:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            preexec_fn=lambda: _die_with_parent(parent),
+            **spawn,
         ).result()
     except OSError as e:
         shutil.rmtree(t.workdir, ignore_errors=True)

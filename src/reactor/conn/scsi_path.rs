@@ -76,8 +76,9 @@ impl Conn {
             read: bhs.read_bit(),
             write: bhs.write_bit(),
         };
-        let disposition = scsi::execute(&req, env.luns, &mut self.nexus, env.scratch);
-        let d_sense = req.lun.and_then(|id| env.luns.get(id)).is_some_and(|l| l.d_sense());
+        let luns = Self::luns(&self.view, env.luns);
+        let disposition = scsi::execute(&req, luns, &mut self.nexus, env.scratch);
+        let d_sense = req.lun.and_then(|id| luns.get(id)).is_some_and(|l| l.d_sense());
         let (action, needed) = match disposition {
             Disposition::Good => return self.scsi_response(itt, status::GOOD, None, Residual::of(edtl, 0)),
             Disposition::Status(s) => return self.scsi_response(itt, s, None, Residual::None),
@@ -102,7 +103,7 @@ impl Conn {
             return self.scsi_response(itt, status::TASK_SET_FULL, None, Residual::None);
         }
         let xfer = needed.min(edtl);
-        let lun = req.lun.and_then(|id| env.luns.get(id)).cloned();
+        let lun = req.lun.and_then(|id| Self::luns(&self.view, env.luns).get(id)).cloned();
         // A write to a RAM LUN whose data all came as immediate data completes right here,
         // copied straight from the receive buffer: no task, no buffer, no second copy.
         if let (Action::Write { offset, .. }, Some(l)) = (action, &lun) {
@@ -231,7 +232,10 @@ impl Conn {
             // Aborted from another connection while its data was arriving: the buffer could
             // not be freed under the receive; it can now.
             Ok(_) if aborted => self.free_task(slot, env.pool),
-            Ok(a) => self.data_out_sequence_end(slot, a, env),
+            Ok(a) => {
+                task.last_data = env.now;
+                self.data_out_sequence_end(slot, a, env)
+            }
             Err(e) => self.protocol_error_close(bhs.bytes(), &e),
         }
     }
@@ -266,7 +270,9 @@ impl Conn {
         match checked {
             Ok(a) => {
                 self.store_data_out(slot, offset, data);
-                self.tasks.get_mut(slot).expect("found above").dout.commit(a);
+                let task = self.tasks.get_mut(slot).expect("found above");
+                task.dout.commit(a);
+                task.last_data = env.now;
                 self.data_out_sequence_end(slot, a, env);
             }
             Err(e @ DataOutError::DataSn { .. }) => {
@@ -282,6 +288,43 @@ impl Conn {
                 Err(e) => self.protocol_error_close(bhs.bytes(), &e),
             },
             Err(e) => self.protocol_error_close(bhs.bytes(), &e),
+        }
+    }
+
+    /// Aborts the commands whose Data-Out made no progress for `limits.dataout_timeout_secs`:
+    /// CHECK CONDITION, ABORTED COMMAND, INITIATOR RESPONSE TIMEOUT; later Data-Out for them
+    /// is dropped as data for an unknown task. A peer stalled in the middle of a PDU received
+    /// straight into a task's buffer loses the connection instead (the buffer is the kernel's
+    /// until that receive completes).
+    pub(super) fn dataout_timeouts(&mut self, now: Instant, pool: &mut BufPool) {
+        let timeout = self.dataout_timeout;
+        let expired: Vec<u16> = self
+            .tasks
+            .slots()
+            .filter(|(_, t)| {
+                t.stage == Stage::DataOut && !t.aborted && now.saturating_duration_since(t.last_data) > timeout
+            })
+            .map(|(s, _)| s)
+            .collect();
+        if expired.is_empty() {
+            return;
+        }
+        if self.limits_logged & limit::DATA_OUT_TIMEOUT == 0 {
+            self.limits_logged |= limit::DATA_OUT_TIMEOUT;
+            log::warn!(
+                "{}: no Data-Out for {timeout:?} (limits.dataout_timeout_secs): aborting the command",
+                self.peer
+            );
+        }
+        for slot in expired {
+            if self.direct.as_ref().is_some_and(|d| d.slot == slot) {
+                return self.close("Data-Out stalled in the middle of a PDU");
+            }
+            let task = self.tasks.get(slot).expect("listed above");
+            let (itt, r2ts, d_sense) = (task.itt, task.r2t_sn, task.lun.as_ref().is_some_and(|l| l.d_sense()));
+            self.free_task(slot, pool);
+            let sense = Sense::aborted_command(0x4B, 0x06);
+            self.scsi_response_after(itt, status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None, r2ts);
         }
     }
 
@@ -334,7 +377,8 @@ impl Conn {
             write: task.write_bit,
         };
         let data_out: &[u8] = task.buf.as_ref().map_or(&[], |b| &b[..task.xfer as usize]);
-        let disposition = scsi::execute_data_out(&req, env.luns, &mut self.nexus, data_out, env.scratch);
+        let luns = Self::luns(&self.view, env.luns);
+        let disposition = scsi::execute_data_out(&req, luns, &mut self.nexus, data_out, env.scratch);
         if let Disposition::Offload { lock } = disposition {
             // Checked; the work itself (backing I/O) runs on a worker.
             let task = self.tasks.get_mut(slot).expect("live task");
@@ -428,6 +472,10 @@ impl Conn {
     fn start_io(&mut self, slot: u16, env: &mut ConnEnv) {
         let task = self.tasks.get_mut(slot).expect("live task");
         task.stage = Stage::Io;
+        if let Action::Read { .. } = task.action {
+            task.tx_reserved = task.xfer;
+            self.tx_reserved += task.xfer as usize;
+        }
         let Some(lun) = task.lun.clone() else {
             unreachable!("I/O dispositions come only for existing LUNs");
         };
@@ -555,6 +603,8 @@ impl Conn {
     fn send_read_data(&mut self, slot: u16, lun_field: [u8; 8], itt: u32, edtl: u32, needed: u32, xfer: u32) {
         let task = self.tasks.get_mut(slot).expect("live task");
         task.stage = Stage::Sending;
+        // From here the Data-In counts in the transmit queue itself.
+        self.tx_reserved -= std::mem::take(&mut task.tx_reserved) as usize;
         let base = match (&task.buf, &task.lun, task.action) {
             (Some(buf), _, _) => buf.as_ptr(),
             (None, Some(lun), Action::Read { offset }) => match &lun.backing {
@@ -616,6 +666,7 @@ impl Conn {
     /// task management response.
     pub(super) fn free_task(&mut self, slot: u16, pool: &mut BufPool) {
         if let Some(mut t) = self.tasks.remove(slot) {
+            self.tx_reserved -= t.tx_reserved as usize;
             if let Some(buf) = t.buf.take() {
                 pool.put(buf);
             }
@@ -630,7 +681,7 @@ impl Conn {
     pub(super) fn task_mgmt(&mut self, bhs: Bhs, env: &mut ConnEnv) {
         let function = bhs.tmf_function();
         let lun_id = lun::decode_lun(bhs.lun());
-        let lun_exists = lun_id.is_some_and(|id| env.luns.get(id).is_some());
+        let lun_exists = lun_id.is_some_and(|id| Self::luns(&self.view, env.luns).get(id).is_some());
         let mut waiting = 0;
         let response = match function {
             tmf::ABORT_TASK => {
@@ -664,7 +715,7 @@ impl Conn {
                     waiting += self.abort(s, bhs.itt(), env.pool);
                 }
                 if function == tmf::LOGICAL_UNIT_RESET {
-                    if let Some(l) = lun_id.and_then(|id| env.luns.get(id)) {
+                    if let Some(l) = lun_id.and_then(|id| Self::luns(&self.view, env.luns).get(id)) {
                         self.nexus.lun_reset(l);
                     }
                     // Every other I_T nexus's tasks on the LUN too, on every reactor; the
@@ -678,7 +729,7 @@ impl Conn {
                 for s in slots {
                     waiting += self.abort(s, bhs.itt(), env.pool);
                 }
-                self.nexus.target_reset(env.luns);
+                self.nexus.target_reset(Self::luns(&self.view, env.luns));
                 waiting += self.abort_other_nexuses(None, bhs.itt(), env);
                 if function == tmf::TARGET_COLD_RESET {
                     self.close_after_send = true;

@@ -22,6 +22,9 @@ pub const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// MAXIMUM WRITE SAME LENGTH: 16 MiB, no more than a READ or WRITE moves, so initiators can
 /// check a WRITE SAME with one READ.
 pub const MAX_WRITE_SAME_BLOCKS: u64 = MAX_TRANSFER_BLOCKS as u64;
+/// MAXIMUM ATOMIC TRANSFER LENGTH (block limits VPD): 1 MiB per WRITE ATOMIC(16), written
+/// with one call under the LUN's read-modify-write lock. No alignment or granularity rules.
+pub const MAX_ATOMIC_BLOCKS: u32 = 2048;
 
 const BS: u64 = BLOCK_SIZE as u64;
 /// Largest buffer WRITE SAME writes its pattern from in one call.
@@ -65,8 +68,7 @@ pub(super) fn read(cdb: &[u8], lun: &Lun) -> Res {
     Ok(Disposition::Read { offset: d.lba * BS, len: d.blocks * BLOCK_SIZE })
 }
 
-/// WRITE(6/10/12/16) and WRITE AND VERIFY(10/12/16); the verify is the write's own success.
-pub(super) fn write(cdb: &[u8], lun: &Lun) -> Res {
+fn write_check(cdb: &[u8], lun: &Lun) -> Result<BlockCdb, Sense> {
     let d = decode(cdb)?;
     no_protect(&d)?;
     let verify = matches!(cdb[0], op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16);
@@ -76,12 +78,28 @@ pub(super) fn write(cdb: &[u8], lun: &Lun) -> Res {
     max_transfer(&d)?;
     check_range(lun, d.lba, u64::from(d.blocks))?;
     writable(lun)?;
+    Ok(d)
+}
+
+/// WRITE(6/10/12/16): a byte range for the transport.
+pub(super) fn write(cdb: &[u8], lun: &Lun) -> Res {
+    let d = write_check(cdb, lun)?;
     if d.blocks == 0 {
         return Ok(Disposition::Good);
     }
-    // WRITE AND VERIFY has no FUA bit (byte 1 bit 3 is reserved there).
-    let fua = (!verify && d.fua()) || !lun.write_cache();
+    let fua = d.fua() || !lun.write_cache();
     Ok(Disposition::Write { offset: d.lba * BS, len: d.blocks * BLOCK_SIZE, fua })
+}
+
+/// WRITE AND VERIFY(10/12/16): the transport's write, always FUA, so status reports the data
+/// on the medium: the backing store's write is its own verification (an error fails the
+/// command), and the Data-Out keeps the hot path's residual handling.
+pub(super) fn write_verify(cdb: &[u8], lun: &Lun) -> Res {
+    let d = write_check(cdb, lun)?;
+    if d.blocks == 0 {
+        return Ok(Disposition::Good);
+    }
+    Ok(Disposition::Write { offset: d.lba * BS, len: d.blocks * BLOCK_SIZE, fua: true })
 }
 
 /// SYNCHRONIZE CACHE(10/16): a whole-store flush; 0 blocks means "to the end".
@@ -98,15 +116,17 @@ pub(super) fn prefetch(cdb: &[u8], lun: &Lun) -> Res {
     Ok(Disposition::Good)
 }
 
-/// VERIFY(10/12/16). BYTCHK 00b: the medium is always readable, so a range check is all;
-/// 01b compares the Data-Out with the medium; 11b compares one block against every block.
+/// VERIFY(10/12/16). BYTCHK 00b reads the range (a read failure is a MEDIUM ERROR with the
+/// first LBA of the chunk that failed); 01b compares the Data-Out with the medium; 11b compares
+/// one block against every block.
 pub(super) fn verify(cdb: &[u8], lun: &Lun) -> Res {
     let d = verify_check(cdb, lun)?;
     if d.blocks == 0 {
         return Ok(Disposition::Good);
     }
     match d.bytchk() {
-        0 => Ok(Disposition::Good),
+        // Reads only: no range to hold.
+        0 => Ok(Disposition::Offload { lock: None }),
         1 => Ok(Disposition::DataOut { len: d.blocks * BLOCK_SIZE }),
         _ => Ok(Disposition::DataOut { len: BLOCK_SIZE }),
     }
@@ -119,10 +139,23 @@ fn verify_check(cdb: &[u8], lun: &Lun) -> Result<BlockCdb, Sense> {
         return Err(Sense::invalid_field_in_cdb(1, 2));
     }
     check_range(lun, d.lba, u64::from(d.blocks))?;
-    if d.bytchk() != 0 {
-        max_transfer(&d)?;
-    }
+    max_transfer(&d)?;
     Ok(d)
+}
+
+/// Reads `blocks` blocks from `lba` in [`WRITE_SAME_CHUNK`] steps, for VERIFY's medium check.
+fn read_through(lun: &Lun, lba: u64, blocks: u32) -> Result<(), Sense> {
+    let total = u64::from(blocks) * BS;
+    let mut buf = vec![0u8; (total as usize).min(WRITE_SAME_CHUNK)];
+    let mut done = 0u64;
+    while done < total {
+        let n = (total - done).min(buf.len() as u64) as usize;
+        lun.backing
+            .read_at(&mut buf[..n], lba * BS + done)
+            .map_err(|_| Sense { info: Some(lba + done / BS), ..Sense::read_error() })?;
+        done += n as u64;
+    }
+    Ok(())
 }
 
 pub(super) fn verify_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
@@ -137,6 +170,10 @@ pub(super) fn verify_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
 
 pub(super) fn verify_work(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
     let d = verify_check(cdb, lun)?;
+    if d.bytchk() == 0 {
+        read_through(lun, d.lba, d.blocks)?;
+        return Ok(Disposition::Good);
+    }
     let len = d.blocks as usize * BLOCK_SIZE as usize;
     let mut medium = vec![0u8; len];
     lun.backing.read_at(&mut medium, d.lba * BS).map_err(|_| Sense::read_error())?;
@@ -375,6 +412,44 @@ pub(super) fn compare_and_write_work(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res 
     Ok(Disposition::Good)
 }
 
+fn write_atomic_check(cdb: &[u8], lun: &Lun) -> Result<BlockCdb, Sense> {
+    let d = decode(cdb)?;
+    no_protect(&d)?;
+    if d.blocks > MAX_ATOMIC_BLOCKS {
+        return Err(Sense::invalid_field_in_cdb(d.len_byte, 7));
+    }
+    check_range(lun, d.lba, u64::from(d.blocks))?;
+    writable(lun)?;
+    Ok(d)
+}
+
+/// WRITE ATOMIC(16): the Data-Out lands in one buffer and is written with one call.
+pub(super) fn write_atomic(cdb: &[u8], lun: &Lun) -> Res {
+    let d = write_atomic_check(cdb, lun)?;
+    if d.blocks == 0 {
+        return Ok(Disposition::Good);
+    }
+    Ok(Disposition::DataOut { len: d.blocks * BLOCK_SIZE })
+}
+
+pub(super) fn write_atomic_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
+    let d = write_atomic_check(cdb, lun)?;
+    let len = d.blocks as usize * BS as usize;
+    data.get(..len).ok_or_else(|| Sense::invalid_field_in_cdb(d.len_byte, 7))?;
+    // Holds the range like COMPARE AND WRITE, ORWRITE, WRITE SAME and UNMAP: none of them
+    // sees half of this write.
+    Ok(Disposition::Offload { lock: Some(LbaRange::new(d.lba, u64::from(d.blocks))) })
+}
+
+pub(super) fn write_atomic_work(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
+    let d = write_atomic_check(cdb, lun)?;
+    let len = d.blocks as usize * BS as usize;
+    let data = data.get(..len).ok_or_else(|| Sense::invalid_field_in_cdb(d.len_byte, 7))?;
+    let fua = d.fua() || !lun.write_cache();
+    lun.backing.write_at(data, d.lba * BS, fua).map_err(|_| Sense::write_error())?;
+    Ok(Disposition::Good)
+}
+
 fn orwrite_check(cdb: &[u8], lun: &Lun) -> Result<BlockCdb, Sense> {
     let d = decode(cdb)?;
     no_protect(&d)?;
@@ -479,9 +554,11 @@ mod tests {
         assert_eq!(run(&t, &mut n, &cdb10(op::WRITE_10, 0x08, 5, 2), 0), w(true));
         assert_eq!(run(&t, &mut n, &cdb12(op::WRITE_12, 0x0A, 5, 2), 0), w(true));
         assert_eq!(run(&t, &mut n, &cdb16(op::WRITE_16, 0x08, 5, 2), 0), w(true));
-        assert_eq!(run(&t, &mut n, &cdb10(op::WRITE_VERIFY_10, 0x12, 5, 2), 0), w(false));
-        assert_eq!(run(&t, &mut n, &cdb12(op::WRITE_VERIFY_12, 0, 5, 2), 0), w(false));
-        assert_eq!(run(&t, &mut n, &cdb16(op::WRITE_VERIFY_16, 0, 5, 2), 0), w(false));
+        let wv = w(true);
+        assert_eq!(run(&t, &mut n, &cdb10(op::WRITE_VERIFY_10, 0x12, 5, 2), 0), wv);
+        assert_eq!(run(&t, &mut n, &cdb12(op::WRITE_VERIFY_12, 0, 5, 2), 0), wv);
+        assert_eq!(run(&t, &mut n, &cdb16(op::WRITE_VERIFY_16, 0, 5, 2), 0), wv);
+        assert_eq!(run(&t, &mut n, &cdb16(op::WRITE_VERIFY_16, 0, 5, 0), 0), Disposition::Good);
         assert_eq!(run(&t, &mut n, &cdb10(op::WRITE_10, 0, 5, 0), 0), Disposition::Good);
         assert_eq!(
             run(&t, &mut n, &[op::WRITE_6, 0, 0, 0, 0, 0], 0),
@@ -709,5 +786,34 @@ mod tests {
         assert_eq!(check(exec_out(&t, &mut n, &cdb16(op::ORWRITE_16, 0, BLOCKS, 1), 0, &[0; 512])), OOB);
         assert_eq!(check(exec_out(&t, &mut n, &cdb16(op::ORWRITE_16, 0, 0, 1), 1, &[0; 512])), WP);
         assert_eq!(sense(exec_out(&t, &mut n, &cdb16(op::ORWRITE_16, 0x20, 0, 1), 0, &[0; 512])).asc, 0x24);
+    }
+
+    #[test]
+    fn write_atomic_writes_all_or_refuses() {
+        let (t, mut n) = setup();
+        let wa = |flags, lba, blocks: u16| {
+            let mut c = cdb16(op::WRITE_ATOMIC_16, flags, lba, 0);
+            cdb::put16(&mut c, 12, blocks);
+            c
+        };
+        assert_eq!(exec_out(&t, &mut n, &wa(0x18, 4, 3), 0, &[0x6B; 1536]), Disposition::Good);
+        assert!(medium(&t, 4, 3).iter().all(|&b| b == 0x6B));
+        assert!(medium(&t, 3, 1).iter().all(|&b| b == 0) && medium(&t, 7, 1).iter().all(|&b| b == 0));
+        assert_eq!(run(&t, &mut n, &wa(0, 0, 0), 0), Disposition::Good);
+        assert_eq!(check(run(&t, &mut n, &wa(0, BLOCKS + 1, 0), 0)), OOB);
+        assert_eq!(check(run(&t, &mut n, &wa(0, u64::MAX, 1), 0)), OOB);
+        assert_eq!(check(exec_out(&t, &mut n, &wa(0, BLOCKS - 1, 2), 0, &[0; 1024])), OOB);
+        assert_eq!(check(exec_out(&t, &mut n, &wa(0, 0, 1), 1, &[0; 512])), WP);
+        assert_eq!(sense(run(&t, &mut n, &wa(0x20, 0, 1), 0)).specific, Some([0x4F, 0, 1]));
+        let too_long = MAX_ATOMIC_BLOCKS as u16 + 1;
+        assert_eq!(sense(run(&t, &mut n, &wa(0, 0, too_long), 0)).specific, Some([0x4F, 0, 12]));
+    }
+
+    #[test]
+    fn verify_bytchk_0_reads_the_range() {
+        let (t, mut n) = setup();
+        assert_eq!(run(&t, &mut n, &cdb16(op::VERIFY_16, 0, 0, BLOCKS as u32), 0), Disposition::Good);
+        assert_eq!(run(&t, &mut n, &cdb10(op::VERIFY_10, 0, BLOCKS as u32 - 1, 1), 0), Disposition::Good);
+        assert_eq!(check(run(&t, &mut n, &cdb10(op::VERIFY_10, 0, BLOCKS as u32 - 1, 2), 0)), OOB);
     }
 }

@@ -1,7 +1,7 @@
 //! Commands that describe the target and its LUNs: REQUEST SENSE, READ CAPACITY, REPORT LUNS,
 //! GET LBA STATUS, REPORT SUPPORTED OPERATION CODES / TASK MANAGEMENT FUNCTIONS.
 
-use super::{data_in, Res};
+use super::{data_in, xcopy, Res};
 use crate::scsi::cdb::{be16, be32, be64, op, put16, put32, put64, sa};
 use crate::scsi::lun::{encode_lun, PHYS_BLOCK_EXP};
 use crate::scsi::nexus::ua;
@@ -109,6 +109,21 @@ pub(super) fn get_lba_status(cdb: &[u8], lun: &Lun, buf: &mut [u8]) -> Res {
     data_in(buf, n, alloc)
 }
 
+/// READ DEFECT DATA(10/12): a disk image has no defects, so an empty list in the format asked
+/// for (SBC-3 5.13 / 5.14).
+pub(super) fn read_defect_data(cdb: &[u8], buf: &mut [u8]) -> Res {
+    // REQ_PLIST, REQ_GLIST and the DEFECT LIST FORMAT are echoed back.
+    if cdb[0] == op::READ_DEFECT_DATA_10 {
+        buf[..4].fill(0);
+        buf[1] = cdb[2] & 0x1F;
+        data_in(buf, 4, usize::from(be16(cdb, 7)))
+    } else {
+        buf[..8].fill(0);
+        buf[1] = cdb[1] & 0x1F;
+        data_in(buf, 8, be32(cdb, 6) as usize)
+    }
+}
+
 /// One supported command: opcode, service action, CDB usage data (its first byte is the
 /// opcode, the service action byte holds the service action, other bytes mask the bits the
 /// device server looks at).
@@ -147,6 +162,7 @@ static SUPPORTED: &[Supported] = &[
     cmd(&[op::WRITE_VERIFY_10, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
     cmd(&[op::VERIFY_10, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
     cmd(&[op::PRE_FETCH_10, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
+    cmd(&[op::READ_DEFECT_DATA_10, 0, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, C]),
     cmd(&[op::SYNC_CACHE_10, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
     cmd(&[op::WRITE_SAME_10, 0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
     cmd(&[op::UNMAP, 0x01, 0, 0, 0, 0, 0, 0xFF, 0xFF, C]),
@@ -156,6 +172,32 @@ static SUPPORTED: &[Supported] = &[
     cmd(&[op::MODE_SENSE_10, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, C]),
     cmd(&[op::PERSISTENT_RESERVE_IN, 0x1F, 0, 0, 0, 0, 0, 0xFF, 0xFF, C]),
     cmd(&[op::PERSISTENT_RESERVE_OUT, 0x1F, 0xFF, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, C]),
+    sa_cmd(0x00, &[op::EXTENDED_COPY, 0x00, 0, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
+    sa_cmd(
+        xcopy::RCR_COPY_STATUS,
+        &[op::RECEIVE_COPY_RESULTS, xcopy::RCR_COPY_STATUS, 0xFF, 0, 0, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C],
+    ),
+    sa_cmd(
+        xcopy::RCR_OPERATING_PARAMETERS,
+        &[
+            op::RECEIVE_COPY_RESULTS,
+            xcopy::RCR_OPERATING_PARAMETERS,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0,
+            0xFF,
+            0xFF,
+            0xFF,
+            0xFF,
+            0,
+            C,
+        ],
+    ),
     cmd(&[op::READ_16, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     cmd(&[op::COMPARE_AND_WRITE, 0xE8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0, C]),
     cmd(&[op::WRITE_16, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
@@ -164,6 +206,7 @@ static SUPPORTED: &[Supported] = &[
     cmd(&[op::VERIFY_16, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     cmd(&[op::PRE_FETCH_16, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     cmd(&[op::SYNC_CACHE_16, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
+    cmd(&[op::WRITE_ATOMIC_16, 0xF8, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0xFF, 0xFF, 0, C]),
     cmd(&[op::WRITE_SAME_16, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     sa_cmd(
         sa::READ_CAPACITY_16,
@@ -203,11 +246,12 @@ static SUPPORTED: &[Supported] = &[
     cmd(&[op::WRITE_12, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     cmd(&[op::WRITE_VERIFY_12, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
     cmd(&[op::VERIFY_12, 0xF6, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
+    cmd(&[op::READ_DEFECT_DATA_12, 0x1F, 0, 0, 0, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, C]),
 ];
 
 /// Opcodes whose commands are told apart by a service action.
 fn has_service_actions(opcode: u8) -> bool {
-    matches!(opcode, op::SERVICE_ACTION_IN_16 | op::MAINTENANCE_IN)
+    matches!(opcode, op::SERVICE_ACTION_IN_16 | op::MAINTENANCE_IN | op::EXTENDED_COPY | op::RECEIVE_COPY_RESULTS)
 }
 
 /// Writes a command timeouts descriptor (no timeouts specified); returns its length.
@@ -454,6 +498,23 @@ mod tests {
         assert_eq!(exec(&t, &mut n, &rsoc(3, op::READ_10, 0, 512), 0, &mut buf), Disposition::DataIn(14));
         assert_eq!(exec(&t, &mut n, &rsoc(3, 0xA3, 0x0C, 512), 0, &mut buf), Disposition::DataIn(16));
         assert_eq!(sense(exec(&t, &mut n, &rsoc(4, 0, 0, 512), 0, &mut buf)).asc, 0x24);
+    }
+
+    #[test]
+    fn read_defect_data_is_an_empty_list() {
+        let (t, mut n) = setup();
+        let mut buf = vec![0xAAu8; 64];
+        let rdd10 = [op::READ_DEFECT_DATA_10, 0, 0x1D, 0, 0, 0, 0, 0, 32, 0];
+        assert_eq!(exec(&t, &mut n, &rdd10, 0, &mut buf), Disposition::DataIn(4));
+        assert_eq!(&buf[..4], &[0, 0x1D, 0, 0]);
+        let mut rdd12 = [0u8; 12];
+        rdd12[0] = op::READ_DEFECT_DATA_12;
+        rdd12[1] = 0x0C;
+        rdd12[9] = 4;
+        assert_eq!(exec(&t, &mut n, &rdd12, 0, &mut buf), Disposition::DataIn(4), "cut to the allocation length");
+        rdd12[9] = 32;
+        assert_eq!(exec(&t, &mut n, &rdd12, 0, &mut buf), Disposition::DataIn(8));
+        assert_eq!(&buf[..8], &[0, 0x0C, 0, 0, 0, 0, 0, 0]);
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! SBC-3 6.6).
 
 use super::block::{
-    MAX_CAW_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS,
+    MAX_ATOMIC_BLOCKS, MAX_CAW_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS,
+    MAX_WRITE_SAME_BLOCKS,
 };
 use super::{data_in, Res};
 use crate::scsi::cdb::{be16, put16, put32, put64};
@@ -23,6 +24,12 @@ fn ascii(out: &mut [u8], s: &str) {
     out.fill(b' ');
     let n = s.len().min(out.len());
     out[..n].copy_from_slice(&s.as_bytes()[..n]);
+}
+
+/// The 4-byte PRODUCT REVISION LEVEL from a version: as much of it as fits, without a dangling
+/// separator (`0.1.0` → `0.1`, not `0.1.`).
+fn product_revision(version: &str) -> &str {
+    version[..version.len().min(4)].trim_end_matches(['.', '-', '+'])
 }
 
 /// INQUIRY; `lun` is `None` for a LUN address with no logical unit behind it.
@@ -82,10 +89,11 @@ fn standard(lun: Option<&Lun>, buf: &mut [u8]) -> usize {
     b[2] = 0x06; // SPC-4
     b[3] = 0x10 | 0x02; // HISUP, response data format 2
     b[4] = (STD_LEN - 5) as u8;
+    b[5] = 0x08; // 3PC: EXTENDED COPY
     b[7] = 0x02; // CMDQUE
     ascii(&mut b[8..16], VENDOR);
     ascii(&mut b[16..32], PRODUCT);
-    ascii(&mut b[32..36], env!("CARGO_PKG_VERSION"));
+    ascii(&mut b[32..36], product_revision(env!("CARGO_PKG_VERSION")));
     for (i, v) in VERSION_DESCRIPTORS.iter().enumerate() {
         put16(b, 58 + 2 * i, *v);
     }
@@ -119,6 +127,9 @@ fn block_limits(body: &mut [u8]) -> usize {
     put32(b, 24, GRANULARITY_BLOCKS); // OPTIMAL UNMAP GRANULARITY
     put32(b, 28, 0x8000_0000); // UGAVALID, alignment 0
     put64(b, 32, MAX_WRITE_SAME_BLOCKS);
+    // MAXIMUM ATOMIC TRANSFER LENGTH; ATOMIC ALIGNMENT and ATOMIC TRANSFER LENGTH GRANULARITY
+    // 0 (none), no atomic boundaries.
+    put32(b, 40, MAX_ATOMIC_BLOCKS);
     0x3C
 }
 
@@ -148,10 +159,15 @@ mod tests {
     fn standard_data() {
         let d = get(false, 0);
         assert_eq!(d.len(), 96);
-        assert_eq!(&d[..8], &[0x00, 0x00, 0x06, 0x12, 91, 0x00, 0x00, 0x02]);
+        assert_eq!(&d[..8], &[0x00, 0x00, 0x06, 0x12, 91, 0x08, 0x00, 0x02], "3PC set");
         assert_eq!(&d[8..16], b"URINGTGT");
         assert_eq!(&d[16..32], b"uringtgt disk   ");
-        assert_eq!(&d[32..36], &env!("CARGO_PKG_VERSION").as_bytes()[..4]);
+        let rev = product_revision(env!("CARGO_PKG_VERSION"));
+        assert_eq!(&d[32..32 + rev.len()], rev.as_bytes());
+        assert!(!rev.ends_with('.') && d[32 + rev.len()..36].iter().all(|&b| b == b' '), "{rev:?}");
+        assert_eq!(product_revision("0.1.0"), "0.1");
+        assert_eq!(product_revision("0.12.3"), "0.12");
+        assert_eq!(product_revision("10.2.3"), "10.2");
         assert_eq!(&d[58..66], &[0x00, 0xA0, 0x09, 0x60, 0x04, 0x60, 0x04, 0xC0]);
         assert!(d[66..].iter().all(|&b| b == 0));
     }
@@ -214,6 +230,8 @@ mod tests {
         assert_eq!(be32(&d, 28), 8);
         assert_eq!(be32(&d, 32), 0x8000_0000);
         assert_eq!(be64(&d, 36), MAX_WRITE_SAME_BLOCKS);
+        assert_eq!(be32(&d, 44), MAX_ATOMIC_BLOCKS);
+        assert_eq!((be32(&d, 48), be32(&d, 52)), (0, 0), "no atomic alignment or granularity");
     }
 
     #[test]

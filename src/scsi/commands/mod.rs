@@ -9,11 +9,15 @@ mod info;
 mod inquiry;
 mod mode;
 mod reserve;
+pub(crate) mod xcopy;
 
 use super::cdb::{self, op, sa};
 use super::{Disposition, Lun, LunTable, Nexus, Request, Sense};
 
-pub use block::{MAX_CAW_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS, MAX_WRITE_SAME_BLOCKS};
+pub use block::{
+    MAX_ATOMIC_BLOCKS, MAX_CAW_BLOCKS, MAX_TRANSFER_BLOCKS, MAX_UNMAP_BLOCKS, MAX_UNMAP_DESCRIPTORS,
+    MAX_WRITE_SAME_BLOCKS,
+};
 
 /// A command's outcome before it becomes a [`Disposition`]: errors are sense data.
 type Res = Result<Disposition, Sense>;
@@ -53,6 +57,7 @@ fn run_offloaded(req: &Request, lun: &Lun, data_out: &[u8], data_in: &mut [u8]) 
         op::UNMAP => block::unmap_work(cdb, lun, data_out),
         op::COMPARE_AND_WRITE => block::compare_and_write_work(cdb, lun, data_out),
         op::ORWRITE_16 => block::orwrite_work(cdb, lun, data_out),
+        op::WRITE_ATOMIC_16 => block::write_atomic_work(cdb, lun, data_out),
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify_work(cdb, lun, data_out),
         op::SERVICE_ACTION_IN_16 if cdb::service_action(cdb) == Some(sa::GET_LBA_STATUS) => {
             info::get_lba_status(cdb, lun, data_in)
@@ -107,7 +112,7 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
     match opcode {
         op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 => block::read(cdb, lun),
         op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16 => block::write(cdb, lun),
-        op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16 => block::write(cdb, lun),
+        op::WRITE_VERIFY_10 | op::WRITE_VERIFY_12 | op::WRITE_VERIFY_16 => block::write_verify(cdb, lun),
         op::SYNC_CACHE_10 | op::SYNC_CACHE_16 => block::sync_cache(cdb, lun),
         op::TEST_UNIT_READY => Ok(Disposition::Good),
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify(cdb, lun),
@@ -116,6 +121,10 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
         op::UNMAP => block::unmap(cdb, lun),
         op::COMPARE_AND_WRITE => block::compare_and_write(cdb, lun, req.expected_len),
         op::ORWRITE_16 => block::orwrite(cdb, lun),
+        op::WRITE_ATOMIC_16 => block::write_atomic(cdb, lun),
+        op::READ_DEFECT_DATA_10 | op::READ_DEFECT_DATA_12 => info::read_defect_data(cdb, data_in),
+        op::EXTENDED_COPY => xcopy::extended_copy(cdb),
+        op::RECEIVE_COPY_RESULTS => xcopy::receive_copy_results(cdb, lun, nexus, data_in),
         op::REQUEST_SENSE => info::request_sense(cdb, lun, nexus, data_in),
         op::INQUIRY => inquiry::inquiry(cdb, Some(lun), data_in),
         op::MODE_SENSE_6 | op::MODE_SENSE_10 => mode::mode_sense(cdb, lun, data_in),
@@ -144,11 +153,13 @@ fn run_data_out(req: &Request, table: &LunTable, nexus: &Nexus, data_out: &[u8])
     let cdb = checked_cdb(req)?;
     let lun = req.lun.and_then(|id| table.get(id)).ok_or_else(Sense::lun_not_supported)?;
     match cdb[0] {
-        op::MODE_SELECT_6 | op::MODE_SELECT_10 => mode::select_data(cdb, lun, data_out),
+        op::MODE_SELECT_6 | op::MODE_SELECT_10 => mode::select_data(cdb, lun, nexus, data_out),
         op::WRITE_SAME_10 | op::WRITE_SAME_16 => block::write_same_data(cdb, lun, data_out),
         op::UNMAP => block::unmap_data(cdb, lun, data_out),
         op::COMPARE_AND_WRITE => block::compare_and_write_data(cdb, lun, data_out),
         op::ORWRITE_16 => block::orwrite_data(cdb, lun, data_out),
+        op::WRITE_ATOMIC_16 => block::write_atomic_data(cdb, lun, data_out),
+        op::EXTENDED_COPY => xcopy::extended_copy_data(cdb, lun, table, nexus, data_out),
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify_data(cdb, lun, data_out),
         op::PERSISTENT_RESERVE_OUT => reserve::prout_data(cdb, lun, nexus, data_out),
         _ => Err(Sense::invalid_opcode()),

@@ -3,7 +3,8 @@
 
 use super::{data_in, Res};
 use crate::scsi::cdb::{be16, be24, be32, op, put16, put32, put64};
-use crate::scsi::{Disposition, Lun, Sense};
+use crate::scsi::nexus::ua;
+use crate::scsi::{Disposition, Lun, Nexus, Sense};
 use std::sync::atomic::Ordering;
 
 const CACHING: u8 = 0x08;
@@ -141,7 +142,7 @@ fn select_check(cdb: &[u8]) -> Result<u16, Sense> {
 
 /// MODE SELECT's parameter list: header, optional block descriptor, pages. Every change is
 /// checked before any is applied.
-pub(super) fn select_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
+pub(super) fn select_data(cdb: &[u8], lun: &Lun, nexus: &Nexus, data: &[u8]) -> Res {
     let len = usize::from(select_check(cdb)?);
     let data = &data[..len.min(data.len())];
     let six = cdb[0] == op::MODE_SELECT_6;
@@ -207,8 +208,12 @@ pub(super) fn select_data(cdb: &[u8], lun: &Lun, data: &[u8]) -> Res {
         }
         off += plen;
     }
+    let changed = wce != lun.write_cache() || d_sense != lun.d_sense();
     lun.write_cache.store(wce, Ordering::Relaxed);
     lun.d_sense.store(d_sense, Ordering::Relaxed);
+    if changed {
+        nexus.notify_others(lun, ua::MODE_PARAMETERS_CHANGED);
+    }
     Ok(Disposition::Good)
 }
 
@@ -322,6 +327,27 @@ mod tests {
         assert_eq!(exec_out(&t, &mut n, &cdb, 0, &d), Disposition::Good);
         assert!(l.write_cache());
         assert_eq!(run_len0(&t, &mut n), Disposition::Good);
+    }
+
+    #[test]
+    fn changes_tell_the_other_sessions() {
+        let (t, mut n) = setup();
+        let mut other = Nexus::new();
+        other.take(0);
+        let mut buf = [0u8; 64];
+        // Both sessions have used the LUN.
+        assert_eq!(exec(&t, &mut other, &[0u8; 6], 0, &mut buf), Disposition::Good);
+        let mut caching = get(&t, &mut n, &ms6(true, 0, 0x08, 0, 255), 0)[4..].to_vec();
+        // Selecting the current values changes nothing and tells no one.
+        let (cdb, data) = select6(&caching);
+        assert_eq!(exec_out(&t, &mut n, &cdb, 0, &data), Disposition::Good);
+        assert_eq!(exec(&t, &mut other, &[0u8; 6], 0, &mut buf), Disposition::Good);
+        caching[2] &= !WCE;
+        let (cdb, data) = select6(&caching);
+        assert_eq!(exec_out(&t, &mut n, &cdb, 0, &data), Disposition::Good);
+        assert_eq!(check(exec(&t, &mut other, &[0u8; 6], 0, &mut buf)), (SenseKey::UnitAttention, 0x2A, 0x01));
+        assert_eq!(exec(&t, &mut other, &[0u8; 6], 0, &mut buf), Disposition::Good);
+        assert_eq!(exec(&t, &mut n, &[0u8; 6], 0, &mut buf), Disposition::Good, "not the session that changed it");
     }
 
     fn run_len0(t: &LunTable, n: &mut Nexus) -> Disposition {

@@ -31,6 +31,9 @@ pub(super) fn access(cdb: &[u8]) -> Access {
         | op::VERIFY_16
         | op::PRE_FETCH_10
         | op::PRE_FETCH_16
+        | op::READ_DEFECT_DATA_10
+        | op::READ_DEFECT_DATA_12
+        | op::RECEIVE_COPY_RESULTS
         | op::MODE_SENSE_6
         | op::MODE_SENSE_10
         | op::SERVICE_ACTION_IN_16 => Access::Read,
