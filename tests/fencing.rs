@@ -161,3 +161,131 @@ fn reinstatement_ends_the_old_sessions_write_before_the_new_login_is_answered() 
     assert!(new.read10(0, 0, (LEN / 512) as u16, 512).unwrap().data.iter().all(|&b| b == 0));
     assert!(image_head(&t).iter().all(|&b| b == 0), "the old session's WRITE reached the store");
 }
+
+/// WRITE SAME(16) of `blocks` blocks of `pattern` at `lba`, sent without waiting.
+fn submit_write_same(s: &mut Session, lba: u64, blocks: u32, pattern: u8) -> u32 {
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x93;
+    put_u64(&mut cdb, 2, lba);
+    put_u32(&mut cdb, 10, blocks);
+    s.submit(0, &cdb, Some(&[pattern; 512]), 0).expect("WRITE SAME(16) sent")
+}
+
+#[test]
+fn reinstatement_waits_for_the_old_sessions_offloaded_writes() {
+    // The old session queues eight 16 MiB WRITE SAMEs over one range: they run one after the
+    // other on the offload pool (the range lock serialises them), long after the login that
+    // reinstates the session. The new session then writes the range's last block; no old
+    // write may land after it (RFC 7143 §6.3.5: the old tasks end before the new session).
+    let t = Target::start(&["--lun", "name=disk0,file_path=disk0.img,size_mb=32,lun_id=0"]);
+    let isid = [0x80, 0, 0, 0x0A, 0x0B, 0x0D];
+    let mut old = t.login(&LoginOptions { isid: Some(isid), ..LoginOptions::default() });
+    old.test_unit_ready(0).unwrap();
+    const BLOCKS: u32 = 32768;
+    for _ in 0..8 {
+        submit_write_same(&mut old, 0, BLOCKS, 0xCD);
+    }
+
+    let mut new = t.login(&LoginOptions { isid: Some(isid), ..LoginOptions::default() });
+    new.test_unit_ready(0).unwrap();
+    let last = BLOCKS - 1;
+    new.write10(0, last, &[0x11; 512], 512).unwrap().check().expect("WRITE(10) of the new session");
+    // Long enough for any old WRITE SAME still queued to reach the block.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let back = new.read10(0, last, 1, 512).unwrap().check().expect("READ(10)").data;
+    assert!(back.iter().all(|&b| b == 0x11), "an old session's WRITE SAME landed after the new session's write");
+}
+
+/// Sends a task management request (`function`, on LUN 0) and returns its response code.
+fn task_mgmt(s: &mut Session, function: u8, itt: u32) -> u8 {
+    let sn = exp_cmd_sn(s);
+    let mut tmf = Pdu::new(OP_TMF_REQ);
+    tmf.bhs[0] |= 0x40;
+    tmf.bhs[1] = 0x80 | function;
+    put_u64(&mut tmf.bhs, 8, 0);
+    put_u32(&mut tmf.bhs, 16, itt);
+    put_u32(&mut tmf.bhs, 20, RESERVED_TAG);
+    put_u32(&mut tmf.bhs, 24, sn);
+    s.send(&tmf).unwrap();
+    let r = s.recv().unwrap();
+    assert_eq!((r.opcode(), r.itt()), (OP_TMF_RESP, itt), "task management response");
+    r.bhs[2]
+}
+
+/// A TEST UNIT READY sent by hand: (status, sense key, ASC, ASCQ).
+fn tur_sense(s: &mut Session, itt: u32) -> (u8, u8, u8, u8) {
+    let sn = exp_cmd_sn(s);
+    let mut tur = Pdu::new(OP_SCSI_CMD);
+    tur.bhs[1] = 0x80 | 0x01;
+    put_u32(&mut tur.bhs, 16, itt);
+    put_u32(&mut tur.bhs, 24, sn);
+    s.send(&tur).unwrap();
+    let rsp = s.recv().unwrap();
+    assert_eq!((rsp.opcode(), rsp.itt()), (OP_SCSI_RESP, itt), "TEST UNIT READY status");
+    if rsp.bhs[3] != STATUS_CHECK_CONDITION {
+        return (rsp.bhs[3], 0, 0, 0);
+    }
+    let sense = &rsp.data[2..];
+    (rsp.bhs[3], sense[2] & 0x0F, sense[12], sense[13])
+}
+
+#[test]
+fn target_warm_reset_aborts_every_sessions_tasks_and_keeps_the_sessions() {
+    let t = Target::start(&["--reactors", "2", "--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
+    let mut victim = t.login(&solicited_only());
+    let mut resetter = t.login(&LoginOptions::default());
+    victim.test_unit_ready(0).unwrap();
+    resetter.test_unit_ready(0).unwrap();
+    let sn = exp_cmd_sn(&mut victim);
+    let ttt = write_waiting_for_data(&mut victim, sn, 0x500);
+
+    assert_eq!(task_mgmt(&mut resetter, 6, 0x600), 0, "TARGET WARM RESET complete");
+
+    // The victim's WRITE is aborted (no status, its data dropped), its session lives on and
+    // learns of the reset through a unit attention.
+    send_data(&mut victim, 0x500, ttt);
+    exp_cmd_sn(&mut victim);
+    assert!(image_head(&t).iter().all(|&b| b == 0), "the aborted WRITE reached the store");
+    assert_eq!(tur_sense(&mut victim, 0x501), (STATUS_CHECK_CONDITION, 0x06, 0x29, 0x00), "reset unit attention");
+    assert_eq!(tur_sense(&mut victim, 0x502).0, 0, "the session works after the reset");
+    // The resetter may be told of its own reset first; then it works as well.
+    let first = tur_sense(&mut resetter, 0x601);
+    assert!(first.0 == 0 || first == (STATUS_CHECK_CONDITION, 0x06, 0x29, 0x00), "resetter: {first:?}");
+    assert_eq!(tur_sense(&mut resetter, 0x602).0, 0, "the resetter's session works after the reset");
+}
+
+#[test]
+fn target_cold_reset_answers_then_ends_every_session() {
+    let t = Target::start(&["--reactors", "2", "--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
+    // Two bystanders, one on each reactor, one of them with a WRITE waiting for its data.
+    let mut victim = t.login(&solicited_only());
+    let mut resetter = t.login(&LoginOptions::default());
+    let mut bystander = t.login(&LoginOptions::default());
+    victim.test_unit_ready(0).unwrap();
+    resetter.test_unit_ready(0).unwrap();
+    bystander.test_unit_ready(0).unwrap();
+    let sn = exp_cmd_sn(&mut victim);
+    let ttt = write_waiting_for_data(&mut victim, sn, 0x700);
+
+    assert_eq!(task_mgmt(&mut resetter, 7, 0x800), 0, "TARGET COLD RESET complete");
+    // Then every connection of the target ends, the resetter's after its response. (`idle`
+    // fails on a closed connection and returns Ok when it stays open that long.)
+    let open_for = std::time::Duration::from_secs(5);
+    assert!(resetter.idle(open_for).is_err(), "the resetter's connection is still open");
+    assert!(bystander.idle(open_for).is_err(), "another session's connection is still open");
+    let _ = victim.send(&{
+        let mut d = Pdu::new(OP_DATA_OUT);
+        d.bhs[1] = 0x80;
+        put_u32(&mut d.bhs, 16, 0x700);
+        put_u32(&mut d.bhs, 20, ttt);
+        d.data = vec![0xAB; LEN];
+        d
+    });
+    assert!(victim.idle(open_for).is_err(), "the victim's connection is still open");
+    assert!(image_head(&t).iter().all(|&b| b == 0), "the aborted WRITE reached the store");
+
+    // The target itself goes on: a new session logs in and works.
+    let mut s = t.login(&LoginOptions::default());
+    s.test_unit_ready(0).unwrap();
+    assert!(s.read10(0, 0, 1, 512).unwrap().is_good());
+}

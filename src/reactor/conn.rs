@@ -10,6 +10,7 @@ use super::stats::Stats;
 use super::task::{Action, Stage, Task, TaskTable, MAX_CDB};
 use super::tx::{TxData, TxQueue};
 use crate::backing::{AlignedBuf, Backing};
+use crate::iscsi::order::OrderQueue;
 use crate::protocol::login::{Login, LoginOutcome, LoginRequest, Negotiated, SessionType};
 use crate::protocol::pdu::{self, opcode, reject, Bhs, BhsBuf, Layout, BHS_LEN, RESERVED_TAG};
 use crate::protocol::trace::{self, Dir};
@@ -135,6 +136,12 @@ pub struct Conn {
     /// Commands that arrived ahead of ExpCmdSN, by CmdSN; `None` marks a CmdSN aborted before
     /// its command arrived (it still fills its place in the sequence).
     parked: BTreeMap<u32, Option<Vec<u8>>>,
+    /// Commands held back by their task attributes (ORDERED), see [`crate::iscsi::order`].
+    order: OrderQueue,
+    /// ORDERED tasks in the task table.
+    ordered_live: u32,
+    /// A task ended while commands were held: see whether they may run now.
+    order_release: bool,
     text: Option<text::TextNegotiator>,
     pending_tmfs: Vec<PendingTmf>,
     last_rx: Instant,
@@ -212,6 +219,9 @@ impl Conn {
             exp_cmd_sn: 0,
             stat_sn: 0,
             parked: BTreeMap::new(),
+            order: OrderQueue::new(limits.max_cmds_per_session as usize),
+            ordered_live: 0,
+            order_release: false,
             text: None,
             pending_tmfs: Vec::new(),
             last_rx: now,
@@ -556,7 +566,8 @@ impl Conn {
     }
 
     fn max_cmd_sn(&self) -> u32 {
-        let free = self.queue_depth.saturating_sub(self.tasks.in_use() as u32);
+        let busy = self.tasks.in_use() + self.order.commands();
+        let free = self.queue_depth.saturating_sub(busy as u32);
         self.exp_cmd_sn.wrapping_add(free).wrapping_sub(1)
     }
 

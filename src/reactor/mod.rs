@@ -52,15 +52,18 @@ pub enum Msg {
     Stop,
 }
 
-/// Aborting tasks of every session on a LUN (or every LUN) but the requester's.
+/// Aborting tasks of every session on some LUNs (or every LUN) but the requester's.
 #[derive(Debug, Clone)]
 pub struct AbortRequest {
-    /// The LUN; `None` for every LUN (target reset).
-    pub lun: Option<u64>,
+    /// The LUN ids; `None` for every LUN (target reset by a session that sees them all).
+    pub luns: Option<Arc<[u64]>>,
     /// Only the sessions of these I_T nexuses (PREEMPT AND ABORT); `None` for all.
     pub only: Option<Arc<[Arc<str>]>>,
     /// The connection token of the requester, which aborted its own tasks itself.
     pub except: u64,
+    /// TARGET COLD RESET: every other connection (any session, discovery too, or still
+    /// logging in) is then closed (RFC 7143 §11.5.1).
+    pub close: bool,
     /// Where to acknowledge, for a TMF response that waits for every reactor.
     pub reply: Option<AbortReply>,
 }
@@ -439,7 +442,10 @@ impl Reactor {
                     for slot in self.conns.iter_mut().flatten() {
                         if slot.conn.token != req.except {
                             let mut env = conn_env!(self);
-                            slot.conn.abort_foreign(req.lun, req.only.as_deref(), &mut env);
+                            slot.conn.abort_foreign(req.luns.as_deref(), req.only.as_deref(), &mut env);
+                            if req.close {
+                                slot.conn.close("target cold reset");
+                            }
                         }
                     }
                     self.touch_all();
@@ -524,6 +530,14 @@ impl Reactor {
     /// backing I/O they asked for, and frees connections that are done.
     fn after_events(&mut self) {
         let touched = std::mem::take(&mut self.touched);
+        for &idx in &touched {
+            // Commands held back by task attributes whose turn may have come (rare).
+            if let Some(slot) = self.conns[idx as usize].as_mut().filter(|s| s.conn.order_release_pending()) {
+                let mut env = conn_env!(self);
+                slot.conn.release_ordered(&mut env);
+                self.submit_io(idx);
+            }
+        }
         for &idx in &touched {
             let Some(slot) = self.conns[idx as usize].as_mut() else { continue };
             slot.touched = false;

@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::iscsi::dataout::{Accepted, DataOut, DataOutError, MAX_OUTSTANDING_R2T};
+use crate::iscsi::order::{self, Running};
 use crate::offload::{Job, Output, Route, Work};
 
 /// Task management functions (RFC 7143 §11.5.1) and responses (§11.6.1).
@@ -42,11 +43,66 @@ fn lun_current(task: &Task, luns: &LunTable) -> bool {
     task.lun.as_ref().is_none_or(|l| luns.get(l.id).is_some_and(|cur| Arc::ptr_eq(cur, l)))
 }
 
+/// What runs on a LUN (by LUN field) of the session, for task attributes.
+fn running_on(tasks: &TaskTable, lun: &[u8; 8]) -> Running {
+    let mut r = Running::default();
+    for (_, t) in tasks.slots().filter(|(_, t)| t.lun_field == *lun) {
+        r.tasks = true;
+        r.ordered |= t.ordered;
+    }
+    r
+}
+
 /// Largest Data-In an offloaded command may return (GET LBA STATUS): the reactor's scratch.
 const OFFLOAD_DATA_IN_MAX: usize = 256 * 1024;
 
 impl Conn {
+    /// A SCSI Command in CmdSN order: runs now, or is held back by its task attribute (see
+    /// [`crate::iscsi::order`]); SIMPLE commands with nothing ORDERED around take one branch.
     pub(super) fn scsi_command(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
+        let attr = bhs.bytes()[1] & 0x07;
+        if attr == order::attr::ORDERED || self.ordered_live > 0 || !self.order.is_empty() {
+            let lun = bhs.lun();
+            if self.order.must_hold(&lun, attr, running_on(&self.tasks, &lun)) {
+                let mut pdu = Vec::with_capacity(BHS_LEN + ahs.len() + data.len());
+                pdu.extend_from_slice(bhs.bytes());
+                pdu.extend_from_slice(ahs);
+                pdu.extend_from_slice(data);
+                if self.order.hold_command(lun, bhs.itt(), attr == order::attr::ORDERED, pdu).is_err() {
+                    self.scsi_response(bhs.itt(), status::TASK_SET_FULL, None, Residual::None);
+                }
+                return;
+            }
+        }
+        self.scsi_command_run(bhs, ahs, data, env)
+    }
+
+    /// Runs the held commands that may run now, with their unsolicited Data-Out, in order.
+    pub fn release_ordered(&mut self, env: &mut ConnEnv) {
+        while std::mem::take(&mut self.order_release) && !self.closing {
+            loop {
+                let tasks = &self.tasks;
+                let Some((cmd, outs)) = self.order.next_runnable(|lun| running_on(tasks, lun)) else { break };
+                for (i, h) in std::iter::once(&cmd).chain(&outs).enumerate() {
+                    let hdr: &[u8; BHS_LEN] = h.pdu[..BHS_LEN].try_into().expect("held header");
+                    let b = Bhs::new(hdr);
+                    let ahs_end = BHS_LEN + b.ahs_len();
+                    if i == 0 {
+                        self.scsi_command_run(b, &h.pdu[BHS_LEN..ahs_end], &h.pdu[ahs_end..], env);
+                    } else {
+                        self.data_out(b, &h.pdu[ahs_end..], env);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether held commands wait for a check that may now let them run.
+    pub fn order_release_pending(&self) -> bool {
+        self.order_release
+    }
+
+    fn scsi_command_run(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
         let neg = self.neg.as_ref().expect("full feature phase");
         if neg.session_type == SessionType::Discovery {
             return self.reject(bhs.bytes(), reject::PROTOCOL_ERROR);
@@ -128,6 +184,8 @@ impl Conn {
         task.action = action;
         task.needed = needed;
         task.xfer = xfer;
+        task.ordered = bhs.bytes()[1] & 0x07 == order::attr::ORDERED;
+        self.ordered_live += u32::from(task.ordered);
         // Reads from a RAM LUN need no buffer: Data-In goes out straight from the store. Not
         // with a data digest: it is computed when the PDU is queued, and a write landing
         // before the kernel sends the bytes would make it wrong, so those reads copy first.
@@ -256,6 +314,13 @@ impl Conn {
     /// so a write never starts with a byte that did not come from its command.
     pub(super) fn data_out(&mut self, bhs: Bhs, data: &[u8], env: &mut ConnEnv) {
         let Some(slot) = self.data_out_slot(&bhs) else {
+            if bhs.ttt() == RESERVED_TAG && !self.order.is_empty() {
+                let mut pdu = bhs.bytes().to_vec();
+                pdu.extend_from_slice(data);
+                if self.order.hold_data_out(bhs.itt(), &pdu) {
+                    return; // unsolicited data of a held command: it follows the command
+                }
+            }
             // Data for a task that already ended (refused, aborted): drop it.
             log::debug!("{}: Data-Out for unknown task {:#x}", self.peer, bhs.itt());
             return;
@@ -412,19 +477,20 @@ impl Conn {
     }
 
     /// Task management of another session reached this one (LOGICAL UNIT RESET, TARGET
-    /// RESET, PREEMPT AND ABORT): its tasks on `lun` (every LUN when `None`) are aborted
+    /// RESET, PREEMPT AND ABORT): its tasks on `luns` (every LUN when `None`) are aborted
     /// without a response (TAS=0; the unit attention tells the initiator), and only when
     /// this session's I_T nexus is one of `only` if given.
-    pub fn abort_foreign(&mut self, lun: Option<u64>, only: Option<&[Arc<str>]>, env: &mut ConnEnv) {
+    pub fn abort_foreign(&mut self, luns: Option<&[u64]>, only: Option<&[Arc<str>]>, env: &mut ConnEnv) {
         if only.is_some_and(|ids| !ids.contains(self.nexus.identity())) {
             return;
         }
+        self.order.abort(|h| luns.is_none_or(|ids| lun::decode_lun(h.lun).is_some_and(|id| ids.contains(&id))));
         let direct = self.direct.as_ref().map(|d| d.slot);
         let hit: Vec<u16> = self
             .tasks
             .slots()
             .filter(|(_, t)| !t.aborted && t.stage != Stage::Sending)
-            .filter(|(_, t)| lun.is_none_or(|id| t.lun.as_ref().is_some_and(|l| l.id == id)))
+            .filter(|(_, t)| luns.is_none_or(|ids| t.lun.as_ref().is_some_and(|l| ids.contains(&l.id))))
             .map(|(s, _)| s)
             .collect();
         for slot in hit {
@@ -443,9 +509,9 @@ impl Conn {
     fn finish_slow_path(&mut self, slot: u16, disposition: Disposition, env: &mut ConnEnv) {
         let task = self.tasks.get(slot).expect("live task");
         if let Disposition::AbortNexuses(ids) = &disposition {
-            let lun = task.lun.as_ref().map(|l| l.id);
-            let req =
-                crate::reactor::AbortRequest { lun, only: Some(ids.clone().into()), except: self.token, reply: None };
+            let luns = task.lun.as_ref().map(|l| [l.id].into());
+            let only = Some(ids.clone().into());
+            let req = crate::reactor::AbortRequest { luns, only, except: self.token, close: false, reply: None };
             env.shared.abort_tasks(req);
         }
         let (itt, lun_field, edtl, needed) = (task.itt, task.lun_field, task.expected_len, task.needed);
@@ -667,6 +733,9 @@ impl Conn {
     pub(super) fn free_task(&mut self, slot: u16, pool: &mut BufPool) {
         if let Some(mut t) = self.tasks.remove(slot) {
             self.tx_reserved -= t.tx_reserved as usize;
+            self.ordered_live -= u32::from(t.ordered);
+            // Run held commands from a safe point (the reactor's `after_events`), not here.
+            self.order_release |= !self.order.is_empty();
             if let Some(buf) = t.buf.take() {
                 pool.put(buf);
             }
@@ -691,6 +760,7 @@ impl Conn {
                         waiting += self.abort(slot, bhs.itt(), env.pool);
                         tmf::COMPLETE
                     }
+                    None if self.order.abort(|h| h.itt == rtt) > 0 => tmf::COMPLETE,
                     // RFC 7143 §11.6.1: a command not received yet (its CmdSN still inside
                     // the window) counts as received and aborted; one already completed, or
                     // outside the window, does not exist.
@@ -714,13 +784,15 @@ impl Conn {
                 for s in slots {
                     waiting += self.abort(s, bhs.itt(), env.pool);
                 }
+                self.order.abort(|h| h.lun == field);
                 if function == tmf::LOGICAL_UNIT_RESET {
                     if let Some(l) = lun_id.and_then(|id| Self::luns(&self.view, env.luns).get(id)) {
                         self.nexus.lun_reset(l);
                     }
                     // Every other I_T nexus's tasks on the LUN too, on every reactor; the
                     // response waits until each reactor has aborted them.
-                    waiting += self.abort_other_nexuses(lun_id, bhs.itt(), env);
+                    let luns = lun_id.map(|id| [id].into());
+                    waiting += self.abort_other_nexuses(luns, false, bhs.itt(), env);
                 }
                 tmf::COMPLETE
             }
@@ -729,9 +801,15 @@ impl Conn {
                 for s in slots {
                     waiting += self.abort(s, bhs.itt(), env.pool);
                 }
+                self.order.abort(|_| true);
                 self.nexus.target_reset(Self::luns(&self.view, env.luns));
-                waiting += self.abort_other_nexuses(None, bhs.itt(), env);
-                if function == tmf::TARGET_COLD_RESET {
+                // The LUNs known to this initiator (RFC 7143 §11.5.1): its view, or all.
+                let luns = self.view.as_ref().map(|v| v.iter().map(|l| l.id).collect());
+                // A cold reset also ends every session of the target: the others' connections
+                // close once their tasks are aborted, this one once its response is sent.
+                let cold = function == tmf::TARGET_COLD_RESET;
+                waiting += self.abort_other_nexuses(luns, cold, bhs.itt(), env);
+                if cold {
                     self.close_after_send = true;
                 }
                 tmf::COMPLETE
@@ -767,11 +845,13 @@ impl Conn {
         }
     }
 
-    /// Asks every reactor to abort the tasks other sessions have on `lun` (all LUNs when
-    /// `None`); returns how many acknowledgements the TMF `tmf_itt` now waits for.
-    fn abort_other_nexuses(&mut self, lun: Option<u64>, tmf_itt: u32, env: &mut ConnEnv) -> u32 {
+    /// Asks every reactor to abort the tasks other sessions have on `luns` (all LUNs when
+    /// `None`), and with `close` to close their connections; returns how many
+    /// acknowledgements the TMF `tmf_itt` now waits for.
+    fn abort_other_nexuses(&mut self, luns: Option<Arc<[u64]>>, close: bool, tmf_itt: u32, env: &mut ConnEnv) -> u32 {
         let reply = crate::reactor::AbortReply { reactor: env.reactor, conn: self.slot, token: self.token, tmf_itt };
-        env.shared.abort_tasks(crate::reactor::AbortRequest { lun, only: None, except: self.token, reply: Some(reply) })
+        let req = crate::reactor::AbortRequest { luns, only: None, except: self.token, close, reply: Some(reply) };
+        env.shared.abort_tasks(req)
     }
 
     /// An aborted task ended, or a reactor acknowledged aborting other sessions' tasks: the
