@@ -285,6 +285,10 @@ pub struct LunConfig {
     /// Export an allow-listed block device instead of an image file.
     #[serde(default)]
     pub is_block: bool,
+    /// Removable medium (an installer ISO, say): INQUIRY RMB=1, START STOP UNIT ejects and
+    /// loads it, PREVENT ALLOW MEDIUM REMOVAL holds it.
+    #[serde(default)]
+    pub removable: bool,
     /// Initiator names that see this LUN; empty: every initiator.
     #[serde(default)]
     pub initiators: Vec<String>,
@@ -600,6 +604,7 @@ impl LunConfig {
             read_only: false,
             lun_id: None,
             is_block: false,
+            removable: false,
             initiators: Vec::new(),
         };
         for pair in spec.split(',').filter(|p| !p.is_empty()) {
@@ -622,13 +627,14 @@ impl LunConfig {
                 "read_only" => lun.read_only = flag(v)?,
                 "lun_id" => lun.lun_id = Some(num(v)?),
                 "is_block" => lun.is_block = flag(v)?,
+                "removable" => lun.removable = flag(v)?,
                 // Repeatable: initiator=iqn.a,initiator=iqn.b
                 "initiator" => lun.initiators.push(v.to_owned()),
                 _ => {
                     return Err(invalid(
                         format!("--lun {spec}"),
                         format!(
-                            "unknown key {k:?}, expected one of name, file_path, size_mb, backing, read_only, lun_id, is_block, initiator"
+                            "unknown key {k:?}, expected one of name, file_path, size_mb, backing, read_only, lun_id, is_block, initiator, removable"
                         ),
                     ))
                 }
@@ -1320,7 +1326,7 @@ mod tests {
     #[test]
     fn lun_specs_parse_like_yaml() {
         let l = LunConfig::parse_spec(
-            "name=disk0,file_path=img/disk0.img,size_mb=64,backing=file,read_only=true,lun_id=3,is_block=false",
+            "name=disk0,file_path=img/disk0.img,size_mb=64,backing=file,read_only=true,lun_id=3,is_block=false,removable=true",
         )
         .unwrap();
         assert_eq!(
@@ -1333,6 +1339,7 @@ mod tests {
                 read_only: true,
                 lun_id: Some(3),
                 is_block: false,
+                removable: true,
                 initiators: Vec::new(),
             }
         );
@@ -1343,6 +1350,7 @@ mod tests {
         assert!(e("name=a,size=1").contains("unknown key \"size\""));
         assert!(e("name=a,size_mb=x").contains("size_mb: not a whole number"));
         assert!(e("name=a,read_only=yes").contains("read_only: not true or false"));
+        assert!(e("name=a,removable=1").contains("removable: not true or false"));
         assert!(e("name=a,backing=disk").contains("backing: \"disk\" is not file or mem"));
         assert!(e("name=a,file_path=/etc/passwd").contains("file_path: absolute paths are not allowed"));
         assert!(e("name=a,oops").contains("\"oops\" is not key=value"));

@@ -62,6 +62,9 @@ enum CtlCommand {
         /// Export an allow-listed block device.
         #[arg(long)]
         block: bool,
+        /// Removable medium (INQUIRY RMB=1): initiators can eject and load it.
+        #[arg(long)]
+        removable: bool,
         /// Only this initiator sees the LUN (repeatable; default: every initiator).
         #[arg(long = "initiator", value_name = "IQN")]
         initiators: Vec<String>,
@@ -362,9 +365,12 @@ fn naming_source(e: CliError, src: &str) -> CliError {
 /// The method and params a `ctl` subcommand calls.
 fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
     match cmd {
-        CtlCommand::AddLun { name, path, size_mb, read_only, backing, lun_id, block, initiators } => {
+        CtlCommand::AddLun { name, path, size_mb, read_only, backing, lun_id, block, removable, initiators } => {
             let mut p = json!({"name": name, "size_mb": size_mb, "read_only": read_only, "backing": backing,
                                "is_block": block});
+            if *removable {
+                p["removable"] = json!(true);
+            }
             if !initiators.is_empty() {
                 p["initiators"] = json!(initiators);
             }
@@ -666,6 +672,9 @@ fn lun_table(luns: &Value) -> String {
             if l["is_block"] == json!(true) {
                 flags.push("block");
             }
+            if l["removable"] == json!(true) {
+                flags.push("removable");
+            }
             vec![
                 s(&l["lun_id"]),
                 s(&l["name"]),
@@ -954,6 +963,8 @@ mod tests {
             json!({"name": "d", "file_path": "d.img", "size_mb": 8, "read_only": true, "backing": "file",
                    "is_block": false, "lun_id": 3})
         );
+        let (_, p) = ctl_request(&ctl_cmd(&["add-lun", "iso", "--read-only", "--removable"]));
+        assert_eq!(p["removable"], json!(true));
         let (_, p) = ctl_request(&ctl_cmd(&["add-lun", "r", "--backing", "mem", "--size-mb", "1"]));
         assert!(p.get("file_path").is_none() && p["backing"] == "mem");
         assert_eq!(ctl_request(&ctl_cmd(&["remove-lun", "d"])), ("remove_lun", json!({"name": "d"})));

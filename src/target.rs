@@ -390,7 +390,9 @@ pub fn build_luns(cfg: &Config) -> Result<(LunTable, Vec<PathBuf>), TargetError>
                 .ok_or_else(|| TargetError::NoLunId { name: lc.name.clone() })?,
         };
         let read_only = lc.read_only;
-        let lun = Lun::new(id, &lc.name, path, backing, read_only, &iqn).with_initiators(lc.initiators.clone());
+        let lun = Lun::new(id, &lc.name, path, backing, read_only, &iqn)
+            .with_initiators(lc.initiators.clone())
+            .with_removable(lc.removable);
         luns.push(Arc::new(lun));
     }
     Ok((LunTable::new(luns), created))
@@ -636,7 +638,8 @@ impl Target {
         }
         let lun = Arc::new(
             Lun::new(id, &lc.name, store.path, store.backing, lc.read_only, &self.iqn)
-                .with_initiators(lc.initiators.clone()),
+                .with_initiators(lc.initiators.clone())
+                .with_removable(lc.removable),
         );
         let luns = table.iter().filter(|l| l.name != lc.name).cloned().chain([lun.clone()]).collect();
         self.shared.publish_luns(LunTable::new(luns));

@@ -345,6 +345,7 @@ fn add(target: &Target, plan: &Plan, path: &Path) -> Result<std::sync::Arc<Lun>,
         read_only: plan.read_only,
         lun_id: None,
         is_block: false,
+        removable: false,
         initiators: plan.initiators.clone(),
     };
     target.add_lun(lc).map_err(|e| ImageMethodError::Export { path: path.to_owned(), error: map_target_error(e) })

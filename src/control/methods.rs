@@ -53,12 +53,14 @@ struct AddLun {
     backing: BackingKind,
     #[serde(default)]
     lun_id: Option<u64>,
+    #[serde(default)]
+    removable: bool,
     /// Initiator names that see the LUN; empty: all.
     #[serde(default)]
     initiators: Vec<String>,
 }
 const ADD_LUN_PARAMS: &[&str] =
-    &["name", "file_path", "size_mb", "is_block", "read_only", "backing", "lun_id", "initiators"];
+    &["name", "file_path", "size_mb", "is_block", "read_only", "backing", "lun_id", "removable", "initiators"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -101,6 +103,7 @@ pub fn call(target: &Target, method: &str, params: Value) -> Result<Value, RpcEr
                 read_only: p.read_only,
                 lun_id: p.lun_id,
                 is_block: p.is_block,
+                removable: p.removable,
                 initiators: p.initiators,
             };
             let lun = target.add_lun(lc).map_err(map_target_error)?;
@@ -196,6 +199,10 @@ pub fn lun_info(l: &Lun) -> Value {
     // Only mapped LUNs carry the key: the answer for the others stays as it was.
     if !l.initiators.is_empty() {
         v["initiators"] = json!(l.initiators);
+    }
+    // Likewise only removable LUNs carry theirs.
+    if l.removable {
+        v["removable"] = json!(true);
     }
     v
 }

@@ -59,6 +59,11 @@ pub struct Lun {
     pub instance: u64,
     /// EXTENDED COPY results held for RECEIVE COPY RESULTS (this LUN as copy manager).
     pub xcopy: super::commands::xcopy::CopyResults,
+    /// Removable medium (INQUIRY RMB=1): START STOP UNIT can eject and load it, PREVENT ALLOW
+    /// MEDIUM REMOVAL can hold it. Set once at creation ([`Lun::with_removable`]).
+    pub removable: bool,
+    /// The medium's state; only consulted when `removable`.
+    pub medium: super::medium::Medium,
 }
 
 /// Source of [`Lun::instance`].
@@ -94,7 +99,20 @@ impl Lun {
             initiators: Vec::new(),
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             xcopy: Default::default(),
+            removable: false,
+            medium: Default::default(),
         }
+    }
+
+    /// Makes the LUN removable (an installer ISO, say): see [`super::medium`].
+    pub fn with_removable(mut self, removable: bool) -> Self {
+        self.removable = removable;
+        self
+    }
+
+    /// Whether commands that need the medium can run: always on fixed LUNs.
+    pub fn medium_present(&self) -> bool {
+        !self.removable || self.medium.present()
     }
 
     /// Maps the LUN to these initiators only (empty: every initiator).

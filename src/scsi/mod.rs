@@ -10,6 +10,7 @@
 pub mod cdb;
 pub mod commands;
 pub mod lun;
+pub mod medium;
 pub mod nexus;
 pub mod provisioning;
 pub mod reservations;

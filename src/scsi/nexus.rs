@@ -165,8 +165,8 @@ impl Nexus {
     }
 
     /// A LOGICAL UNIT RESET arrived on this session: every session of the LUN, this one
-    /// included, owes BUS DEVICE RESET FUNCTION OCCURRED (SAM-5 6.3.3), and SPC-2
-    /// reservations end (persistent ones survive).
+    /// included, owes BUS DEVICE RESET FUNCTION OCCURRED (SAM-5 6.3.3), SPC-2 reservations
+    /// end (persistent ones survive), and so does every PREVENT MEDIUM REMOVAL (SPC-4 6.15).
     pub fn lun_reset(&mut self, lun: &Lun) {
         self.reset(lun, ua::RESET);
     }
@@ -176,6 +176,7 @@ impl Nexus {
         let me = &self.inbox;
         lun.sessions.post(lun.id, code, |i| !std::ptr::eq(i, &**me));
         lun.pr.reset();
+        lun.medium.reset();
     }
 
     /// Establishes a unit attention for `lun` on every other session that used it (SPC-4

@@ -163,6 +163,14 @@ impl Sense {
     pub fn not_ready(asc: u8, ascq: u8) -> Self {
         Self::new(SenseKey::NotReady, asc, ascq)
     }
+    /// NOT READY, MEDIUM NOT PRESENT (a removable LUN's medium was ejected).
+    pub fn medium_not_present() -> Self {
+        Self::not_ready(0x3A, 0x00)
+    }
+    /// ILLEGAL REQUEST, MEDIUM REMOVAL PREVENTED (START STOP UNIT LOEJ under PREVENT).
+    pub fn medium_removal_prevented() -> Self {
+        Self::new(SenseKey::IllegalRequest, 0x53, 0x02)
+    }
     /// NOT READY, LOGICAL UNIT IS IN PROCESS OF BECOMING READY.
     pub fn not_ready_becoming_ready() -> Self {
         Self::not_ready(0x04, 0x01)

@@ -86,6 +86,9 @@ fn standard(lun: Option<&Lun>, buf: &mut [u8]) -> usize {
     b.fill(0);
     // Peripheral qualifier 011b / type 1Fh: no logical unit at this address.
     b[0] = if lun.is_some() { 0x00 } else { 0x7F };
+    if lun.is_some_and(|l| l.removable) {
+        b[1] = 0x80; // RMB: removable medium
+    }
     b[2] = 0x06; // SPC-4
     b[3] = 0x10 | 0x02; // HISUP, response data format 2
     b[4] = (STD_LEN - 5) as u8;

@@ -109,6 +109,10 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
     if let Err(conflict) = reserve::check(cdb, lun, nexus) {
         return Ok(conflict);
     }
+    // One branch on fixed LUNs; a removable one also loads its medium flag.
+    if !lun.medium_present() && needs_medium(opcode) {
+        return Err(Sense::medium_not_present());
+    }
     match opcode {
         op::READ_6 | op::READ_10 | op::READ_12 | op::READ_16 => block::read(cdb, lun),
         op::WRITE_6 | op::WRITE_10 | op::WRITE_12 | op::WRITE_16 => block::write(cdb, lun),
@@ -129,11 +133,11 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
         op::INQUIRY => inquiry::inquiry(cdb, Some(lun), data_in),
         op::MODE_SENSE_6 | op::MODE_SENSE_10 => mode::mode_sense(cdb, lun, data_in),
         op::MODE_SELECT_6 | op::MODE_SELECT_10 => mode::select(cdb),
-        op::START_STOP_UNIT => start_stop_unit(cdb),
+        op::START_STOP_UNIT => start_stop_unit(cdb, lun),
         op::PERSISTENT_RESERVE_IN => reserve::prin(cdb, lun, data_in),
         op::PERSISTENT_RESERVE_OUT => reserve::prout(cdb, req.expected_len),
         op::RESERVE_6 | op::RESERVE_10 | op::RELEASE_6 | op::RELEASE_10 => reserve::legacy(cdb, lun, nexus),
-        op::PREVENT_ALLOW => prevent_allow(cdb),
+        op::PREVENT_ALLOW => prevent_allow(cdb, lun, nexus),
         op::READ_CAPACITY_10 => info::read_capacity_10(cdb, lun, data_in),
         op::SERVICE_ACTION_IN_16 => match cdb::service_action(cdb) {
             Some(sa::READ_CAPACITY_16) => info::read_capacity_16(cdb, lun, data_in),
@@ -166,20 +170,72 @@ fn run_data_out(req: &Request, table: &LunTable, nexus: &Nexus, data_out: &[u8])
     }
 }
 
-/// START STOP UNIT: the medium is always ready; power conditions and LOEJ have nothing to do
-/// on a disk image, so accept them.
-fn start_stop_unit(cdb: &[u8]) -> Res {
+/// Commands that access the medium (or its capacity) and so fail with NOT READY, MEDIUM NOT
+/// PRESENT while a removable LUN's medium is out; the rest (INQUIRY, MODE SENSE, reservations,
+/// START STOP UNIT, PREVENT ALLOW ...) work without it.
+fn needs_medium(opcode: u8) -> bool {
+    matches!(
+        opcode,
+        op::TEST_UNIT_READY
+            | op::READ_6
+            | op::READ_10
+            | op::READ_12
+            | op::READ_16
+            | op::WRITE_6
+            | op::WRITE_10
+            | op::WRITE_12
+            | op::WRITE_16
+            | op::WRITE_VERIFY_10
+            | op::WRITE_VERIFY_12
+            | op::WRITE_VERIFY_16
+            | op::VERIFY_10
+            | op::VERIFY_12
+            | op::VERIFY_16
+            | op::SYNC_CACHE_10
+            | op::SYNC_CACHE_16
+            | op::PRE_FETCH_10
+            | op::PRE_FETCH_16
+            | op::WRITE_SAME_10
+            | op::WRITE_SAME_16
+            | op::UNMAP
+            | op::COMPARE_AND_WRITE
+            | op::ORWRITE_16
+            | op::WRITE_ATOMIC_16
+            | op::READ_CAPACITY_10
+            | op::SERVICE_ACTION_IN_16
+            | op::READ_DEFECT_DATA_10
+            | op::READ_DEFECT_DATA_12
+    )
+}
+
+/// START STOP UNIT (SBC-3 5.25). Power conditions have nothing to do on an image, so they are
+/// accepted; a POWER CONDITION other than START_VALID (0h) makes the device server ignore
+/// START and LOEJ. On a removable LUN, LOEJ=1 loads (START=1) or ejects (START=0) the
+/// medium, refused with MEDIUM REMOVAL PREVENTED while a nexus prevents removal; on a fixed
+/// LUN there is nothing to load or eject.
+fn start_stop_unit(cdb: &[u8], lun: &Lun) -> Res {
+    let power_condition = cdb[4] >> 4;
     // POWER CONDITION values above 0Bh are reserved (SBC-3 table 99).
-    if cdb[4] >> 4 > 0x0B {
+    if power_condition > 0x0B {
         return Err(Sense::invalid_field_in_cdb(4, 7));
+    }
+    let (loej, start) = (cdb[4] & 0x02 != 0, cdb[4] & 0x01 != 0);
+    if lun.removable && power_condition == 0 && loej {
+        lun.medium.load_eject(start).map_err(|_| Sense::medium_removal_prevented())?;
     }
     Ok(Disposition::Good)
 }
 
-/// PREVENT ALLOW MEDIUM REMOVAL: nothing is removable; values 2 and 3 are for media changers.
-fn prevent_allow(cdb: &[u8]) -> Res {
-    if cdb[4] & 0x03 > 1 {
+/// PREVENT ALLOW MEDIUM REMOVAL (SPC-4 6.15): on a removable LUN PREVENT=1 holds the medium
+/// for this I_T nexus until it sends PREVENT=0, ends, or a reset; on a fixed LUN there is
+/// nothing to hold. Values 2 and 3 are for media changers.
+fn prevent_allow(cdb: &[u8], lun: &Lun, nexus: &Nexus) -> Res {
+    let prevent = cdb[4] & 0x03;
+    if prevent > 1 {
         return Err(Sense::invalid_field_in_cdb(4, 1));
+    }
+    if lun.removable {
+        lun.medium.set_prevent(nexus.inbox(), prevent == 1);
     }
     Ok(Disposition::Good)
 }
@@ -387,7 +443,7 @@ mod tests {
     #[test]
     fn start_stop_and_prevent_allow() {
         let (t, mut n) = setup();
-        let mut buf = vec![0u8; 64];
+        let mut buf = vec![0u8; 256];
         for b4 in [0u8, 1, 2, 3] {
             assert_eq!(exec(&t, &mut n, &[op::START_STOP_UNIT, 1, 0, 0, b4, 0], 0, &mut buf), Disposition::Good);
         }
@@ -395,5 +451,89 @@ mod tests {
         assert_eq!(exec(&t, &mut n, &[op::PREVENT_ALLOW, 0, 0, 0, 1, 0], 0, &mut buf), Disposition::Good);
         assert_eq!(exec(&t, &mut n, &[op::PREVENT_ALLOW, 0, 0, 0, 0, 0], 0, &mut buf), Disposition::Good);
         assert_eq!(sense(exec(&t, &mut n, &[op::PREVENT_ALLOW, 0, 0, 0, 2, 0], 0, &mut buf)).asc, 0x24);
+        // A fixed LUN has nothing to eject: LOEJ leaves it ready, and INQUIRY says RMB=0.
+        assert_eq!(exec(&t, &mut n, &[op::START_STOP_UNIT, 0, 0, 0, 0x02, 0], 0, &mut buf), Disposition::Good);
+        assert_eq!(exec(&t, &mut n, &[0u8; 6], 0, &mut buf), Disposition::Good);
+        assert_eq!(exec(&t, &mut n, &[op::INQUIRY, 0, 0, 0, 36, 0], 0, &mut buf), Disposition::DataIn(36));
+        assert_eq!(buf[1], 0);
+    }
+
+    /// A removable LUN and two sessions past their power-on unit attentions.
+    fn removable() -> (LunTable, Nexus, Nexus) {
+        let l = Lun::new(0, "iso", None, crate::backing::Backing::new_mem(BLOCKS * 512).unwrap(), true, "iqn.t:t");
+        let t = LunTable::new(vec![std::sync::Arc::new(l.with_removable(true))]);
+        let (mut a, mut b) = (Nexus::new(), Nexus::new());
+        a.take(0);
+        b.take(0);
+        (t, a, b)
+    }
+
+    const EJECT: [u8; 6] = [op::START_STOP_UNIT, 0, 0, 0, 0x02, 0];
+    const LOAD: [u8; 6] = [op::START_STOP_UNIT, 0, 0, 0, 0x03, 0];
+    const PREVENT: [u8; 6] = [op::PREVENT_ALLOW, 0, 0, 0, 1, 0];
+    const ALLOW: [u8; 6] = [op::PREVENT_ALLOW, 0, 0, 0, 0, 0];
+    const PREVENTED: (SenseKey, u8, u8) = (SenseKey::IllegalRequest, 0x53, 0x02);
+    const NO_MEDIUM: (SenseKey, u8, u8) = (SenseKey::NotReady, 0x3A, 0x00);
+
+    #[test]
+    fn removable_lun_ejects_and_loads_its_medium() {
+        let (t, mut a, _) = removable();
+        let mut buf = vec![0u8; 4096];
+        assert_eq!(exec(&t, &mut a, &[op::INQUIRY, 0, 0, 0, 36, 0], 0, &mut buf), Disposition::DataIn(36));
+        assert_eq!(buf[1], 0x80, "RMB");
+        assert_eq!(exec(&t, &mut a, &EJECT, 0, &mut buf), Disposition::Good);
+        let medium_cmds: [&[u8]; 6] = [
+            &[0u8; 6],
+            &cdb10(op::READ_10, 0, 0, 1),
+            &cdb16(op::WRITE_16, 0, 0, 1),
+            &cdb10(op::READ_CAPACITY_10, 0, 0, 0),
+            &cdb16(op::SERVICE_ACTION_IN_16, 0x12, 0, 32),
+            &cdb10(op::SYNC_CACHE_10, 0, 0, 0),
+        ];
+        for c in medium_cmds {
+            assert_eq!(check(exec(&t, &mut a, c, 0, &mut buf)), NO_MEDIUM, "{c:02x?}");
+        }
+        // What does not touch the medium still works.
+        assert_eq!(exec(&t, &mut a, &[op::INQUIRY, 0, 0, 0, 36, 0], 0, &mut buf), Disposition::DataIn(36));
+        assert!(matches!(
+            exec(&t, &mut a, &[op::MODE_SENSE_6, 0, 0x3F, 0, 255, 0], 0, &mut buf),
+            Disposition::DataIn(_)
+        ));
+        // Ejecting an ejected medium, and a power condition with LOEJ, change nothing.
+        assert_eq!(exec(&t, &mut a, &EJECT, 0, &mut buf), Disposition::Good);
+        assert_eq!(exec(&t, &mut a, &[op::START_STOP_UNIT, 0, 0, 0, 0x13, 0], 0, &mut buf), Disposition::Good);
+        assert_eq!(check(exec(&t, &mut a, &[0u8; 6], 0, &mut buf)), NO_MEDIUM);
+        assert_eq!(exec(&t, &mut a, &LOAD, 0, &mut buf), Disposition::Good);
+        assert_eq!(exec(&t, &mut a, &[0u8; 6], 0, &mut buf), Disposition::Good);
+        assert_eq!(
+            exec(&t, &mut a, &cdb10(op::READ_10, 0, 0, 1), 0, &mut buf),
+            Disposition::Read { offset: 0, len: 512 }
+        );
+        // LOEJ=0 (START alone) neither loads nor ejects.
+        assert_eq!(exec(&t, &mut a, &[op::START_STOP_UNIT, 0, 0, 0, 0x00, 0], 0, &mut buf), Disposition::Good);
+        assert_eq!(exec(&t, &mut a, &[0u8; 6], 0, &mut buf), Disposition::Good);
+    }
+
+    #[test]
+    fn prevention_is_per_nexus_and_ends_with_allow_nexus_loss_or_reset() {
+        let (t, mut a, mut b) = removable();
+        let mut buf = vec![0u8; 256];
+        assert_eq!(exec(&t, &mut a, &PREVENT, 0, &mut buf), Disposition::Good);
+        assert_eq!(exec(&t, &mut b, &PREVENT, 0, &mut buf), Disposition::Good);
+        // Either nexus is refused, loading and ejecting alike, while one holds the medium.
+        assert_eq!(check(exec(&t, &mut b, &EJECT, 0, &mut buf)), PREVENTED);
+        assert_eq!(exec(&t, &mut a, &ALLOW, 0, &mut buf), Disposition::Good);
+        assert_eq!(check(exec(&t, &mut a, &EJECT, 0, &mut buf)), PREVENTED, "b still prevents");
+        drop(b); // I_T nexus loss
+        assert_eq!(exec(&t, &mut a, &EJECT, 0, &mut buf), Disposition::Good);
+        assert_eq!(exec(&t, &mut a, &PREVENT, 0, &mut buf), Disposition::Good);
+        assert_eq!(check(exec(&t, &mut a, &LOAD, 0, &mut buf)), PREVENTED);
+        a.lun_reset(t.get(0).unwrap());
+        assert_eq!(check(exec(&t, &mut a, &LOAD, 0, &mut buf)).0, SenseKey::UnitAttention);
+        assert_eq!(exec(&t, &mut a, &LOAD, 0, &mut buf), Disposition::Good, "the reset ended the prevention");
+        assert_eq!(exec(&t, &mut a, &PREVENT, 0, &mut buf), Disposition::Good);
+        a.target_reset(&t);
+        a.take(0);
+        assert_eq!(exec(&t, &mut a, &EJECT, 0, &mut buf), Disposition::Good);
     }
 }
