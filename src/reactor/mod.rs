@@ -50,8 +50,60 @@ pub enum Msg {
 const RING_ENTRIES: u32 = 1024;
 /// Data-In scratch: large enough for REPORT LUNS of every possible LUN.
 const SCRATCH: usize = 256 * 1024;
-/// How long an adaptive reactor keeps spinning after its last completion.
+/// How long an adaptive reactor keeps spinning after its last completion, at most.
 const SPIN: Duration = Duration::from_micros(50);
+/// An adaptive reactor spins only while the next completion typically comes sooner than this
+/// after the last: about a wake-up's latency here. Then the initiator is waiting on us in a
+/// tight loop (low queue depth, or a saturated queue) and sleeping would add more latency than
+/// the gap itself; longer gaps (a moderate, steady rate) are slept through, so such a reactor
+/// does not burn its core between commands.
+const SPIN_WORTH: Duration = Duration::from_micros(25);
+/// While sleeping through its gaps, an adaptive reactor still spins one idle period in this
+/// many, to notice when the gaps have become short again (a slept gap says nothing about that).
+const PROBE_EVERY: u32 = 16;
+
+/// Decides how long an adaptive reactor spins in each idle period before it sleeps.
+///
+/// Only periods ended while spinning teach it the true gap (one slept through lasts as long as
+/// the wake-up, whatever the gap was); a spin that runs out counts as a gap of [`SPIN`].
+#[derive(Debug)]
+struct SpinPolicy {
+    /// Exponentially weighted mean idle gap in nanoseconds (weight 1/8 per gap learnt).
+    mean_gap_ns: u64,
+    /// Idle periods slept through since the last probe spin.
+    slept: u32,
+}
+
+impl SpinPolicy {
+    fn new() -> Self {
+        Self { mean_gap_ns: 0, slept: 0 }
+    }
+
+    /// An idle period begins: how long to spin in it before sleeping.
+    fn begin_idle(&mut self) -> Duration {
+        if self.mean_gap_ns < SPIN_WORTH.as_nanos() as u64 {
+            return SPIN;
+        }
+        self.slept += 1;
+        if self.slept >= PROBE_EVERY {
+            self.slept = 0;
+            return SPIN;
+        }
+        Duration::ZERO
+    }
+
+    /// The idle period ended after `gap`; `spun` is what [`Self::begin_idle`] allowed and
+    /// `slept` whether the reactor went to sleep in it.
+    fn end_idle(&mut self, gap: Duration, spun: Duration, slept: bool) {
+        let learnt = match (slept, spun.is_zero()) {
+            (false, _) => gap,
+            (true, false) => spun,
+            (true, true) => return,
+        };
+        let g = u64::try_from(learnt.as_nanos()).unwrap_or(u64::MAX);
+        self.mean_gap_ns = self.mean_gap_ns - self.mean_gap_ns / 8 + g / 8;
+    }
+}
 
 mod op {
     pub const RECV: u64 = 1;
@@ -247,12 +299,15 @@ impl Reactor {
         self.arm_tick();
         let mut last_activity = Instant::now();
         let mut idle_spins = 0u32;
+        let mut spin = SpinPolicy::new();
+        let (mut spin_for, mut slept) = (SPIN, false);
         loop {
             // Reading the clock every spin costs more than the spin: look every 64.
             let wait = self.poll == PollMode::Adaptive
                 && idle_spins >= 64
                 && idle_spins.is_multiple_of(64)
-                && last_activity.elapsed() > SPIN;
+                && last_activity.elapsed() >= spin_for;
+            slept |= wait;
             let res = if wait {
                 self.ring.submit_and_wait(1).map(Some)
             } else if self.needs_enter() {
@@ -268,10 +323,17 @@ impl Reactor {
             self.cqes.clear();
             self.cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             if self.cqes.is_empty() {
+                if idle_spins == 0 {
+                    (spin_for, slept) = (spin.begin_idle(), false);
+                }
                 idle_spins = idle_spins.wrapping_add(1);
             } else {
+                let now = Instant::now();
+                if idle_spins > 0 {
+                    spin.end_idle(now.saturating_duration_since(last_activity), spin_for, slept);
+                }
                 idle_spins = 0;
-                last_activity = Instant::now();
+                last_activity = now;
             }
             let cqes = std::mem::take(&mut self.cqes);
             for &(ud, res) in &cqes {
@@ -532,5 +594,63 @@ impl Reactor {
         }
         self.io = reqs;
         self.io.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `n` idle periods of `gap` through the policy as the reactor loop would.
+    fn idle_periods(p: &mut SpinPolicy, gap: Duration, n: usize) -> usize {
+        let mut spun_periods = 0;
+        for _ in 0..n {
+            let spun = p.begin_idle();
+            if !spun.is_zero() {
+                spun_periods += 1;
+            }
+            // Caught while spinning only when the gap ends within the spin.
+            p.end_idle(gap, spun, gap > spun);
+        }
+        spun_periods
+    }
+
+    #[test]
+    fn adaptive_reactor_spins_while_work_comes_back_to_back() {
+        let mut p = SpinPolicy::new();
+        assert_eq!(idle_periods(&mut p, Duration::from_micros(2), 1000), 1000);
+    }
+
+    #[test]
+    fn adaptive_reactor_keeps_spinning_for_a_queue_depth_one_round_trip() {
+        let mut p = SpinPolicy::new();
+        assert_eq!(idle_periods(&mut p, Duration::from_micros(18), 1000), 1000);
+    }
+
+    #[test]
+    fn adaptive_reactor_sleeps_through_gaps_of_a_moderate_rate() {
+        let mut p = SpinPolicy::new();
+        // 30k IOPS spread evenly: a command every ~33 µs. After learning, only probes spin.
+        idle_periods(&mut p, Duration::from_micros(33), 100);
+        let spun = idle_periods(&mut p, Duration::from_micros(33), 1600);
+        assert_eq!(spun, 1600 / PROBE_EVERY as usize);
+        // Gaps longer than a spin: the probes run out and it stays asleep.
+        let spun = idle_periods(&mut p, Duration::from_millis(1), 1600);
+        assert_eq!(spun, 1600 / PROBE_EVERY as usize);
+    }
+
+    #[test]
+    fn adaptive_reactor_goes_back_to_spinning_when_gaps_shorten() {
+        let mut p = SpinPolicy::new();
+        idle_periods(&mut p, Duration::from_millis(5), 200);
+        assert_eq!(p.begin_idle(), Duration::ZERO);
+        // Slept periods teach nothing; the probes do, and a few dozen probes are enough.
+        let mut periods = 0;
+        while p.mean_gap_ns >= SPIN_WORTH.as_nanos() as u64 {
+            idle_periods(&mut p, Duration::from_micros(3), 1);
+            periods += 1;
+            assert!(periods < 64 * PROBE_EVERY as usize, "still asleep after {periods} short gaps");
+        }
+        assert_eq!(idle_periods(&mut p, Duration::from_micros(3), 100), 100);
     }
 }
