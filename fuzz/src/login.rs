@@ -119,6 +119,9 @@ fn run_with(input: &[u8], auth: AuthConfig) {
     let mut done = false;
     let mut itt = 0u32;
     let mut challenge: Option<Challenge> = None;
+    // The text of a request continued over several PDUs (C bit): a key may be split across
+    // them, and the target answers the whole request once its last PDU is in.
+    let mut request_text: Vec<u8> = Vec::new();
     while !c.is_empty() {
         let flags = c.u8();
         let versions = c.u8();
@@ -143,6 +146,8 @@ fn run_with(input: &[u8], auth: AuthConfig) {
             data,
         };
         itt = itt.wrapping_add(1);
+        request_text.extend_from_slice(data);
+        let whole = !req.cont;
         let (rsp, outcome) = login.step(&req);
         assert!(rsp.data.len() <= LOGIN_DSL, "response of {} bytes in one PDU", rsp.data.len());
         let pairs = text::parse_unique(&rsp.data).expect("response text parses with unique keys");
@@ -150,10 +155,15 @@ fn run_with(input: &[u8], auth: AuthConfig) {
             // CHAP keys sent where no CHAP runs are only declined, never answered.
             let answered = pairs.iter().any(|(k, v)| k.starts_with("CHAP_") && !declined(v));
             assert!(!answered, "a CHAP key answered without CHAP configured: {pairs:?}");
-        } else if let Ok(request) = text::parse(data) {
-            if let Some(ch) = check_chap(&request, &pairs, &auth, challenge.as_ref()) {
-                challenge = Some(ch);
+        } else if whole {
+            if let Ok(request) = text::parse(&request_text) {
+                if let Some(ch) = check_chap(&request, &pairs, &auth, challenge.as_ref()) {
+                    challenge = Some(ch);
+                }
             }
+        }
+        if whole {
+            request_text.clear();
         }
         assert!(!(rsp.transit && rsp.cont), "T and C both set in a response");
         assert_eq!(rsp.csg, req.csg, "response CSG differs from the request's");
