@@ -53,6 +53,9 @@ pub enum TargetError {
     /// The requested LUN id belongs to another LUN.
     #[error("LUN id {id} is in use by LUN {by:?}")]
     LunIdInUse { id: u64, by: String },
+    /// A removed or replaced LUN's store is still used by commands in flight.
+    #[error("LUN {name:?} is out of the table, but {holders} command(s) still use its store after {secs} s")]
+    LunBusy { name: String, holders: usize, secs: u64 },
     /// Two LUNs over one image would corrupt each other's data.
     #[error("{path} is already exported by LUN {by:?}")]
     FileInUse { path: PathBuf, by: String },
@@ -132,6 +135,9 @@ pub struct Shared {
     luns: RwLock<Arc<LunTable>>,
     lun_gen: AtomicU64,
     sessions: Mutex<HashMap<u16, SessionInfo>>,
+    /// Reinstatement fences: the token of a connection being closed, and the (reactor, token)
+    /// of the login waiting for it to be gone. Changed under the `sessions` lock.
+    fences: Mutex<HashMap<u64, (usize, u64)>>,
     next_tsih: Mutex<u16>,
     reactors: OnceLock<Vec<ReactorHandle>>,
     next_token: AtomicU64,
@@ -163,6 +169,7 @@ impl Shared {
             luns: RwLock::new(Arc::new(luns)),
             lun_gen: AtomicU64::new(1),
             sessions: Mutex::new(HashMap::new()),
+            fences: Mutex::new(HashMap::new()),
             next_tsih: Mutex::new(0),
             reactors: OnceLock::new(),
             next_token: AtomicU64::new(1),
@@ -234,27 +241,38 @@ impl Shared {
         }
     }
 
-    /// Registers a session at the end of a normal login; returns its TSIH.
+    /// Registers a session at the end of a normal login; returns its TSIH and whether the
+    /// login must wait for an old connection to be gone before it is answered (a
+    /// [`Msg::Fenced`] to its reactor says when).
     ///
     /// TSIH 0 starts a new session; an older session of the same initiator and ISID is closed
     /// (session reinstatement, RFC 7143 §6.3.5). A non-zero TSIH must name that initiator's
-    /// session, whose connection is then replaced.
-    pub fn register_session(&self, mut info: SessionInfo) -> Result<u16, SessionError> {
+    /// session, whose connection is then replaced. Either way the old connection's tasks all
+    /// end (completed, or aborted with the connection) before the new login is answered, so
+    /// no old write can land after the new session's.
+    pub fn register_session(&self, mut info: SessionInfo) -> Result<(u16, bool), SessionError> {
         let mut sessions = self.sessions.lock().expect("session table lock poisoned");
         let same =
             |e: &SessionInfo| e.discovery == info.discovery && e.initiator == info.initiator && e.isid == info.isid;
+        let fence = |old: &SessionInfo, new: &SessionInfo| {
+            self.fences.lock().expect("fence lock poisoned").insert(old.token, (new.reactor, new.token));
+            self.close_conn(old.reactor, old.token);
+        };
         if info.tsih != 0 {
             let entry = sessions.get_mut(&info.tsih).filter(|e| same(e)).ok_or(SessionError::NoSuchSession)?;
-            if entry.token != info.token {
-                self.close_conn(entry.reactor, entry.token);
+            let fenced = entry.token != info.token;
+            if fenced {
+                fence(entry, &info);
             }
             let tsih = info.tsih;
             *entry = info;
-            return Ok(tsih);
+            return Ok((tsih, fenced));
         }
+        let mut fenced = false;
         if let Some(old) = sessions.iter().find(|(_, e)| !info.discovery && same(e)).map(|(t, _)| *t) {
             let e = sessions.remove(&old).expect("found above");
-            self.close_conn(e.reactor, e.token);
+            fence(&e, &info);
+            fenced = true;
         }
         if let (Some(max), false) = (self.admission.max_sessions_per_initiator, info.discovery) {
             let held = sessions.values().filter(|e| !e.discovery && e.initiator.eq_ignore_ascii_case(&info.initiator));
@@ -268,17 +286,44 @@ impl Shared {
             if !sessions.contains_key(&next) {
                 info.tsih = *next;
                 sessions.insert(*next, info);
-                return Ok(*next);
+                return Ok((*next, fenced));
             }
         }
         Err(SessionError::TooManySessions)
     }
 
-    /// Forgets a session when its connection ends (unless another connection took it over).
+    /// Forgets a session when its connection ends (unless another connection took it over),
+    /// and lets a login waiting for this connection to be gone proceed. Called once the
+    /// connection has no operation in flight.
     pub fn unregister_session(&self, tsih: u16, token: u64) {
         let mut sessions = self.sessions.lock().expect("session table lock poisoned");
         if sessions.get(&tsih).is_some_and(|e| e.token == token) {
             sessions.remove(&tsih);
+        }
+        if let Some((reactor, waiting)) = self.fences.lock().expect("fence lock poisoned").remove(&token) {
+            if let Some(r) = self.reactors.get().and_then(|rs| rs.get(reactor)) {
+                r.send(Msg::Fenced(waiting));
+            }
+        }
+    }
+
+    /// Sends `req` to every reactor; returns how many will acknowledge it.
+    pub fn abort_tasks(&self, req: crate::reactor::AbortRequest) -> u32 {
+        let reactors = self.reactors.get().map_or(&[][..], Vec::as_slice);
+        for r in reactors {
+            r.send(Msg::AbortTasks(req.clone()));
+        }
+        if req.reply.is_some() {
+            reactors.len() as u32
+        } else {
+            0
+        }
+    }
+
+    /// A reactor finished its part of an abort: tells the reactor of the TMF waiting for it.
+    pub fn abort_done(&self, reply: crate::reactor::AbortReply) {
+        if let Some(r) = self.reactors.get().and_then(|rs| rs.get(reply.reactor)) {
+            r.send(Msg::AbortDone(reply));
         }
     }
 
@@ -353,8 +398,10 @@ pub fn build_luns(cfg: &Config) -> Result<(LunTable, Vec<PathBuf>), TargetError>
     Ok((LunTable::new(luns), created))
 }
 
-/// How long removing a LUN waits for its in-flight commands to finish.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long removing a LUN waits for its in-flight commands to finish before reporting an
+/// error (tasks waiting for Data-Out are failed at once; this bounds I/O in flight and Data-In
+/// of the RAM store still being sent to a slow reader).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The open portal: its listening socket and the thread accepting on it.
 struct Portal {
@@ -609,7 +656,7 @@ impl Target {
             if lun.read_only { ", read-only" } else { "" }
         );
         if let Some(old) = old {
-            drain(old);
+            drain(old)?;
         }
         Ok(lun)
     }
@@ -626,8 +673,7 @@ impl Target {
         drop(guard);
         drop(table);
         log::info!("LUN {} '{}' removed", old.id, old.name);
-        drain(old);
-        Ok(())
+        drain(old)
     }
 
     /// Removes every LUN; returns their names.
@@ -642,7 +688,9 @@ impl Target {
         let names = old.iter().map(|l| l.name.clone()).collect();
         for l in old {
             log::info!("LUN {} '{}' removed", l.id, l.name);
-            drain(l);
+            if let Err(e) = drain(l) {
+                log::warn!("{e}");
+            }
         }
         names
     }
@@ -688,17 +736,20 @@ fn check_file_free(table: &LunTable, name: &str, path: &PathBuf) -> Result<(), T
 }
 
 /// Waits until nothing but `lun` itself holds the removed LUN: reactors have dropped the old
-/// table and its commands in flight have finished. Bounded, so a stuck reactor cannot hang the
-/// control plane; the store is closed whenever the last holder lets go.
-fn drain(lun: Arc<Lun>) {
+/// table, failed its tasks that waited for Data-Out, and its commands in flight (ring I/O,
+/// offloaded work, Data-In from RAM) have finished, so nothing can touch the store any more.
+/// Bounded, so a stuck peer cannot hang the control plane, but then an error: the store may
+/// still be touched (it is closed whenever the last holder lets go).
+fn drain(lun: Arc<Lun>) -> Result<(), TargetError> {
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     while Arc::strong_count(&lun) > 1 {
         if Instant::now() >= deadline {
-            log::warn!("LUN {} '{}': still in use after {DRAIN_TIMEOUT:?}", lun.id, lun.name);
-            return;
+            let holders = Arc::strong_count(&lun) - 1;
+            return Err(TargetError::LunBusy { name: lun.name.clone(), holders, secs: DRAIN_TIMEOUT.as_secs() });
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    Ok(())
 }
 
 /// Hands each accepted connection to a reactor, round-robin, so one target's connections

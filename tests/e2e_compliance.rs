@@ -241,6 +241,59 @@ fn removable_mem_lun_passes_the_medium_tests() {
     check_removable("name=scratch,backing=mem,size_mb=64,lun_id=0,removable=true");
 }
 
+/// The Sanitize family's outcomes with `--allow-sanitize` (which `scsi-compliance` does not
+/// pass), each with why.
+const SANITIZE_EXPECTED: &[(&str, Outcome, &str)] = &[
+    ("Sanitize.BlockErase", Outcome::Passed, "blocks deallocated, read back as zeroes"),
+    ("Sanitize.BlockEraseReserved", Outcome::Passed, "reserved CDB bits and bytes refused"),
+    ("Sanitize.CryptoErase", Outcome::Skipped, "CRYPTO ERASE is refused (not in REPORT SUPPORTED OPCODES)"),
+    ("Sanitize.CryptoEraseReserved", Outcome::Passed, "refused like any CRYPTO ERASE"),
+    ("Sanitize.ExitFailureMode", Outcome::Passed, "a parameter list is refused"),
+    ("Sanitize.InvalidServiceAction", Outcome::Passed, "reserved service actions refused"),
+    ("Sanitize.Overwrite", Outcome::Passed, "pattern written over every block; bad parameter lists refused"),
+    ("Sanitize.OverwriteReserved", Outcome::Passed, "reserved CDB bits and bytes refused"),
+    ("Sanitize.Readonly", Outcome::Failed, "needs MODE SELECT to set the control page's SWP, which is not changeable"),
+    ("Sanitize.Reservations", Outcome::Skipped, "conflicts asserted; prints [SKIPPED] for CRYPTO ERASE"),
+    (
+        "Sanitize.Reset",
+        Outcome::Failed,
+        "expects the SANITIZE still running 3 s later; on this small LUN it has finished",
+    ),
+];
+
+fn check_sanitize(spec: &str) {
+    if !require_tool("iscsi-test-cu") {
+        return;
+    }
+    let t = Target::start(&["--lun", spec]);
+    let url = t.url(t.lun("scratch"));
+    let out = run_with_timeout(
+        Command::new("iscsi-test-cu").args(["-d", "-v", "--allow-sanitize", "-t", "ALL.Sanitize", &url, &url]),
+        ALL_TIMEOUT,
+    );
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let results = parse(&text);
+    let mut bad = Vec::new();
+    for (name, want, why) in SANITIZE_EXPECTED {
+        let got = results.iter().find(|(n, _)| n == name).map(|(_, o)| *o);
+        if got != Some(*want) {
+            bad.push(format!("{name}: {got:?}, expected {want:?} ({why})"));
+        }
+    }
+    assert_eq!(results.len(), SANITIZE_EXPECTED.len(), "{results:?}");
+    assert!(bad.is_empty(), "{spec}:\n{}\n{text}", bad.join("\n"));
+}
+
+#[test]
+fn sanitize_family_on_a_file_lun() {
+    check_sanitize("name=scratch,file_path=scratch.img,size_mb=8,backing=file,lun_id=0");
+}
+
+#[test]
+fn sanitize_family_on_a_mem_lun() {
+    check_sanitize("name=scratch,backing=mem,size_mb=8,lun_id=0");
+}
+
 #[test]
 fn skip_list_is_well_formed_and_checked() {
     let known = known_exceptions(SKIP_LIST);

@@ -124,6 +124,10 @@ fn check(d: &Disposition, lun: Option<&Lun>, scratch: &mut [u8], data: &[u8]) {
                 assert!(r.start <= r.end && r.end <= lun.num_blocks(), "range lock past the end");
             }
         }
-        Disposition::Good | Disposition::Flush | Disposition::Status(_) | Disposition::DataOut { .. } => {}
+        Disposition::Good
+        | Disposition::Flush
+        | Disposition::Status(_)
+        | Disposition::DataOut { .. }
+        | Disposition::AbortNexuses(_) => {}
     }
 }

@@ -2,3 +2,4 @@
 //! plain data. First piece: Data-Out acceptance ([`dataout`]).
 
 pub mod dataout;
+pub mod order;

@@ -10,6 +10,7 @@ use super::stats::Stats;
 use super::task::{Action, Stage, Task, TaskTable, MAX_CDB};
 use super::tx::{TxData, TxQueue};
 use crate::backing::{AlignedBuf, Backing};
+use crate::iscsi::order::OrderQueue;
 use crate::protocol::login::{Login, LoginOutcome, LoginRequest, Negotiated, SessionType};
 use crate::protocol::pdu::{self, opcode, reject, Bhs, BhsBuf, Layout, BHS_LEN, RESERVED_TAG};
 use crate::protocol::trace::{self, Dir};
@@ -135,6 +136,12 @@ pub struct Conn {
     /// Commands that arrived ahead of ExpCmdSN, by CmdSN; `None` marks a CmdSN aborted before
     /// its command arrived (it still fills its place in the sequence).
     parked: BTreeMap<u32, Option<Vec<u8>>>,
+    /// Commands held back by their task attributes (ORDERED), see [`crate::iscsi::order`].
+    order: OrderQueue,
+    /// ORDERED tasks in the task table.
+    ordered_live: u32,
+    /// A task ended while commands were held: see whether they may run now.
+    order_release: bool,
     text: Option<text::TextNegotiator>,
     pending_tmfs: Vec<PendingTmf>,
     last_rx: Instant,
@@ -142,6 +149,9 @@ pub struct Conn {
     started: Instant,
     /// Close once the transmit queue drains (after a logout response or a login failure).
     close_after_send: bool,
+    /// The final login response of a reinstatement, held until the old connection is gone
+    /// ([`Conn::release_login`]).
+    deferred_login: Option<(BhsBuf, Vec<u8>)>,
     /// A refused login's response, held back until the instant given (see AUTH_FAILURE_DELAY).
     delayed_login_failure: Option<(Instant, BhsBuf)>,
     /// The LUNs this session sees when some LUN is mapped to other initiators only (`None`:
@@ -209,12 +219,16 @@ impl Conn {
             exp_cmd_sn: 0,
             stat_sn: 0,
             parked: BTreeMap::new(),
+            order: OrderQueue::new(limits.max_cmds_per_session as usize),
+            ordered_live: 0,
+            order_release: false,
             text: None,
             pending_tmfs: Vec::new(),
             last_rx: now,
             ping_sent: None,
             started: now,
             close_after_send: false,
+            deferred_login: None,
             delayed_login_failure: None,
             view: None,
             view_fingerprint: Vec::new(),
@@ -552,7 +566,8 @@ impl Conn {
     }
 
     fn max_cmd_sn(&self) -> u32 {
-        let free = self.queue_depth.saturating_sub(self.tasks.in_use() as u32);
+        let busy = self.tasks.in_use() + self.order.commands();
+        let free = self.queue_depth.saturating_sub(busy as u32);
         self.exp_cmd_sn.wrapping_add(free).wrapping_sub(1)
     }
 
@@ -696,6 +711,7 @@ impl Conn {
             self.exp_cmd_sn = req.cmd_sn;
             self.stat_sn = req.exp_stat_sn;
         }
+        let mut fenced = false;
         if matches!(outcome, LoginOutcome::FullFeature) {
             let neg = login.negotiated().clone();
             {
@@ -713,7 +729,7 @@ impl Conn {
                     portal: self.stream.local_addr().ok(),
                 };
                 match env.shared.register_session(info) {
-                    Ok(tsih) => self.tsih = tsih,
+                    Ok((tsih, f)) => (self.tsih, fenced) = (tsih, f),
                     Err(e) => {
                         log::info!("{}: login refused: {e}", self.peer);
                         let (class, detail) = match e {
@@ -763,6 +779,12 @@ impl Conn {
             self.delayed_login_failure = Some((env.now + AUTH_FAILURE_DELAY, b));
             return;
         }
+        if fenced {
+            // Reinstatement: answered once the old connection's tasks have all ended.
+            log::debug!("{}: login waits for the old connection of this session to end", self.peer);
+            self.deferred_login = Some((b, rsp.data));
+            return;
+        }
         self.push(b, TxData::Inline(rsp.data), None);
         match outcome {
             LoginOutcome::Continue => {}
@@ -779,6 +801,22 @@ impl Conn {
                 self.update_view(env.luns);
             }
         }
+    }
+
+    /// The old connection a reinstating login waited for is gone: answer the login and enter
+    /// the full feature phase.
+    pub fn release_login(&mut self, luns: &Arc<LunTable>) {
+        let Some((b, data)) = self.deferred_login.take() else { return };
+        if self.closing {
+            return;
+        }
+        // Digests start with the first PDU after the final login response (none yet here).
+        self.push(b, TxData::Inline(data), None);
+        let neg = self.neg.as_ref().expect("a deferred login finished negotiating");
+        self.header_digest = neg.header_digest;
+        self.data_digest = neg.data_digest;
+        self.phase = Phase::FullFeature;
+        self.update_view(luns);
     }
 
     // ---- NOP ----

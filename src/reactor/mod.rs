@@ -40,10 +40,41 @@ pub enum Msg {
     Refresh,
     /// Work a connection handed to the offload pool is done.
     Offloaded(crate::offload::Completion),
+    /// Abort tasks of other sessions (task management of one session reaching all).
+    AbortTasks(AbortRequest),
+    /// A reactor finished an [`Msg::AbortTasks`]: the TMF it names may progress.
+    AbortDone(AbortReply),
+    /// The old connection a reinstating login (this token) waited for is gone.
+    Fenced(u64),
     /// Send a snapshot of this reactor's statistics.
     Stats(crossbeam_channel::Sender<ReactorStats>),
     /// Close every connection and exit.
     Stop,
+}
+
+/// Aborting tasks of every session on some LUNs (or every LUN) but the requester's.
+#[derive(Debug, Clone)]
+pub struct AbortRequest {
+    /// The LUN ids; `None` for every LUN (target reset by a session that sees them all).
+    pub luns: Option<Arc<[u64]>>,
+    /// Only the sessions of these I_T nexuses (PREEMPT AND ABORT); `None` for all.
+    pub only: Option<Arc<[Arc<str>]>>,
+    /// The connection token of the requester, which aborted its own tasks itself.
+    pub except: u64,
+    /// TARGET COLD RESET: every other connection (any session, discovery too, or still
+    /// logging in) is then closed (RFC 7143 §11.5.1).
+    pub close: bool,
+    /// Where to acknowledge, for a TMF response that waits for every reactor.
+    pub reply: Option<AbortReply>,
+}
+
+/// The task management request waiting for an [`AbortRequest`].
+#[derive(Debug, Clone, Copy)]
+pub struct AbortReply {
+    pub reactor: usize,
+    pub conn: u32,
+    pub token: u64,
+    pub tmf_itt: u32,
 }
 
 /// Submission queue entries per ring.
@@ -469,6 +500,40 @@ impl Reactor {
                 }
                 Msg::Refresh => {}
                 Msg::Offloaded(done) => self.offloaded(done),
+                Msg::AbortTasks(req) => {
+                    for slot in self.conns.iter_mut().flatten() {
+                        if slot.conn.token != req.except {
+                            let mut env = conn_env!(self);
+                            slot.conn.abort_foreign(req.luns.as_deref(), req.only.as_deref(), &mut env);
+                            if req.close {
+                                slot.conn.close("target cold reset");
+                            }
+                        }
+                    }
+                    self.touch_all();
+                    if let Some(reply) = req.reply {
+                        self.shared.abort_done(reply);
+                    }
+                }
+                Msg::Fenced(token) => {
+                    for slot in self.conns.iter_mut().flatten() {
+                        if slot.conn.token == token {
+                            slot.conn.release_login(&self.luns);
+                        }
+                    }
+                    self.touch_all();
+                }
+                Msg::AbortDone(reply) => {
+                    if let Some(Some(slot)) = self.conns.get_mut(reply.conn as usize) {
+                        if slot.conn.token == reply.token {
+                            slot.conn.tmf_progress(reply.tmf_itt);
+                            if !slot.touched {
+                                slot.touched = true;
+                                self.touched.push(reply.conn);
+                            }
+                        }
+                    }
+                }
                 Msg::Stats(reply) => {
                     let live = self.conns.iter().flatten().count();
                     let _ = reply.send(self.stats.snapshot(self.id, live));
@@ -517,13 +582,24 @@ impl Reactor {
         (self.luns, self.lun_gen) = self.shared.lun_table();
         for slot in self.conns.iter_mut().flatten() {
             slot.conn.luns_changed(&self.luns);
+            let mut env = conn_env!(self);
+            slot.conn.fence_removed_luns(&mut env);
         }
+        self.touch_all();
     }
 
     /// Posts receives and sends for every connection touched in this iteration, submits the
     /// backing I/O they asked for, and frees connections that are done.
     fn after_events(&mut self) {
         let touched = std::mem::take(&mut self.touched);
+        for &idx in &touched {
+            // Commands held back by task attributes whose turn may have come (rare).
+            if let Some(slot) = self.conns[idx as usize].as_mut().filter(|s| s.conn.order_release_pending()) {
+                let mut env = conn_env!(self);
+                slot.conn.release_ordered(&mut env);
+                self.submit_io(idx);
+            }
+        }
         for &idx in &touched {
             let Some(slot) = self.conns[idx as usize].as_mut() else { continue };
             slot.touched = false;

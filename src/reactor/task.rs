@@ -65,6 +65,8 @@ pub struct Task {
     pub tx_reserved: u32,
     /// When its last Data-Out arrived (or the command, before any): for the Data-Out timeout.
     pub last_data: Instant,
+    /// Its task attribute is ORDERED: later SIMPLE commands of its LUN wait for it.
+    pub ordered: bool,
     /// Aborted by task management: no further PDUs, freed when quiet.
     pub aborted: bool,
     /// ITT of the task management request that aborted it and waits for it to end.
@@ -93,6 +95,7 @@ impl Task {
             started,
             last_data: started,
             tx_reserved: 0,
+            ordered: false,
             aborted: false,
             abort_tmf: 0,
         }

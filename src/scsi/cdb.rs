@@ -25,6 +25,7 @@ pub mod op {
     pub const READ_DEFECT_DATA_10: u8 = 0x37;
     pub const SYNC_CACHE_10: u8 = 0x35;
     pub const WRITE_SAME_10: u8 = 0x41;
+    pub const SANITIZE: u8 = 0x48;
     pub const UNMAP: u8 = 0x42;
     pub const MODE_SELECT_10: u8 = 0x55;
     pub const RESERVE_10: u8 = 0x56;

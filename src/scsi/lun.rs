@@ -64,6 +64,8 @@ pub struct Lun {
     pub removable: bool,
     /// The medium's state; only consulted when `removable`.
     pub medium: super::medium::Medium,
+    /// Set while a SANITIZE runs: other commands get SANITIZE IN PROGRESS.
+    pub sanitize: super::commands::sanitize::SanitizeState,
 }
 
 /// Source of [`Lun::instance`].
@@ -101,6 +103,7 @@ impl Lun {
             xcopy: Default::default(),
             removable: false,
             medium: Default::default(),
+            sanitize: Default::default(),
         }
     }
 

@@ -73,4 +73,7 @@ pub enum Disposition {
     /// steps): the transport runs [`execute_offloaded`] on a worker thread (see
     /// [`crate::offload`]), holding `lock` (an LBA range of the LUN) exclusively meanwhile.
     Offload { lock: Option<crate::offload::LbaRange> },
+    /// GOOD, after the tasks of these I_T nexuses (initiator port names, see
+    /// [`Nexus::identity`]) on the command's LUN are aborted (PREEMPT AND ABORT).
+    AbortNexuses(Vec<std::sync::Arc<str>>),
 }

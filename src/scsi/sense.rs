@@ -171,6 +171,11 @@ impl Sense {
     pub fn medium_removal_prevented() -> Self {
         Self::new(SenseKey::IllegalRequest, 0x53, 0x02)
     }
+    /// NOT READY, SANITIZE IN PROGRESS with the progress indication (`progress`/65536 done).
+    pub fn sanitize_in_progress(progress: u16) -> Self {
+        let [hi, lo] = progress.to_be_bytes();
+        Self::not_ready(0x04, 0x1B).with_specific([0x80, hi, lo])
+    }
     /// NOT READY, LOGICAL UNIT IS IN PROCESS OF BECOMING READY.
     pub fn not_ready_becoming_ready() -> Self {
         Self::not_ready(0x04, 0x01)

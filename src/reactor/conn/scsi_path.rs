@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::iscsi::dataout::{Accepted, DataOut, DataOutError, MAX_OUTSTANDING_R2T};
+use crate::iscsi::order::{self, Running};
 use crate::offload::{Job, Output, Route, Work};
 
 /// Task management functions (RFC 7143 §11.5.1) and responses (§11.6.1).
@@ -37,11 +38,71 @@ fn io_len(task: &Task) -> u32 {
     }
 }
 
+/// Whether a task's LUN is still the one the table serves under its number.
+fn lun_current(task: &Task, luns: &LunTable) -> bool {
+    task.lun.as_ref().is_none_or(|l| luns.get(l.id).is_some_and(|cur| Arc::ptr_eq(cur, l)))
+}
+
+/// What runs on a LUN (by LUN field) of the session, for task attributes.
+fn running_on(tasks: &TaskTable, lun: &[u8; 8]) -> Running {
+    let mut r = Running::default();
+    for (_, t) in tasks.slots().filter(|(_, t)| t.lun_field == *lun) {
+        r.tasks = true;
+        r.ordered |= t.ordered;
+    }
+    r
+}
+
 /// Largest Data-In an offloaded command may return (GET LBA STATUS): the reactor's scratch.
 const OFFLOAD_DATA_IN_MAX: usize = 256 * 1024;
 
 impl Conn {
+    /// A SCSI Command in CmdSN order: runs now, or is held back by its task attribute (see
+    /// [`crate::iscsi::order`]); SIMPLE commands with nothing ORDERED around take one branch.
     pub(super) fn scsi_command(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
+        let attr = bhs.bytes()[1] & 0x07;
+        if attr == order::attr::ORDERED || self.ordered_live > 0 || !self.order.is_empty() {
+            let lun = bhs.lun();
+            if self.order.must_hold(&lun, attr, running_on(&self.tasks, &lun)) {
+                let mut pdu = Vec::with_capacity(BHS_LEN + ahs.len() + data.len());
+                pdu.extend_from_slice(bhs.bytes());
+                pdu.extend_from_slice(ahs);
+                pdu.extend_from_slice(data);
+                if self.order.hold_command(lun, bhs.itt(), attr == order::attr::ORDERED, pdu).is_err() {
+                    self.scsi_response(bhs.itt(), status::TASK_SET_FULL, None, Residual::None);
+                }
+                return;
+            }
+        }
+        self.scsi_command_run(bhs, ahs, data, env)
+    }
+
+    /// Runs the held commands that may run now, with their unsolicited Data-Out, in order.
+    pub fn release_ordered(&mut self, env: &mut ConnEnv) {
+        while std::mem::take(&mut self.order_release) && !self.closing {
+            loop {
+                let tasks = &self.tasks;
+                let Some((cmd, outs)) = self.order.next_runnable(|lun| running_on(tasks, lun)) else { break };
+                for (i, h) in std::iter::once(&cmd).chain(&outs).enumerate() {
+                    let hdr: &[u8; BHS_LEN] = h.pdu[..BHS_LEN].try_into().expect("held header");
+                    let b = Bhs::new(hdr);
+                    let ahs_end = BHS_LEN + b.ahs_len();
+                    if i == 0 {
+                        self.scsi_command_run(b, &h.pdu[BHS_LEN..ahs_end], &h.pdu[ahs_end..], env);
+                    } else {
+                        self.data_out(b, &h.pdu[ahs_end..], env);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether held commands wait for a check that may now let them run.
+    pub fn order_release_pending(&self) -> bool {
+        self.order_release
+    }
+
+    fn scsi_command_run(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
         let neg = self.neg.as_ref().expect("full feature phase");
         if neg.session_type == SessionType::Discovery {
             return self.reject(bhs.bytes(), reject::PROTOCOL_ERROR);
@@ -86,6 +147,8 @@ impl Conn {
             Disposition::DataOut { len } => (Action::SlowPath, len),
             Disposition::Flush => (Action::Flush, 0),
             Disposition::Offload { lock } => (Action::Offload { lock }, 0),
+            // Only a command's Data-Out phase asks for this (see `finish_slow_path`).
+            Disposition::AbortNexuses(_) => return self.scsi_response(itt, status::GOOD, None, Residual::of(edtl, 0)),
         };
         let is_out = matches!(action, Action::Write { .. } | Action::SlowPath);
         if needed as usize > MAX_BUF {
@@ -121,9 +184,13 @@ impl Conn {
         task.action = action;
         task.needed = needed;
         task.xfer = xfer;
-        // Reads from a RAM LUN need no buffer: Data-In goes out straight from the store.
-        let from_ram =
-            matches!((action, &task.lun), (Action::Read { .. }, Some(l)) if matches!(l.backing, Backing::Mem(_)));
+        task.ordered = bhs.bytes()[1] & 0x07 == order::attr::ORDERED;
+        self.ordered_live += u32::from(task.ordered);
+        // Reads from a RAM LUN need no buffer: Data-In goes out straight from the store. Not
+        // with a data digest: it is computed when the PDU is queued, and a write landing
+        // before the kernel sends the bytes would make it wrong, so those reads copy first.
+        let from_ram = !self.data_digest
+            && matches!((action, &task.lun), (Action::Read { .. }, Some(l)) if matches!(l.backing, Backing::Mem(_)));
         if xfer > 0 && !from_ram {
             task.buf = Some(env.pool.get((xfer as usize).next_multiple_of(SECTOR as usize)));
         }
@@ -218,7 +285,11 @@ impl Conn {
     pub(super) fn data_out_in_place(&mut self, bhs: Bhs, slot: u16, len: u32, env: &mut ConnEnv) {
         let task = self.tasks.get_mut(slot).expect("a direct receive's task lives until it ends");
         // Checked by data_out_dst, and nothing of this connection ran in between.
+        let aborted = task.aborted;
         match task.dout.accept(bhs.ttt(), bhs.data_sn(), bhs.buffer_offset(), len, bhs.final_bit()) {
+            // Aborted from another connection while its data was arriving: the buffer could
+            // not be freed under the receive; it can now.
+            Ok(_) if aborted => self.free_task(slot, env.pool),
             Ok(a) => {
                 task.last_data = env.now;
                 self.data_out_sequence_end(slot, a, env)
@@ -243,6 +314,13 @@ impl Conn {
     /// so a write never starts with a byte that did not come from its command.
     pub(super) fn data_out(&mut self, bhs: Bhs, data: &[u8], env: &mut ConnEnv) {
         let Some(slot) = self.data_out_slot(&bhs) else {
+            if bhs.ttt() == RESERVED_TAG && !self.order.is_empty() {
+                let mut pdu = bhs.bytes().to_vec();
+                pdu.extend_from_slice(data);
+                if self.order.hold_data_out(bhs.itt(), &pdu) {
+                    return; // unsolicited data of a held command: it follows the command
+                }
+            }
             // Data for a task that already ended (refused, aborted): drop it.
             log::debug!("{}: Data-Out for unknown task {:#x}", self.peer, bhs.itt());
             return;
@@ -344,6 +422,10 @@ impl Conn {
         if task.stage != Stage::DataOut || !task.dout.is_complete() {
             return;
         }
+        if !lun_current(task, env.luns) {
+            // The LUN was removed or replaced while the data came: the old store is fenced.
+            return self.fail_fenced(slot, env);
+        }
         if task.action == Action::SlowPath {
             return self.slow_path(slot, env);
         }
@@ -371,9 +453,67 @@ impl Conn {
         self.finish_slow_path(slot, disposition, env);
     }
 
+    /// Ends a task whose LUN was removed or replaced: LOGICAL UNIT NOT SUPPORTED.
+    fn fail_fenced(&mut self, slot: u16, env: &mut ConnEnv) {
+        self.finish_slow_path(slot, Disposition::Check(Sense::lun_not_supported()), env);
+    }
+
+    /// The LUN table changed: tasks of a LUN that is gone (removed, or replaced by a new
+    /// store) that still wait for Data-Out end now, so nothing they receive can reach the old
+    /// store and `remove_lun` need not wait for the initiator. Tasks with I/O in flight end
+    /// when it completes; the one whose data is being received straight into its buffer is
+    /// failed when that PDU is in ([`Self::maybe_data_complete`] checks again).
+    pub fn fence_removed_luns(&mut self, env: &mut ConnEnv) {
+        let direct = self.direct.as_ref().map(|d| d.slot);
+        let fenced: Vec<u16> = self
+            .tasks
+            .slots()
+            .filter(|&(s, t)| t.stage == Stage::DataOut && !t.aborted && Some(s) != direct && !lun_current(t, env.luns))
+            .map(|(s, _)| s)
+            .collect();
+        for slot in fenced {
+            self.fail_fenced(slot, env);
+        }
+    }
+
+    /// Task management of another session reached this one (LOGICAL UNIT RESET, TARGET
+    /// RESET, PREEMPT AND ABORT): its tasks on `luns` (every LUN when `None`) are aborted
+    /// without a response (TAS=0; the unit attention tells the initiator), and only when
+    /// this session's I_T nexus is one of `only` if given.
+    pub fn abort_foreign(&mut self, luns: Option<&[u64]>, only: Option<&[Arc<str>]>, env: &mut ConnEnv) {
+        if only.is_some_and(|ids| !ids.contains(self.nexus.identity())) {
+            return;
+        }
+        self.order.abort(|h| luns.is_none_or(|ids| lun::decode_lun(h.lun).is_some_and(|id| ids.contains(&id))));
+        let direct = self.direct.as_ref().map(|d| d.slot);
+        let hit: Vec<u16> = self
+            .tasks
+            .slots()
+            .filter(|(_, t)| !t.aborted && t.stage != Stage::Sending)
+            .filter(|(_, t)| luns.is_none_or(|ids| t.lun.as_ref().is_some_and(|l| ids.contains(&l.id))))
+            .map(|(s, _)| s)
+            .collect();
+        for slot in hit {
+            let task = self.tasks.get_mut(slot).expect("live task");
+            if task.stage == Stage::DataOut && Some(slot) != direct {
+                self.free_task(slot, env.pool);
+            } else {
+                // I/O in flight (or data arriving into its buffer): freed when it ends.
+                task.aborted = true;
+                task.abort_tmf = RESERVED_TAG;
+            }
+        }
+    }
+
     /// Answers a slow-path command with its disposition and frees its task.
     fn finish_slow_path(&mut self, slot: u16, disposition: Disposition, env: &mut ConnEnv) {
         let task = self.tasks.get(slot).expect("live task");
+        if let Disposition::AbortNexuses(ids) = &disposition {
+            let luns = task.lun.as_ref().map(|l| [l.id].into());
+            let only = Some(ids.clone().into());
+            let req = crate::reactor::AbortRequest { luns, only, except: self.token, close: false, reply: None };
+            env.shared.abort_tasks(req);
+        }
         let (itt, lun_field, edtl, needed) = (task.itt, task.lun_field, task.expected_len, task.needed);
         let (d_sense, r2ts) = (task.lun.as_ref().is_some_and(|l| l.d_sense()), task.r2t_sn);
         self.free_task(slot, env.pool);
@@ -384,7 +524,10 @@ impl Conn {
             }
             Disposition::Status(s) => self.scsi_response_after(itt, s, None, Residual::None, r2ts),
             other => {
-                debug_assert!(matches!(other, Disposition::Good), "slow path returned {other:?}");
+                debug_assert!(
+                    matches!(other, Disposition::Good | Disposition::AbortNexuses(_)),
+                    "slow path returned {other:?}"
+                );
                 self.scsi_response_after(itt, status::GOOD, None, Residual::of(edtl, needed), r2ts)
             }
         }
@@ -417,8 +560,11 @@ impl Conn {
         };
         match &lun.backing {
             Backing::Mem(m) => {
-                if let IoKind::Write { .. } = kind {
-                    m.write(offset, &task.buf.as_ref().expect("buffer")[..len as usize]);
+                match (kind, task.buf.as_mut()) {
+                    (IoKind::Write { .. }, buf) => m.write(offset, &buf.expect("buffer")[..len as usize]),
+                    // A copy for a digested Data-In (see `scsi_command`).
+                    (IoKind::Read, Some(buf)) => m.read(offset, &mut buf[..len as usize]),
+                    _ => {}
                 }
                 self.io_done(slot, len as i32, env);
             }
@@ -587,6 +733,9 @@ impl Conn {
     pub(super) fn free_task(&mut self, slot: u16, pool: &mut BufPool) {
         if let Some(mut t) = self.tasks.remove(slot) {
             self.tx_reserved -= t.tx_reserved as usize;
+            self.ordered_live -= u32::from(t.ordered);
+            // Run held commands from a safe point (the reactor's `after_events`), not here.
+            self.order_release |= !self.order.is_empty();
             if let Some(buf) = t.buf.take() {
                 pool.put(buf);
             }
@@ -611,6 +760,7 @@ impl Conn {
                         waiting += self.abort(slot, bhs.itt(), env.pool);
                         tmf::COMPLETE
                     }
+                    None if self.order.abort(|h| h.itt == rtt) > 0 => tmf::COMPLETE,
                     // RFC 7143 §11.6.1: a command not received yet (its CmdSN still inside
                     // the window) counts as received and aborted; one already completed, or
                     // outside the window, does not exist.
@@ -634,10 +784,15 @@ impl Conn {
                 for s in slots {
                     waiting += self.abort(s, bhs.itt(), env.pool);
                 }
+                self.order.abort(|h| h.lun == field);
                 if function == tmf::LOGICAL_UNIT_RESET {
                     if let Some(l) = lun_id.and_then(|id| Self::luns(&self.view, env.luns).get(id)) {
                         self.nexus.lun_reset(l);
                     }
+                    // Every other I_T nexus's tasks on the LUN too, on every reactor; the
+                    // response waits until each reactor has aborted them.
+                    let luns = lun_id.map(|id| [id].into());
+                    waiting += self.abort_other_nexuses(luns, false, bhs.itt(), env);
                 }
                 tmf::COMPLETE
             }
@@ -646,8 +801,15 @@ impl Conn {
                 for s in slots {
                     waiting += self.abort(s, bhs.itt(), env.pool);
                 }
+                self.order.abort(|_| true);
                 self.nexus.target_reset(Self::luns(&self.view, env.luns));
-                if function == tmf::TARGET_COLD_RESET {
+                // The LUNs known to this initiator (RFC 7143 §11.5.1): its view, or all.
+                let luns = self.view.as_ref().map(|v| v.iter().map(|l| l.id).collect());
+                // A cold reset also ends every session of the target: the others' connections
+                // close once their tasks are aborted, this one once its response is sent.
+                let cold = function == tmf::TARGET_COLD_RESET;
+                waiting += self.abort_other_nexuses(luns, cold, bhs.itt(), env);
+                if cold {
                     self.close_after_send = true;
                 }
                 tmf::COMPLETE
@@ -683,8 +845,18 @@ impl Conn {
         }
     }
 
-    /// An aborted task ended: the TMF that aborted it may now answer.
-    fn tmf_progress(&mut self, tmf_itt: u32) {
+    /// Asks every reactor to abort the tasks other sessions have on `luns` (all LUNs when
+    /// `None`), and with `close` to close their connections; returns how many
+    /// acknowledgements the TMF `tmf_itt` now waits for.
+    fn abort_other_nexuses(&mut self, luns: Option<Arc<[u64]>>, close: bool, tmf_itt: u32, env: &mut ConnEnv) -> u32 {
+        let reply = crate::reactor::AbortReply { reactor: env.reactor, conn: self.slot, token: self.token, tmf_itt };
+        let req = crate::reactor::AbortRequest { luns, only: None, except: self.token, close, reply: Some(reply) };
+        env.shared.abort_tasks(req)
+    }
+
+    /// An aborted task ended, or a reactor acknowledged aborting other sessions' tasks: the
+    /// TMF that waits for them may now answer.
+    pub fn tmf_progress(&mut self, tmf_itt: u32) {
         let Some(i) = self.pending_tmfs.iter().position(|p| p.itt == tmf_itt) else { return };
         let p = &mut self.pending_tmfs[i];
         p.waiting -= 1;

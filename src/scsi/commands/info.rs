@@ -1,7 +1,7 @@
 //! Commands that describe the target and its LUNs: REQUEST SENSE, READ CAPACITY, REPORT LUNS,
 //! GET LBA STATUS, REPORT SUPPORTED OPERATION CODES / TASK MANAGEMENT FUNCTIONS.
 
-use super::{data_in, xcopy, Res};
+use super::{data_in, sanitize, xcopy, Res};
 use crate::scsi::cdb::{be16, be32, be64, op, put16, put32, put64, sa};
 use crate::scsi::lun::{encode_lun, PHYS_BLOCK_EXP};
 use crate::scsi::nexus::ua;
@@ -154,7 +154,7 @@ static SUPPORTED: &[Supported] = &[
     cmd(&[op::RESERVE_6, 0, 0, 0, 0, C]),
     cmd(&[op::RELEASE_6, 0, 0, 0, 0, C]),
     cmd(&[op::MODE_SENSE_6, 0x08, 0xFF, 0xFF, 0xFF, C]),
-    cmd(&[op::START_STOP_UNIT, 0, 0, 0, 0xF0, C]),
+    cmd(&[op::START_STOP_UNIT, 0x01, 0, 0, 0xF7, C]),
     cmd(&[op::PREVENT_ALLOW, 0, 0, 0, 0x03, C]),
     cmd(&[op::READ_CAPACITY_10, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0, 0x01, C]),
     cmd(&[op::READ_10, 0xFA, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
@@ -166,6 +166,12 @@ static SUPPORTED: &[Supported] = &[
     cmd(&[op::SYNC_CACHE_10, 0, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
     cmd(&[op::WRITE_SAME_10, 0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0, 0xFF, 0xFF, C]),
     cmd(&[op::UNMAP, 0x01, 0, 0, 0, 0, 0, 0xFF, 0xFF, C]),
+    sa_cmd(sanitize::OVERWRITE, &[op::SANITIZE, 0x20 | sanitize::OVERWRITE, 0, 0, 0, 0, 0, 0xFF, 0xFF, C]),
+    sa_cmd(sanitize::BLOCK_ERASE, &[op::SANITIZE, 0x20 | sanitize::BLOCK_ERASE, 0, 0, 0, 0, 0, 0xFF, 0xFF, C]),
+    sa_cmd(
+        sanitize::EXIT_FAILURE_MODE,
+        &[op::SANITIZE, 0x20 | sanitize::EXIT_FAILURE_MODE, 0, 0, 0, 0, 0, 0xFF, 0xFF, C],
+    ),
     cmd(&[op::MODE_SELECT_10, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, C]),
     cmd(&[op::RESERVE_10, 0x12, 0, 0, 0, 0, 0, 0, 0, C]),
     cmd(&[op::RELEASE_10, 0x12, 0, 0, 0, 0, 0, 0, 0, C]),
@@ -251,7 +257,10 @@ static SUPPORTED: &[Supported] = &[
 
 /// Opcodes whose commands are told apart by a service action.
 fn has_service_actions(opcode: u8) -> bool {
-    matches!(opcode, op::SERVICE_ACTION_IN_16 | op::MAINTENANCE_IN | op::EXTENDED_COPY | op::RECEIVE_COPY_RESULTS)
+    matches!(
+        opcode,
+        op::SERVICE_ACTION_IN_16 | op::MAINTENANCE_IN | op::EXTENDED_COPY | op::RECEIVE_COPY_RESULTS | op::SANITIZE
+    )
 }
 
 /// Writes a command timeouts descriptor (no timeouts specified); returns its length.

@@ -65,6 +65,9 @@ pub(super) fn inquiry(cdb: &[u8], lun: Option<&Lun>, buf: &mut [u8]) -> Res {
         0xB1 => {
             body[..0x3C].fill(0);
             put16(body, 0, 0x0001); // MEDIUM ROTATION RATE: non-rotating
+                                    // WABEREQ 01b: reads after a SANITIZE BLOCK ERASE succeed (they return zeroes);
+                                    // WACEREQ 00b: CRYPTO ERASE is not supported.
+            body[3] = 0x40;
             0x3C
         }
         0xB2 => {

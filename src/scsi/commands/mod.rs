@@ -9,6 +9,7 @@ mod info;
 mod inquiry;
 mod mode;
 mod reserve;
+pub(crate) mod sanitize;
 pub(crate) mod xcopy;
 
 use super::cdb::{self, op, sa};
@@ -59,6 +60,7 @@ fn run_offloaded(req: &Request, lun: &Lun, data_out: &[u8], data_in: &mut [u8]) 
         op::ORWRITE_16 => block::orwrite_work(cdb, lun, data_out),
         op::WRITE_ATOMIC_16 => block::write_atomic_work(cdb, lun, data_out),
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify_work(cdb, lun, data_out),
+        op::SANITIZE => sanitize::work(cdb, lun, data_out),
         op::SERVICE_ACTION_IN_16 if cdb::service_action(cdb) == Some(sa::GET_LBA_STATUS) => {
             info::get_lba_status(cdb, lun, data_in)
         }
@@ -101,6 +103,15 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
         };
     };
     nexus.sync(lun);
+    // SBC-3 4.11: while a SANITIZE runs only INQUIRY, REPORT LUNS (above) and REQUEST SENSE
+    // (which reports this) are served.
+    if let Some(busy) = lun.sanitize.in_progress() {
+        return match opcode {
+            op::INQUIRY => inquiry::inquiry(cdb, Some(lun), data_in),
+            op::REQUEST_SENSE => info::sense_data(cdb, &busy, data_in),
+            _ => Err(busy),
+        };
+    }
     if !matches!(opcode, op::INQUIRY | op::REQUEST_SENSE) {
         if let Some((asc, ascq)) = nexus.take(lun.id) {
             return Err(Sense::unit_attention(asc, ascq));
@@ -138,6 +149,7 @@ fn run(req: &Request, table: &LunTable, nexus: &mut Nexus, data_in: &mut [u8]) -
         op::PERSISTENT_RESERVE_OUT => reserve::prout(cdb, req.expected_len),
         op::RESERVE_6 | op::RESERVE_10 | op::RELEASE_6 | op::RELEASE_10 => reserve::legacy(cdb, lun, nexus),
         op::PREVENT_ALLOW => prevent_allow(cdb, lun, nexus),
+        op::SANITIZE => sanitize::sanitize(cdb, lun),
         op::READ_CAPACITY_10 => info::read_capacity_10(cdb, lun, data_in),
         op::SERVICE_ACTION_IN_16 => match cdb::service_action(cdb) {
             Some(sa::READ_CAPACITY_16) => info::read_capacity_16(cdb, lun, data_in),
@@ -166,6 +178,7 @@ fn run_data_out(req: &Request, table: &LunTable, nexus: &Nexus, data_out: &[u8])
         op::EXTENDED_COPY => xcopy::extended_copy_data(cdb, lun, table, nexus, data_out),
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify_data(cdb, lun, data_out),
         op::PERSISTENT_RESERVE_OUT => reserve::prout_data(cdb, lun, nexus, data_out),
+        op::SANITIZE => sanitize::sanitize_data(cdb, lun, data_out),
         _ => Err(Sense::invalid_opcode()),
     }
 }

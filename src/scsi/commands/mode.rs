@@ -17,6 +17,9 @@ const MAX_PAGE_LEN: usize = 20;
 
 const WCE: u8 = 0x04;
 const D_SENSE: u8 = 0x04;
+/// TST 001b: each I_T nexus has its own task set, so task attributes (ORDERED) order the
+/// commands of one session only (see `crate::iscsi::order`).
+const TST_PER_NEXUS: u8 = 0x20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pc {
@@ -42,7 +45,7 @@ fn page(code: u8, pc: Pc, lun: &Lun, out: &mut [u8]) -> Option<usize> {
         (CACHING, Pc::Changeable) => p[2] = WCE,
         (CONTROL, Pc::Changeable) => p[2] = D_SENSE,
         (CONTROL, _) => {
-            p[2] = if pc == Pc::Current && lun.d_sense() { D_SENSE } else { 0 };
+            p[2] = TST_PER_NEXUS | if pc == Pc::Current && lun.d_sense() { D_SENSE } else { 0 };
             p[3] = 0x10; // QUEUE ALGORITHM MODIFIER 1: unrestricted reordering; QERR 0
             put16(p, 8, 0xFFFF); // BUSY TIMEOUT PERIOD: unlimited
         }
@@ -254,7 +257,7 @@ mod tests {
         assert_eq!(be32(&d, 4), BLOCKS as u32);
         assert_eq!(be32(&d, 8), 512);
         assert_eq!(&d[12..15], &[0x08, 0x12, WCE]);
-        assert_eq!(&d[32..36], &[0x0A, 0x0A, 0x00, 0x10]);
+        assert_eq!(&d[32..36], &[0x0A, 0x0A, TST_PER_NEXUS, 0x10]);
         assert_eq!(&d[44..47], &[0x1C, 0x0A, 0x08]);
         // All pages and subpages is the same set.
         assert_eq!(get(&t, &mut n, &ms6(false, 0, 0x3F, 0xFF, 255), 0), d);
@@ -315,7 +318,7 @@ mod tests {
         assert_eq!(exec_out(&t, &mut n, &cdb, 0, &data), Disposition::Good);
         assert!(!l.write_cache() && l.d_sense());
         assert_eq!(get(&t, &mut n, &ms6(true, 0, 0x08, 0, 255), 0)[6], 0);
-        assert_eq!(get(&t, &mut n, &ms6(true, 0, 0x0A, 0, 255), 0)[6], D_SENSE);
+        assert_eq!(get(&t, &mut n, &ms6(true, 0, 0x0A, 0, 255), 0)[6], TST_PER_NEXUS | D_SENSE);
 
         // MODE SELECT(10) with a block descriptor turns WCE back on.
         let mut d = get(&t, &mut n, &ms10(0, 0, 0x08, 512), 0);

@@ -5,6 +5,7 @@ use super::{data_in, Res};
 use crate::scsi::cdb::{be16, be32, be64, op};
 use crate::scsi::reservations::{self, Access, OutParams, PrError};
 use crate::scsi::{status, Disposition, Lun, Nexus, Sense};
+use std::sync::Arc;
 
 /// Length of the basic PERSISTENT RESERVE OUT parameter list.
 const PROUT_LEN: u32 = 24;
@@ -110,8 +111,17 @@ pub(super) fn prout_data(cdb: &[u8], lun: &Lun, nexus: &Nexus, data: &[u8]) -> R
         Ok(n) => n,
         Err(e) => return pr_result(Err(e)),
     };
+    let preempted: Vec<Arc<str>> = notices
+        .iter()
+        .filter(|(_, ua)| *ua == crate::scsi::nexus::ua::REGISTRATIONS_PREEMPTED)
+        .map(|(who, _)| who.clone())
+        .collect();
     for (who, ua) in notices {
         lun.sessions.post(lun.id, ua, |i| i.identity == who);
+    }
+    if cdb[1] & 0x1F == reservations::out_sa::PREEMPT_AND_ABORT && !preempted.is_empty() {
+        // The preempted I_T nexuses' tasks on this LUN are aborted (SPC-4 5.13.11.2.5).
+        return Ok(Disposition::AbortNexuses(preempted));
     }
     Ok(Disposition::Good)
 }
