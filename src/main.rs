@@ -160,21 +160,8 @@ struct UploadArgs {
     /// The image: a file, or an http:// or https:// URL whose server sends a Content-Length.
     #[arg(value_name = "FILE|URL")]
     file: String,
-    /// Image and LUN name (default: the file's or URL path's base name without .img and
-    /// compression suffixes).
-    #[arg(long)]
-    name: Option<String>,
-    /// LUN size in MiB; 0 means the image size rounded up to 512 bytes.
-    #[arg(long, default_value_t = 0)]
-    size_mb: u64,
-    /// Upload even when an identical image is in place.
-    #[arg(long)]
-    force: bool,
-    #[arg(long)]
-    read_only: bool,
-    /// none, gz, xz, bz2 or zstd (default: from the file's or URL path's extension).
-    #[arg(long)]
-    compression: Option<String>,
+    #[command(flatten)]
+    image: ImageArgs,
     /// An HTTP request header for a URL source, e.g. 'Authorization: Bearer T' (repeatable).
     #[arg(long = "header", value_name = "'NAME: VALUE'")]
     headers: Vec<String>,
@@ -187,26 +174,46 @@ struct UploadArgs {
     initiators: Vec<String>,
 }
 
+/// What `ctl upload`, `ctl serve` and `ctl import-image` share: the image's name and LUN.
+#[derive(Args)]
+struct ImageArgs {
+    /// Image and LUN name (default: the source's base name without .img and compression
+    /// suffixes).
+    #[arg(long)]
+    name: Option<String>,
+    /// LUN size in MiB; 0 means the image size rounded up to 512 bytes.
+    #[arg(long, default_value_t = 0)]
+    size_mb: u64,
+    /// Replace the image even when an identical one is in place.
+    #[arg(long)]
+    force: bool,
+    #[arg(long)]
+    read_only: bool,
+    /// none, gz, xz, bz2 or zstd (default: from the source's extension).
+    #[arg(long)]
+    compression: Option<String>,
+}
+
+impl ImageArgs {
+    /// `--name`, or the one `source` gives.
+    fn name_for(&self, source: &str) -> String {
+        self.name.clone().unwrap_or_else(|| images::name_from_source(source))
+    }
+
+    /// The request parameters both `upload_image` and `import_image` take.
+    fn params(&self, name: &str) -> Value {
+        json!({"name": name, "size_mb": self.size_mb, "force": self.force, "read_only": self.read_only})
+    }
+}
+
 /// What `ctl import-image` takes.
 #[derive(Args)]
 struct ImportArgs {
     /// The file on the target's machine: absolute, or relative to root_dir.
     #[arg(value_name = "SRC")]
     src_path: PathBuf,
-    /// Image and LUN name (default: the file's base name without .img and compression suffixes).
-    #[arg(long)]
-    name: Option<String>,
-    /// LUN size in MiB; 0 means the image size rounded up to 512 bytes.
-    #[arg(long, default_value_t = 0)]
-    size_mb: u64,
-    /// Import even when an identical image is in place.
-    #[arg(long)]
-    force: bool,
-    #[arg(long)]
-    read_only: bool,
-    /// none, gz, xz, bz2 or zstd (default: from the file's extension).
-    #[arg(long)]
-    compression: Option<String>,
+    #[command(flatten)]
+    image: ImageArgs,
     /// Expected SHA-256 of the uncompressed image (hex); a mismatch keeps the old image.
     #[arg(long)]
     sha256: Option<String>,
@@ -415,10 +422,9 @@ fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
         CtlCommand::TraceSession { tsih, off } => ("trace_session", json!({"tsih": tsih, "enable": !off})),
         CtlCommand::ImageInfo { name, .. } => ("image_info", json!({"name": name})),
         CtlCommand::ImportImage(a) => {
-            let name = a.name.clone().unwrap_or_else(|| images::name_from_source(&a.src_path.to_string_lossy()));
-            let mut p = json!({"name": name, "src_path": a.src_path, "size_mb": a.size_mb, "force": a.force,
-                               "read_only": a.read_only});
-            if let Some(c) = &a.compression {
+            let mut p = a.image.params(&a.image.name_for(&a.src_path.to_string_lossy()));
+            p["src_path"] = json!(a.src_path);
+            if let Some(c) = &a.image.compression {
                 p["compression"] = json!(c);
             }
             if let Some(d) = &a.sha256 {
@@ -434,18 +440,19 @@ fn ctl_request(cmd: &CtlCommand) -> (&'static str, Value) {
 /// Uploads a local file (see [`upload_file`]) or streams a URL's body.
 fn upload(client: &mut Client, req: &UploadArgs) -> Result<Value, CliError> {
     let headers = req.headers.iter().map(|h| images::parse_header(h)).collect::<Result<Vec<_>, _>>()?;
-    let name = req.name.clone().unwrap_or_else(|| images::name_from_source(&req.file));
+    let name = req.image.name_for(&req.file);
     images::validate_name(&name)?;
     // Checked before a URL is fetched: a bad value should not cost a request.
-    let compression = req.compression.as_deref().map(str::parse::<Compression>).transpose()?;
+    let compression = req.image.compression.as_deref().map(str::parse::<Compression>).transpose()?;
     // SSL_CERT_FILE as OpenSSL, curl and Python read it; --cacert wins. Only for URLs: the
     // variable set in a CI's environment must not fail a local file's upload.
     let ssl_cert_file = || std::env::var_os("SSL_CERT_FILE").filter(|v| !v.is_empty()).map(PathBuf::from);
     let ca_file = req.cacert.clone().or_else(|| images::is_url(&req.file).then(ssl_cert_file).flatten());
     let src = images::open_source(&req.file, &images::FetchOptions { headers, ca_file })?;
     let compression = compression.unwrap_or(src.compression);
-    let mut params = json!({"name": name, "compression": compression.as_str(), "size_mb": req.size_mb,
-                        "force": req.force, "read_only": req.read_only, "size": 0});
+    let mut params = req.image.params(&name);
+    params["compression"] = json!(compression.as_str());
+    params["size"] = json!(0);
     if !req.initiators.is_empty() {
         params["initiators"] = json!(req.initiators);
     }
@@ -472,7 +479,7 @@ fn upload_file(
 ) -> Result<Value, CliError> {
     let name = params["name"].clone();
     let len = src.len.unwrap_or(0);
-    let in_place = if req.force {
+    let in_place = if req.image.force {
         None
     } else {
         match client.call("image_info", json!({"name": name})) {

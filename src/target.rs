@@ -190,6 +190,13 @@ impl Shared {
         &self.limits
     }
 
+    /// Gives connections driven without [`Target::start`] (the fuzz harness) an offload pool;
+    /// a started target makes its own.
+    pub fn with_offload(self, pool: crate::offload::Pool) -> Self {
+        let _ = self.offload.set(pool);
+        self
+    }
+
     /// The offload pool (started with the reactors, before the portal opens).
     pub fn offload(&self) -> &crate::offload::Pool {
         self.offload.get().expect("the offload pool starts before any connection")

@@ -145,3 +145,96 @@ fn ctl_maps_luns_to_initiators() {
     assert!(ids.contains(&find("scratch")["lun_id"].as_u64().unwrap().try_into().unwrap()));
     assert!(!ids.contains(&find("fw")["lun_id"].as_u64().unwrap().try_into().unwrap()));
 }
+
+/// fio with the libiscsi engine, as perf/build-fio builds it (Debian's fio has no libiscsi).
+/// Missing, it fails the test under CI=true (.ci/run builds it first) and skips it elsewhere.
+fn fio() -> Option<std::path::PathBuf> {
+    let bin = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("perf/cache/fio/fio");
+    if bin.is_file() {
+        return Some(bin);
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{} is missing: build it with perf/build-fio (.ci/run does before the tests)", bin.display());
+    }
+    eprintln!("SKIPPED: {} is missing (build it with perf/build-fio)", bin.display());
+    None
+}
+
+/// Writes of `lun` counted by the target so far.
+fn writes(ctl: &mut common::Control, lun: u16) -> u64 {
+    let stats = ctl.ok("get_stats", json!(null));
+    let l = stats["luns"].as_array().unwrap().iter().find(|l| l["lun_id"] == lun);
+    l.map_or(0, |l| l["write"]["ops"].as_u64().unwrap())
+}
+
+/// The case: fio's libiscsi engine stops at the first CHECK CONDITION (it does not
+/// retry a unit attention), so a verify run on one initiator's disk shows that replacing
+/// another initiator's image leaves it alone.
+#[test]
+fn a_fio_verify_run_keeps_going_while_another_initiators_image_is_replaced_ten_times() {
+    let Some(fio) = fio() else { return };
+    let t = start();
+    let mut ctl = t.control();
+    let dir = tempfile::tempdir().unwrap();
+    let json_out = dir.path().join("fio.json");
+    // fio splits file names on ':'; its libiscsi engine takes '\:' in the URL.
+    let url = t.url(1).replace(':', "\\:");
+    let runtime = 20;
+    let mut child = Command::new(&fio)
+        .current_dir(dir.path()) // where a failed verify leaves its state file
+        .args(["--name=dut1-verify", "--ioengine=libiscsi", &format!("--initiator={A}")])
+        .arg(format!("--filename={url}"))
+        .args(["--rw=randwrite", "--bs=4k", "--iodepth=8", "--verify=crc32c", "--verify_backlog=256"])
+        .args(["--verify_fatal=1", "--time_based", &format!("--runtime={runtime}")])
+        .args(["--output-format=json", &format!("--output={}", json_out.display())])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("fio.err")).unwrap())
+        .spawn()
+        .expect("spawn fio");
+    // Re-upload only once fio is writing, so every replacement happens under its I/O.
+    let started = std::time::Instant::now();
+    while writes(&mut ctl, 1) == 0 {
+        assert!(child.try_wait().unwrap().is_none(), "fio ended before writing");
+        assert!(started.elapsed() < Duration::from_secs(15), "fio wrote nothing in 15 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for round in 0..10u8 {
+        let image = vec![round.wrapping_add(1); 4 << 20];
+        let r = ctl.upload(json!({"name": "dut2", "size": image.len(), "force": true, "initiators": [B]}), &image);
+        assert!(r.get("error").is_none(), "round {round}: {r}");
+    }
+    let after_uploads = writes(&mut ctl, 1);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "fio ended during the re-uploads ({:?} after it started)",
+        started.elapsed()
+    );
+    let status = wait_with_timeout(child, Duration::from_secs(runtime + 60));
+    let err = std::fs::read_to_string(dir.path().join("fio.err")).unwrap_or_default();
+    assert!(status.success(), "fio failed: {status}\n{err}");
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json_out).unwrap()).unwrap();
+    let job = &report["jobs"][0];
+    assert_eq!(job["error"], 0, "{job}");
+    let (written, verified) = (job["write"]["io_bytes"].as_u64().unwrap(), job["read"]["io_bytes"].as_u64().unwrap());
+    assert!(written > 0 && verified > 0, "fio wrote {written} and verified {verified} bytes");
+    // And it kept writing after the last re-upload.
+    assert!(writes(&mut ctl, 1) > after_uploads, "no write after the last re-upload");
+    eprintln!("fio wrote {written} bytes and read back {verified} to verify them across ten re-uploads");
+}
+
+/// Waits for a spawned child with a deadline, killing it when it overruns.
+fn wait_with_timeout(mut child: std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{child:?} did not finish within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

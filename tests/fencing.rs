@@ -289,3 +289,37 @@ fn target_cold_reset_answers_then_ends_every_session() {
     s.test_unit_ready(0).unwrap();
     assert!(s.read10(0, 0, 1, 512).unwrap().is_good());
 }
+
+/// PERSISTENT RESERVE OUT `action` with reservation key `key`, service action key `sa_key`
+/// and type 1 (Write Exclusive).
+fn prout(s: &mut Session, action: u8, key: u64, sa_key: u64) {
+    let mut data = [0u8; 24];
+    put_u64(&mut data, 0, key);
+    put_u64(&mut data, 8, sa_key);
+    let cdb = [0x5F, action, 0x01, 0, 0, 0, 0, 0, 24, 0];
+    let r = s.command(0, &cdb, Some(&data), 0).expect("PERSISTENT RESERVE OUT");
+    assert!(r.is_good(), "PERSISTENT RESERVE OUT {action}: status {:#x} sense {:?}", r.status, r.sense);
+}
+
+#[test]
+fn preempt_and_abort_aborts_the_preempted_sessions_command() {
+    let t = Target::start(&["--reactors", "2", "--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
+    let mut victim = t.login(&solicited_only());
+    let mut preemptor = t.login(&LoginOptions::default());
+    victim.test_unit_ready(0).unwrap();
+    preemptor.test_unit_ready(0).unwrap();
+    prout(&mut victim, 0, 0, 0xB); // REGISTER 0xB
+    prout(&mut victim, 1, 0xB, 0); // RESERVE, Write Exclusive
+    prout(&mut preemptor, 0, 0, 0xA); // REGISTER 0xA
+    let sn = exp_cmd_sn(&mut victim);
+    let ttt = write_waiting_for_data(&mut victim, sn, 0x900);
+
+    prout(&mut preemptor, 5, 0xA, 0xB); // PREEMPT AND ABORT 0xB
+
+    // The victim's WRITE is gone (no status, data dropped, store untouched), and the victim
+    // learns that its registration was preempted.
+    send_data(&mut victim, 0x900, ttt);
+    exp_cmd_sn(&mut victim);
+    assert!(image_head(&t).iter().all(|&b| b == 0), "the preempted session's WRITE reached the store");
+    assert_eq!(tur_sense(&mut victim, 0x901), (STATUS_CHECK_CONDITION, 0x06, 0x2A, 0x05), "REGISTRATIONS PREEMPTED");
+}

@@ -199,3 +199,36 @@ fn shipped_exporter_example_starts_and_nested_children_are_found() {
     let luns = t.control().ok("list_luns", serde_json::Value::Null);
     assert_eq!(luns[0]["name"], "nested", "{luns}");
 }
+
+/// The Security section's "CHAP in a minute" block, pasted into a shell as it stands (on a
+/// free port and a temporary directory): the right secret logs in, none is refused.
+#[test]
+fn readme_chap_in_a_minute_runs_as_written() {
+    if !require_tool("iscsi-inq") {
+        return;
+    }
+    let block = blocks(section("Security"), "sh")
+        .into_iter()
+        .find(|b| b.contains("--chap-user rig"))
+        .expect("the CHAP in a minute block");
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let script = block
+        .replace("/tmp/uringtgt-chap", &dir.path().to_string_lossy())
+        .replace("--port 3260", &format!("--port {port}"))
+        .replace("127.0.0.1:3260", &format!("127.0.0.1:{port}"));
+    // Not -e: the last line is meant to fail. The target started in the background goes last.
+    let script = format!("{script}\nkill $!\n");
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_uringtgt")).parent().unwrap().to_owned();
+    let path = std::env::join_paths(
+        std::iter::once(bin_dir).chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )
+    .unwrap();
+    let mut cmd = Command::new("bash");
+    cmd.args(["-x", "-c", &script]).env("PATH", path);
+    let o = run_with_timeout(&mut cmd, Duration::from_secs(60));
+    let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("Vendor:URINGTGT"), "the login with the secret failed:\n{out}\n{err}");
+    let refused = format!("{out}{err}");
+    assert_eq!(refused.matches("Authentication failure").count(), 1, "the login without it:\n{refused}");
+}

@@ -3,7 +3,7 @@
 //! Run from fuzz/: `cargo run --example seeds` (it replaces the seed files it writes).
 
 use std::path::Path;
-use uringtgt_fuzz::{kv, login, pdu, scsi, text, TARGET};
+use uringtgt_fuzz::{kv, login, login_peers, pdu, scsi, text, TARGET};
 
 const INITIATOR: &str = "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test";
 const ISID: [u8; 6] = [0x80, 0x12, 0x34, 0x56, 0, 0];
@@ -54,24 +54,7 @@ fn open_iscsi_login() -> Vec<(u8, Vec<u8>)> {
         ("SessionType", "Normal"),
         ("AuthMethod", "None"),
     ]);
-    let second = kv(&[
-        ("HeaderDigest", "None"),
-        ("DataDigest", "None"),
-        ("DefaultTime2Wait", "2"),
-        ("DefaultTime2Retain", "0"),
-        ("IFMarker", "No"),
-        ("OFMarker", "No"),
-        ("ErrorRecoveryLevel", "0"),
-        ("InitialR2T", "No"),
-        ("ImmediateData", "Yes"),
-        ("MaxBurstLength", "16776192"),
-        ("FirstBurstLength", "262144"),
-        ("MaxOutstandingR2T", "1"),
-        ("MaxConnections", "1"),
-        ("DataPDUInOrder", "Yes"),
-        ("DataSequenceInOrder", "Yes"),
-        ("MaxRecvDataSegmentLength", "262144"),
-    ]);
+    let second = kv(login_peers::OPEN_ISCSI_OPERATIONAL);
     vec![(0x80 | 1, first), (0x80 | (1 << 2) | 3, second)]
 }
 
@@ -297,25 +280,12 @@ fn login_seeds() {
     write("login", "open-iscsi", &s);
     // Straight to the operational stage, everything in one request (iPXE does this).
     let mut s = Vec::new();
-    let keys = kv(&[
+    let names = [
         ("InitiatorName", "iqn.2010-04.org.ipxe:00000000-0000-0000-0000-000000000000"),
         ("TargetName", TARGET),
         ("SessionType", "Normal"),
-        ("HeaderDigest", "None"),
-        ("DataDigest", "None"),
-        ("MaxConnections", "1"),
-        ("InitialR2T", "Yes"),
-        ("ImmediateData", "No"),
-        ("MaxRecvDataSegmentLength", "8192"),
-        ("MaxBurstLength", "262144"),
-        ("FirstBurstLength", "65536"),
-        ("DefaultTime2Wait", "0"),
-        ("DefaultTime2Retain", "0"),
-        ("MaxOutstandingR2T", "1"),
-        ("DataPDUInOrder", "Yes"),
-        ("DataSequenceInOrder", "Yes"),
-        ("ErrorRecoveryLevel", "0"),
-    ]);
+    ];
+    let keys = kv(&[&names[..], login_peers::IPXE_OPERATIONAL].concat());
     login::record(&mut s, 0x80 | (1 << 2) | 3, &keys);
     write("login", "ipxe-operational-only", &s);
     // A request text split over two PDUs (C bit), then the final one.
@@ -339,6 +309,33 @@ fn login_seeds() {
     );
     login::record(&mut s, 0x01, &kv(&[("CHAP_A", "5,7,8")]));
     write("login", "chap-offered", &s);
+    // CHAP logins as libiscsi and open-iscsi make them (the target demands CHAP in the
+    // harness's second run): AuthMethod, CHAP_A, then CHAP_N and the response (`auto`: the
+    // harness computes it), with a challenge of the initiator's for mutual CHAP; then the
+    // operational stage.
+    let chap_login = |session: &str, algorithms: &str, user: &str, mutual: bool| {
+        let mut s = Vec::new();
+        let mut first = vec![("InitiatorName", INITIATOR), ("SessionType", session)];
+        if session == "Normal" {
+            first.push(("TargetName", TARGET));
+        }
+        first.push(("AuthMethod", "CHAP,None"));
+        login::record(&mut s, 0x80 | 1, &kv(&first));
+        login::record(&mut s, 0x80 | 1, &kv(&[("CHAP_A", algorithms)]));
+        let mut r = kv(&[("CHAP_N", user)]);
+        r.extend_from_slice(login::AUTO_RESPONSE);
+        r.push(0);
+        if mutual {
+            r.extend(kv(&[("CHAP_I", "17"), ("CHAP_C", "0x0123456789abcdef0123456789abcdef")]));
+        }
+        login::record(&mut s, 0x80 | 1, &r);
+        login::record(&mut s, 0x80 | (1 << 2) | 3, &kv(login_peers::OPEN_ISCSI_OPERATIONAL));
+        s
+    };
+    write("login", "chap-md5", &chap_login("Normal", "5", login::CHAP_USER, false));
+    write("login", "chap-sha256-mutual", &chap_login("Normal", "7,5", login::CHAP_USER, true));
+    write("login", "chap-sha3-discovery", &chap_login("Discovery", "8,7,5", login::CHAP_USER, false));
+    write("login", "chap-wrong-user", &chap_login("Normal", "5", "someone", false));
 }
 
 fn text_seeds() {

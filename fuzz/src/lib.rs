@@ -3,6 +3,9 @@
 //! abort is a finding.
 
 pub mod login;
+/// Real initiators' login keys, shared with the crate's login unit tests.
+#[path = "../../src/protocol/login_peers.rs"]
+pub mod login_peers;
 pub mod pdu;
 pub mod rpc;
 pub mod scsi;

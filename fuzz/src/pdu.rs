@@ -1,7 +1,10 @@
 //! The `pdu` target: a whole connection ([`uringtgt::reactor::conn::Conn`]) fed a byte stream
 //! the way the reactor feeds it (into `rx_space`, then `on_recv`), with a RAM LUN behind it.
 //! It covers the BHS/AHS/data framing, header and data digests, the direct Data-Out receive,
-//! login, and every full-feature PDU down to `scsi::execute`.
+//! login, and every full-feature PDU down to `scsi::execute`. Commands the target offloads
+//! (WRITE SAME, UNMAP, COMPARE AND WRITE, ...) run on an inline pool: each job runs inside its
+//! submission, and the harness hands its completion back to the connection after the receive,
+//! as the reactor does, so a run is reproducible.
 //!
 //! The harness plays an initiator's framing layer: the input holds PDUs without digests or
 //! padding, and the harness adds padding and, once the login response says they are on,
@@ -24,9 +27,11 @@ use crate::{put_chunk, Cursor};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::Instant;
 use uringtgt::backing::Backing;
+use uringtgt::offload::{Completion, Pool};
 use uringtgt::protocol::digest;
 use uringtgt::protocol::login::LoginConfig;
 use uringtgt::protocol::pdu::{opcode, pad_len, Bhs, BHS_LEN};
@@ -55,32 +60,22 @@ pub fn record(out: &mut Vec<u8>, bhs: &[u8; BHS_LEN], ahs: &[u8], data: &[u8]) {
     put_chunk(out, data);
 }
 
-/// The keys of the harness's own login (flag bit 4), as open-iscsi sends them.
+/// The keys of the harness's own login (flag bit 4), as open-iscsi sends them, in one request.
 pub fn login_keys(header_digest: bool, data_digest: bool) -> Vec<u8> {
     let hd = if header_digest { "CRC32C,None" } else { "None" };
     let dd = if data_digest { "CRC32C,None" } else { "None" };
-    crate::kv(&[
+    let mut keys = vec![
         ("InitiatorName", "iqn.2004-10.com.ubuntu:01:fuzz"),
         ("InitiatorAlias", "fuzz"),
         ("TargetName", crate::TARGET),
         ("SessionType", "Normal"),
-        ("HeaderDigest", hd),
-        ("DataDigest", dd),
-        ("DefaultTime2Wait", "2"),
-        ("DefaultTime2Retain", "0"),
-        ("IFMarker", "No"),
-        ("OFMarker", "No"),
-        ("ErrorRecoveryLevel", "0"),
-        ("InitialR2T", "No"),
-        ("ImmediateData", "Yes"),
-        ("MaxBurstLength", "16776192"),
-        ("FirstBurstLength", "262144"),
-        ("MaxOutstandingR2T", "1"),
-        ("MaxConnections", "1"),
-        ("DataPDUInOrder", "Yes"),
-        ("DataSequenceInOrder", "Yes"),
-        ("MaxRecvDataSegmentLength", "262144"),
-    ])
+    ];
+    keys.extend(crate::login_peers::OPEN_ISCSI_OPERATIONAL.iter().map(|&(k, v)| match k {
+        "HeaderDigest" => (k, hd),
+        "DataDigest" => (k, dd),
+        _ => (k, v),
+    }));
+    crate::kv(&keys)
 }
 
 /// A Login Request BHS: `flags` is byte 1 (T, C, CSG, NSG).
@@ -134,8 +129,9 @@ pub fn bhs(
 }
 
 /// The harness's shared state: a target with a writable 256 KiB RAM LUN 0 and a read-only
-/// 16 KiB RAM LUN 1, fresh for every input so runs are reproducible.
-fn target() -> (Shared, Arc<LunTable>) {
+/// 16 KiB RAM LUN 1, fresh for every input so runs are reproducible, and the receiver of its
+/// offloaded jobs' completions.
+fn target() -> (Shared, Arc<LunTable>, Receiver<Completion>) {
     let lun = |id, size, ro| {
         Arc::new(Lun::new(id, &format!("ram{id}"), None, Backing::new_mem(size).unwrap(), ro, crate::TARGET))
     };
@@ -145,13 +141,9 @@ fn target() -> (Shared, Arc<LunTable>) {
         addresses: vec!["127.0.0.1:3260,1".into()],
         ..LoginConfig::default()
     };
-    (Shared::new(login, table.clone()), Arc::new(table))
-}
-
-/// Commands whose work the target hands to its offload pool (WRITE SAME, UNMAP, COMPARE AND
-/// WRITE, ORWRITE, VERIFY, GET LBA STATUS).
-fn offloaded(cdb: &[u8]) -> bool {
-    matches!(cdb[0], 0x41 | 0x93 | 0x42 | 0x89 | 0x8B | 0x2F | 0xAF | 0x8F) || (cdb[0] == 0x9E && cdb[1] & 0x1F == 0x12)
+    let (tx, rx) = mpsc::channel();
+    let pool = Pool::inline(move |done| tx.send(done).expect("the harness holds the receiver"));
+    (Shared::new(login, table.clone()).with_offload(pool), Arc::new(table), rx)
 }
 
 /// `PDU_TRACE=1` prints every PDU the target sends (for reading a crash or a seed).
@@ -297,6 +289,7 @@ fn wire(hdr: &[u8], data: &[u8], hd: bool, dd: bool, bad_hd: bool, bad_dd: bool)
 
 struct Harness {
     shared: Shared,
+    offloaded: Receiver<Completion>,
     luns: Arc<LunTable>,
     conn: Conn,
     pool: BufPool,
@@ -338,6 +331,15 @@ impl Harness {
                 now: Instant::now(),
             };
             self.conn.on_recv(n, &mut env);
+            // Offloaded jobs ran inside the receive; their completions reach the connection
+            // now, as the reactor's message loop brings them (one may let queued commands
+            // start, and offload again).
+            while let Ok(done) = self.offloaded.try_recv() {
+                assert_eq!(done.route.conn, self.conn.slot, "completion routed to another connection");
+                self.conn.ops_inflight -= 1;
+                self.conn.offload_done(done.route.task, done.output, &mut env);
+            }
+            assert_eq!(self.conn.ops_inflight, 0, "work left in flight with RAM LUNs and an inline pool");
             assert!(self.io.is_empty(), "RAM LUNs need no ring I/O");
             drain_tx(&mut self.conn, &mut self.peer, &mut self.pool);
         }
@@ -367,13 +369,14 @@ pub fn run(input: &[u8]) {
     let mut c = Cursor::new(input);
     let flags = c.u8();
     let k = c.u8();
-    let (shared, luns) = target();
+    let (shared, luns, offloaded) = target();
     let (a, _b) = UnixStream::pair().expect("socketpair");
     let stream = TcpStream::from(OwnedFd::from(a));
     let peer_addr: SocketAddr = "127.0.0.1:40000".parse().unwrap();
     let conn = Conn::new(stream, peer_addr, 1, &shared, Instant::now());
     let mut h = Harness {
         shared,
+        offloaded,
         luns,
         conn,
         pool: BufPool::new(),
@@ -432,12 +435,6 @@ pub fn run(input: &[u8]) {
             let sn = cmd_sn.unwrap_or(0);
             hdr[24..28].copy_from_slice(&sn.to_be_bytes());
             cmd_sn = Some(sn.wrapping_add(1));
-        }
-        if op == opcode::SCSI_COMMAND && offloaded(&hdr[32..48]) {
-            // These run on the target's worker pool, which only Target::start sets up (and
-            // whose completions only a reactor takes): the harness sends TEST UNIT READY
-            // instead. The `scsi` target covers them.
-            hdr[32..48].fill(0);
         }
         if op == opcode::DATA_OUT && hdr[20..24] == LAST_R2T.to_be_bytes() {
             if let Some((itt, ttt)) = h.peer.last_r2t {

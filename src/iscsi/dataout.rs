@@ -344,62 +344,6 @@ mod tests {
     }
 
     #[test]
-    fn overlap_is_refused() {
-        // The raw-initiator case: both halves of a 64 KiB R2T sent at offset 0.
-        let mut d = DataOut::new(0, 0, 65536);
-        let t = d.open_r2t(0, 0, 0, 65536).unwrap();
-        d.accept(t, 0, 0, 32768, false).unwrap();
-        assert_eq!(d.check(t, 1, 0, 32768, true), Err(DataOutError::Offset { got: 0, want: 32768 }));
-        assert_eq!(d.received(), 32768);
-        assert!(!d.is_complete());
-    }
-
-    #[test]
-    fn gap_is_refused() {
-        let mut d = DataOut::new(0, 0, 65536);
-        let t = d.open_r2t(0, 0, 0, 65536).unwrap();
-        d.accept(t, 0, 0, 16384, false).unwrap();
-        assert_eq!(d.check(t, 1, 32768, 32768, true), Err(DataOutError::Offset { got: 32768, want: 16384 }));
-        // Immediate data counts: unsolicited Data-Out must start where it ended.
-        let d = DataOut::new(4096, 8192, 8192);
-        assert_eq!(d.check(U, 0, 0, 4096, true), Err(DataOutError::Offset { got: 0, want: 4096 }));
-    }
-
-    #[test]
-    fn overrun_is_refused() {
-        let mut d = DataOut::new(0, 0, 8192);
-        let t = d.open_r2t(0, 0, 0, 4096).unwrap();
-        assert_eq!(d.check(t, 0, 0, 8192, true), Err(DataOutError::Overrun { end: 8192, limit: 4096 }));
-        let d = DataOut::new(0, 4096, 8192);
-        assert_eq!(d.check(U, 0, 0, 4097, true), Err(DataOutError::Overrun { end: 4097, limit: 4096 }));
-        let d = DataOut::new(0, 4096, 4096);
-        assert_eq!(
-            d.check(U, 0, u32::MAX, 2, true),
-            Err(DataOutError::Offset { got: u32::MAX, want: 0 }),
-            "offsets never wrap"
-        );
-    }
-
-    #[test]
-    fn data_sn_errors_are_refused() {
-        let mut d = DataOut::new(0, 0, 8192);
-        let t = d.open_r2t(0, 0, 0, 8192).unwrap();
-        // libiscsi's iSCSIDataSnInvalid cases: 0 twice, 27, -1, and (1, 0).
-        assert_eq!(d.check(t, 1, 0, 4096, false), Err(DataOutError::DataSn { got: 1, want: 0 }));
-        assert_eq!(d.check(t, 27, 0, 4096, false), Err(DataOutError::DataSn { got: 27, want: 0 }));
-        assert_eq!(d.check(t, u32::MAX, 0, 4096, false), Err(DataOutError::DataSn { got: u32::MAX, want: 0 }));
-        d.accept(t, 0, 0, 4096, false).unwrap();
-        assert_eq!(d.check(t, 0, 4096, 4096, true), Err(DataOutError::DataSn { got: 0, want: 1 }));
-        // Each R2T's sequence numbers its PDUs from 0; so does the unsolicited one.
-        let mut d = DataOut::new(0, 4096, 8192);
-        d.accept(U, 0, 0, 4096, true).unwrap();
-        let t = d.open_r2t(0, 0, 4096, 4096).unwrap();
-        assert_eq!(d.check(t, 1, 4096, 4096, true), Err(DataOutError::DataSn { got: 1, want: 0 }));
-        d.accept(t, 0, 4096, 4096, true).unwrap();
-        assert!(d.is_complete());
-    }
-
-    #[test]
     fn a_failed_command_drains_until_every_sequence_ends() {
         // Unsolicited data plus two R2Ts in flight when DataSN breaks in the first R2T.
         let mut d = DataOut::new(0, 4096, 12288);
@@ -425,38 +369,198 @@ mod tests {
         assert!(d.is_settled());
     }
 
-    #[test]
-    fn f_bit_rules() {
-        let mut d = DataOut::new(0, 0, 8192);
-        let t = d.open_r2t(0, 0, 0, 8192).unwrap();
-        assert_eq!(d.check(t, 0, 0, 4096, true), Err(DataOutError::EarlyFinal { at: 4096, end: 8192 }));
-        assert_eq!(d.check(t, 0, 0, 8192, false), Err(DataOutError::MissingFinal { end: 8192 }));
-        let a = d.accept(t, 0, 0, 8192, true).unwrap();
-        assert!(a.seq_done);
-        // The unsolicited sequence ends with F too.
-        let d = DataOut::new(0, 4096, 4096);
-        assert_eq!(d.check(U, 0, 0, 4096, false), Err(DataOutError::MissingFinal { end: 4096 }));
+    /// Stands for the tag of the case's R2T.
+    const R2T: u32 = 0xAAAA_AAAA;
+    /// The R2T's tag with another generation's bits (a reused slot's old tag).
+    const STALE: u32 = 0xBBBB_BBBB;
+
+    /// A Data-Out PDU: tag, DataSN, buffer offset, length, F bit.
+    type Pdu = (u32, u32, u32, u32, bool);
+
+    /// A command's transfer, the PDUs it accepted, and one it must refuse.
+    struct Refusal {
+        what: &'static str,
+        /// Immediate data, end of the unsolicited part, total (as [`DataOut::new`] takes them).
+        lens: (u32, u32, u32),
+        /// An R2T's offset and length, opened first.
+        r2t: Option<(u32, u32)>,
+        accepted: &'static [Pdu],
+        pdu: Pdu,
+        want: DataOutError,
     }
 
-    #[test]
-    fn unknown_or_foreign_tags_are_refused() {
-        let mut d = DataOut::new(0, 0, 8192);
-        assert_eq!(d.check(0x0000_0005, 0, 0, 512, false), Err(DataOutError::UnknownTransfer { ttt: 5 }));
-        let t = d.open_r2t(5, 0, 0, 8192).unwrap();
-        assert_eq!(
-            d.check(t ^ 0x0010_0000, 0, 0, 512, false),
-            Err(DataOutError::UnknownTransfer { ttt: t ^ 0x0010_0000 })
-        );
-        assert_eq!(d.check(U, 0, 0, 512, false), Err(DataOutError::UnexpectedUnsolicited));
-    }
+    const REFUSALS: &[Refusal] = &[
+        Refusal {
+            // The raw-initiator case: both halves of a 64 KiB R2T sent at offset 0.
+            what: "overlap",
+            lens: (0, 0, 65536),
+            r2t: Some((0, 65536)),
+            accepted: &[(R2T, 0, 0, 32768, false)],
+            pdu: (R2T, 1, 0, 32768, true),
+            want: DataOutError::Offset { got: 0, want: 32768 },
+        },
+        Refusal {
+            what: "gap",
+            lens: (0, 0, 65536),
+            r2t: Some((0, 65536)),
+            accepted: &[(R2T, 0, 0, 16384, false)],
+            pdu: (R2T, 1, 32768, 32768, true),
+            want: DataOutError::Offset { got: 32768, want: 16384 },
+        },
+        Refusal {
+            what: "unsolicited Data-Out not where immediate data ended",
+            lens: (4096, 8192, 8192),
+            r2t: None,
+            accepted: &[],
+            pdu: (U, 0, 0, 4096, true),
+            want: DataOutError::Offset { got: 0, want: 4096 },
+        },
+        Refusal {
+            what: "over-run of an R2T",
+            lens: (0, 0, 8192),
+            r2t: Some((0, 4096)),
+            accepted: &[],
+            pdu: (R2T, 0, 0, 8192, true),
+            want: DataOutError::Overrun { end: 8192, limit: 4096 },
+        },
+        Refusal {
+            what: "over-run of the first burst",
+            lens: (0, 4096, 8192),
+            r2t: None,
+            accepted: &[],
+            pdu: (U, 0, 0, 4097, true),
+            want: DataOutError::Overrun { end: 4097, limit: 4096 },
+        },
+        Refusal {
+            what: "an offset that would wrap",
+            lens: (0, 4096, 4096),
+            r2t: None,
+            accepted: &[],
+            pdu: (U, 0, u32::MAX, 2, true),
+            want: DataOutError::Offset { got: u32::MAX, want: 0 },
+        },
+        // libiscsi's iSCSIDataSnInvalid cases: 1 first, 27, -1, and 0 twice.
+        Refusal {
+            what: "DataSN 1 first",
+            lens: (0, 0, 8192),
+            r2t: Some((0, 8192)),
+            accepted: &[],
+            pdu: (R2T, 1, 0, 4096, false),
+            want: DataOutError::DataSn { got: 1, want: 0 },
+        },
+        Refusal {
+            what: "DataSN 27",
+            lens: (0, 0, 8192),
+            r2t: Some((0, 8192)),
+            accepted: &[],
+            pdu: (R2T, 27, 0, 4096, false),
+            want: DataOutError::DataSn { got: 27, want: 0 },
+        },
+        Refusal {
+            what: "DataSN -1",
+            lens: (0, 0, 8192),
+            r2t: Some((0, 8192)),
+            accepted: &[],
+            pdu: (R2T, u32::MAX, 0, 4096, false),
+            want: DataOutError::DataSn { got: u32::MAX, want: 0 },
+        },
+        Refusal {
+            what: "DataSN 0 twice",
+            lens: (0, 0, 8192),
+            r2t: Some((0, 8192)),
+            accepted: &[(R2T, 0, 0, 4096, false)],
+            pdu: (R2T, 0, 4096, 4096, true),
+            want: DataOutError::DataSn { got: 0, want: 1 },
+        },
+        Refusal {
+            // Each R2T's sequence numbers its PDUs from 0, whatever the unsolicited one sent.
+            what: "an R2T's DataSN continuing the unsolicited sequence's",
+            lens: (0, 4096, 8192),
+            r2t: Some((4096, 4096)),
+            accepted: &[(U, 0, 0, 4096, true)],
+            pdu: (R2T, 1, 4096, 4096, true),
+            want: DataOutError::DataSn { got: 1, want: 0 },
+        },
+        Refusal {
+            what: "F before the R2T's end",
+            lens: (0, 0, 8192),
+            r2t: Some((0, 8192)),
+            accepted: &[],
+            pdu: (R2T, 0, 0, 4096, true),
+            want: DataOutError::EarlyFinal { at: 4096, end: 8192 },
+        },
+        Refusal {
+            what: "no F at the R2T's end",
+            lens: (0, 0, 8192),
+            r2t: Some((0, 8192)),
+            accepted: &[],
+            pdu: (R2T, 0, 0, 8192, false),
+            want: DataOutError::MissingFinal { end: 8192 },
+        },
+        Refusal {
+            what: "no F at the first burst's end",
+            lens: (0, 4096, 4096),
+            r2t: None,
+            accepted: &[],
+            pdu: (U, 0, 0, 4096, false),
+            want: DataOutError::MissingFinal { end: 4096 },
+        },
+        Refusal {
+            what: "a tag no R2T carries",
+            lens: (0, 0, 8192),
+            r2t: None,
+            accepted: &[],
+            pdu: (5, 0, 0, 512, false),
+            want: DataOutError::UnknownTransfer { ttt: 5 },
+        },
+        Refusal {
+            what: "an R2T's slot with another generation",
+            lens: (0, 0, 8192),
+            r2t: Some((0, 8192)),
+            accepted: &[],
+            pdu: (STALE, 0, 0, 512, false),
+            want: DataOutError::UnknownTransfer { ttt: STALE },
+        },
+        Refusal {
+            what: "unsolicited Data-Out where the command allows none",
+            lens: (0, 0, 8192),
+            r2t: Some((0, 8192)),
+            accepted: &[],
+            pdu: (U, 0, 0, 512, false),
+            want: DataOutError::UnexpectedUnsolicited,
+        },
+        Refusal {
+            what: "Data-Out after immediate data completed the command",
+            lens: (4096, 4096, 4096),
+            r2t: None,
+            accepted: &[],
+            pdu: (U, 0, 4096, 512, true),
+            want: DataOutError::AfterComplete,
+        },
+    ];
 
     #[test]
-    fn refused_pdus_change_nothing() {
-        let mut d = DataOut::new(0, 0, 8192);
-        let t = d.open_r2t(0, 0, 0, 8192).unwrap();
-        let before = d.clone();
-        let _ = d.check(t, 3, 0, 4096, false);
-        let _ = d.check(t, 0, 512, 4096, false);
-        assert_eq!(d, before);
+    fn data_out_breaking_the_rules_is_refused_and_changes_nothing() {
+        for case in REFUSALS {
+            let (immediate, unsolicited_end, total) = case.lens;
+            let mut d = DataOut::new(immediate, unsolicited_end, total);
+            let r2t = case.r2t.map_or(0, |(offset, len)| d.open_r2t(5, 0, offset, len).unwrap());
+            let tag = |t: u32| match t {
+                R2T => r2t,
+                STALE => r2t ^ 0x0010_0000,
+                t => t,
+            };
+            for &(t, sn, offset, len, f) in case.accepted {
+                d.accept(tag(t), sn, offset, len, f).unwrap_or_else(|e| panic!("{}: {e}", case.what));
+            }
+            let want = match case.want {
+                DataOutError::UnknownTransfer { ttt } => DataOutError::UnknownTransfer { ttt: tag(ttt) },
+                e => e,
+            };
+            let before = d.clone();
+            let (t, sn, offset, len, f) = case.pdu;
+            assert_eq!(d.check(tag(t), sn, offset, len, f), Err(want), "{}", case.what);
+            assert_eq!(d, before, "{}: a refused PDU changed the state", case.what);
+        }
     }
 }

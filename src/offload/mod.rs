@@ -107,6 +107,8 @@ impl Inner {
 pub struct Pool {
     inner: Arc<Inner>,
     threads: Mutex<Vec<JoinHandle<()>>>,
+    /// No workers: jobs run inside `submit` (see [`Pool::inline`]).
+    inline: bool,
 }
 
 impl Pool {
@@ -119,7 +121,7 @@ impl Pool {
             capacity: threads * JOBS_PER_THREAD,
             deliver: Box::new(deliver),
         });
-        let pool = Self { inner, threads: Mutex::new(Vec::new()) };
+        let pool = Self { inner, threads: Mutex::new(Vec::new()), inline: false };
         for i in 0..threads {
             let inner = pool.inner.clone();
             let t = std::thread::Builder::new()
@@ -129,6 +131,19 @@ impl Pool {
             pool.threads.lock().unwrap_or_else(|e| e.into_inner()).push(t);
         }
         Ok(pool)
+    }
+
+    /// A pool without threads: each job runs on the thread that submits it, and is delivered,
+    /// before `submit` returns. For driving a connection without reactors (the fuzz harness),
+    /// where a run must be reproducible; a target always uses [`Pool::new`].
+    pub fn inline(deliver: impl Fn(Completion) + Send + Sync + 'static) -> Self {
+        let inner = Arc::new(Inner {
+            queue: Mutex::new(Queue { ready: VecDeque::new(), outstanding: 0, stop: false }),
+            ready: Condvar::new(),
+            capacity: JOBS_PER_THREAD,
+            deliver: Box::new(deliver),
+        });
+        Self { inner, threads: Mutex::new(Vec::new()), inline: true }
     }
 
     /// Queues a job; it runs once its range (if any) is free. Never blocks on a range or on
@@ -152,6 +167,13 @@ impl Pool {
             None => job,
         };
         self.inner.push_ready([job]);
+        if self.inline {
+            // Every job runs to its end here, so no range stays held past this loop.
+            loop {
+                let Some(job) = self.inner.lock().ready.pop_front() else { break };
+                run(&self.inner, job);
+            }
+        }
         Ok(())
     }
 
@@ -190,22 +212,27 @@ fn worker(inner: &Inner) {
                 q = inner.ready.wait(q).unwrap_or_else(|e| e.into_inner());
             }
         };
-        let Job { route, lock, work } = job;
-        let output = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
-            log::error!("offloaded job for task {route:?} panicked");
-            Output {
-                // INTERNAL TARGET FAILURE.
-                disposition: Disposition::Check(Sense::new(crate::scsi::SenseKey::HardwareError, 0x44, 0x00)),
-                data_in: Vec::new(),
-                buf: None,
-            }
-        });
-        if let Some((lock, range)) = lock {
-            inner.push_ready(lock.release(range));
-        }
-        inner.lock().outstanding -= 1;
-        (inner.deliver)(Completion { route, output });
+        run(inner, job);
     }
+}
+
+/// Runs one job, frees its range (readying the jobs that waited for it) and delivers it.
+fn run(inner: &Inner, job: Job) {
+    let Job { route, lock, work } = job;
+    let output = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|_| {
+        log::error!("offloaded job for task {route:?} panicked");
+        Output {
+            // INTERNAL TARGET FAILURE.
+            disposition: Disposition::Check(Sense::new(crate::scsi::SenseKey::HardwareError, 0x44, 0x00)),
+            data_in: Vec::new(),
+            buf: None,
+        }
+    });
+    if let Some((lock, range)) = lock {
+        inner.push_ready(lock.release(range));
+    }
+    inner.lock().outstanding -= 1;
+    (inner.deliver)(Completion { route, output });
 }
 
 #[cfg(test)]
@@ -319,6 +346,25 @@ mod tests {
         }
         for _ in 0..2 {
             rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+    }
+
+    #[test]
+    fn an_inline_pool_runs_each_job_inside_submit() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let p = Pool::inline(move |c| tx.send(c).unwrap());
+        let lock: Arc<RangeLock<Job>> = Arc::new(RangeLock::default());
+        let me = std::thread::current().id();
+        for t in 0..3u16 {
+            let work: Work = Box::new(move || {
+                assert_eq!(std::thread::current().id(), me, "an inline job ran on another thread");
+                Output { disposition: Disposition::DataIn(usize::from(t)), data_in: Vec::new(), buf: None }
+            });
+            // The same range each time: held only while its job runs.
+            p.submit(Job { route: route(t), lock: Some((lock.clone(), LbaRange::new(0, 8))), work }).unwrap();
+            assert_eq!(rx.try_recv().unwrap().route.task, t, "not delivered before submit returned");
+            assert_eq!(p.outstanding(), 0);
+            assert_eq!(lock.counts(), (0, 0));
         }
     }
 

@@ -11,6 +11,11 @@ use super::acl::Acl;
 use super::chap::{self, AuthConfig, ChapError, ChapKeys};
 use super::text::{self, Chunks, TextError, IRRELEVANT, MAX_TEXT_LEN, NOT_UNDERSTOOD, REJECT};
 
+/// Real initiators' login keys, shared with the fuzz seeds.
+#[cfg(test)]
+#[path = "login_peers.rs"]
+mod peers;
+
 /// Login stages (CSG/NSG values).
 pub const STAGE_SECURITY: u8 = 0;
 pub const STAGE_OPERATIONAL: u8 = 1;
@@ -915,43 +920,18 @@ mod tests {
         assert_eq!(get(&rsp.data, "TargetPortalGroupTag").as_deref(), Some("1"));
         assert_eq!(l.auth_method(), Some(AuthMethod::None));
 
-        let data = text_of(&[
-            ("HeaderDigest", "None"),
-            ("DataDigest", "None"),
-            ("ImmediateData", "Yes"),
-            ("InitialR2T", "No"),
-            ("MaxBurstLength", "16776192"),
-            ("FirstBurstLength", "262144"),
-            ("MaxRecvDataSegmentLength", "262144"),
-            ("DefaultTime2Wait", "2"),
-            ("DefaultTime2Retain", "0"),
-            ("IFMarker", "No"),
-            ("OFMarker", "No"),
-            ("ErrorRecoveryLevel", "0"),
-            ("MaxConnections", "1"),
-            ("MaxOutstandingR2T", "1"),
-        ]);
+        let data = text_of(peers::OPEN_ISCSI_OPERATIONAL);
         let (rsp, out) = l.step(&req(1, true, 3, &data));
         assert_eq!(out, LoginOutcome::FullFeature);
         assert!(rsp.transit && rsp.csg == 1 && rsp.nsg == 3 && !rsp.cont);
-        let expect = [
-            ("HeaderDigest", "None"),
-            ("DataDigest", "None"),
-            ("ImmediateData", "Yes"),
-            ("InitialR2T", "No"),
-            ("MaxBurstLength", "1048576"),
-            ("FirstBurstLength", "262144"),
-            ("MaxRecvDataSegmentLength", "262144"),
-            ("DefaultTime2Wait", "2"),
-            ("DefaultTime2Retain", "0"),
-            ("IFMarker", "No"),
-            ("OFMarker", "No"),
-            ("ErrorRecoveryLevel", "0"),
-            ("MaxConnections", "1"),
-            ("MaxOutstandingR2T", "1"),
-        ];
+        // Every key answered in the order offered, each as offered except MaxBurstLength,
+        // lowered to the target's 1 MiB.
+        let expect: Vec<(&str, &str)> = peers::OPEN_ISCSI_OPERATIONAL
+            .iter()
+            .map(|&(k, v)| (k, if k == "MaxBurstLength" { "1048576" } else { v }))
+            .collect();
         let got = text::parse(&rsp.data).unwrap();
-        assert_eq!(got, expect.to_vec());
+        assert_eq!(got, expect);
         let n = l.negotiated();
         assert_eq!(n.session_type, SessionType::Normal);
         assert_eq!(n.initiator_name, INITIATOR);
@@ -1020,22 +1000,7 @@ mod tests {
         let (rsp, _) = l.step(&req(0, true, 1, &data));
         assert!(rsp.transit && rsp.nsg == 1);
         assert_eq!(get(&rsp.data, "AuthMethod").as_deref(), Some("None"));
-        let data = text_of(&[
-            ("HeaderDigest", "None"),
-            ("DataDigest", "None"),
-            ("MaxConnections", "1"),
-            ("InitialR2T", "Yes"),
-            ("ImmediateData", "No"),
-            ("MaxRecvDataSegmentLength", "8192"),
-            ("MaxBurstLength", "262144"),
-            ("FirstBurstLength", "65536"),
-            ("DefaultTime2Wait", "0"),
-            ("DefaultTime2Retain", "0"),
-            ("MaxOutstandingR2T", "1"),
-            ("DataPDUInOrder", "Yes"),
-            ("DataSequenceInOrder", "Yes"),
-            ("ErrorRecoveryLevel", "0"),
-        ]);
+        let data = text_of(peers::IPXE_OPERATIONAL);
         let (rsp, out) = l.step(&req(1, true, 3, &data));
         assert_eq!(out, LoginOutcome::FullFeature);
         assert_eq!(get(&rsp.data, "ImmediateData").as_deref(), Some("No"));

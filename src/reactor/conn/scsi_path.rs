@@ -590,8 +590,11 @@ impl Conn {
         let work: Work = Box::new(move || {
             let req = Request { cdb: &cdb[..cdb_len], lun: Some(lun.id), expected_len, read, write };
             let data_out = buf.as_ref().map_or(&[][..], |b| &b[..xfer]);
-            let mut data_in =
-                if read { vec![0u8; (expected_len as usize).clamp(64, OFFLOAD_DATA_IN_MAX)] } else { Vec::new() };
+            // Sized by the EDTL when the initiator reads; at least 64 bytes whatever its R
+            // bit says, as the inline path's scratch serves a Data-In command whatever its R
+            // bit (GET LBA STATUS without R crashed the target here: fuzz target `pdu`).
+            let len = if read { (expected_len as usize).clamp(64, OFFLOAD_DATA_IN_MAX) } else { 64 };
+            let mut data_in = vec![0u8; len];
             let disposition = scsi::execute_offloaded(&req, &lun, data_out, &mut data_in);
             match disposition {
                 Disposition::DataIn(n) => data_in.truncate(n),

@@ -45,7 +45,7 @@ pub fn execute_data_out(
 
 /// Runs the work of a command that returned [`Disposition::Offload`], on a worker thread (it
 /// may block on the backing store): `data_out` holds its Data-Out (empty when it has none),
-/// Data-In goes to `data_in`. The checks of the first phase are repeated (they are cheap and
+/// Data-In goes to `data_in` (at least 64 bytes, whatever the command's R bit). The checks of the first phase are repeated (they are cheap and
 /// keep each work function whole).
 pub fn execute_offloaded(req: &Request, lun: &Lun, data_out: &[u8], data_in: &mut [u8]) -> Disposition {
     run_offloaded(req, lun, data_out, data_in).unwrap_or_else(Disposition::Check)

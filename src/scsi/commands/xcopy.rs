@@ -197,6 +197,9 @@ fn resolve(designator: &[u8], table: &LunTable) -> Option<Arc<Lun>> {
 
 /// Copies one segment from `src` to `dst` in [`COPY_CHUNK`] steps; returns the bytes copied.
 fn copy_segment(src: &Lun, dst: &Lun, seg: &Segment) -> Result<u64, Sense> {
+    if !src.medium_present() || !dst.medium_present() {
+        return Err(copy_aborted(0x0D, 0x02)); // COPY TARGET DEVICE NOT REACHABLE: medium ejected
+    }
     let blocks = u64::from(seg.blocks);
     if seg.src_lba.checked_add(blocks).is_none_or(|e| e > src.num_blocks()) {
         return Err(copy_aborted(0x0D, 0x03)); // COPY TARGET DEVICE DATA UNDERRUN
@@ -347,6 +350,22 @@ mod tests {
         c[2] = list_id;
         put32(&mut c, 10, 1024);
         c
+    }
+
+    #[test]
+    fn an_ejected_copy_target_is_not_reachable() {
+        let iso = Lun::new(1, "iso", None, crate::backing::Backing::new_mem(BLOCKS * 512).unwrap(), false, "t")
+            .with_removable(true);
+        let t = LunTable::new(vec![lun(0, false), std::sync::Arc::new(iso)]);
+        let mut n = Nexus::new();
+        n.take(0);
+        n.take(1);
+        let (l0, l1) = (t.get(0).unwrap().clone(), t.get(1).unwrap().clone());
+        let p = list(1, &[target(&l0), target(&l1)], &[segment(0, 1, 4, 0, 0)]);
+        assert_eq!(exec_out(&t, &mut n, &xcopy_cdb(p.len() as u32), 0, &p), Disposition::Good);
+        l1.medium.load_eject(false).unwrap();
+        let s = sense(exec_out(&t, &mut n, &xcopy_cdb(p.len() as u32), 0, &p));
+        assert_eq!((s.key, s.asc, s.ascq), (SenseKey::CopyAborted, 0x0D, 0x02));
     }
 
     #[test]
