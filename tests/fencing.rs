@@ -7,8 +7,8 @@
 mod common;
 
 use common::initiator::{
-    get_u32, put_u32, put_u64, LoginOptions, Pdu, Session, OP_DATA_OUT, OP_NOP_IN, OP_NOP_OUT, OP_R2T, OP_SCSI_CMD,
-    OP_SCSI_RESP, STATUS_CHECK_CONDITION,
+    get_u32, put_u32, put_u64, LoginOptions, Pdu, Session, OP_DATA_OUT, OP_R2T, OP_SCSI_CMD, OP_SCSI_RESP,
+    STATUS_CHECK_CONDITION,
 };
 use common::Target;
 use serde_json::json;
@@ -17,24 +17,6 @@ const OP_TMF_REQ: u8 = 0x02;
 const OP_TMF_RESP: u8 = 0x22;
 const RESERVED_TAG: u32 = 0xffff_ffff;
 const LEN: usize = 4096;
-
-fn solicited_only() -> LoginOptions {
-    LoginOptions { immediate_data: false, initial_r2t: true, ..LoginOptions::default() }
-}
-
-/// The CmdSN the target expects next, from the answer to an immediate NOP-Out (which takes
-/// no CmdSN of its own). From here on the session is driven by hand.
-fn exp_cmd_sn(s: &mut Session) -> u32 {
-    let mut nop = Pdu::new(OP_NOP_OUT);
-    nop.bhs[0] |= 0x40;
-    nop.bhs[1] = 0x80;
-    put_u32(&mut nop.bhs, 16, 0x7000);
-    put_u32(&mut nop.bhs, 20, RESERVED_TAG);
-    s.send(&nop).unwrap();
-    let r = s.recv().unwrap();
-    assert_eq!((r.opcode(), r.itt()), (OP_NOP_IN, 0x7000), "NOP-In answer");
-    r.exp_cmd_sn()
-}
 
 /// Sends a WRITE(10) of `LEN` bytes at LBA 0 with no data, and waits for its R2T; returns the
 /// R2T's Target Transfer Tag.
@@ -72,9 +54,9 @@ fn image_head(t: &Target) -> Vec<u8> {
 #[test]
 fn hot_remove_fails_a_write_waiting_for_data_out_and_leaves_the_store_untouched() {
     let t = Target::start(&["--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
-    let mut s = t.login(&solicited_only());
+    let mut s = t.login(&LoginOptions::solicited_only());
     s.test_unit_ready(0).unwrap(); // past the power-on unit attention
-    let sn = exp_cmd_sn(&mut s);
+    let sn = s.exp_cmd_sn_by_nop();
     let ttt = write_waiting_for_data(&mut s, sn, 0x100);
 
     let mut c = t.control();
@@ -90,7 +72,7 @@ fn hot_remove_fails_a_write_waiting_for_data_out_and_leaves_the_store_untouched(
 
     // Its data, sent anyway, goes nowhere.
     send_data(&mut s, 0x100, ttt);
-    exp_cmd_sn(&mut s); // a round trip: the Data-Out has been handled
+    s.exp_cmd_sn_by_nop(); // a round trip: the Data-Out has been handled
     assert!(image_head(&t).iter().all(|&b| b == 0), "the removed LUN's store was written");
 }
 
@@ -98,15 +80,15 @@ fn hot_remove_fails_a_write_waiting_for_data_out_and_leaves_the_store_untouched(
 fn lun_reset_from_one_session_aborts_another_sessions_command() {
     // Two reactors: the sessions land on different ones.
     let t = Target::start(&["--reactors", "2", "--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
-    let mut victim = t.login(&solicited_only());
+    let mut victim = t.login(&LoginOptions::solicited_only());
     let mut resetter = t.login(&LoginOptions::default());
     victim.test_unit_ready(0).unwrap();
     resetter.test_unit_ready(0).unwrap();
-    let sn = exp_cmd_sn(&mut victim);
+    let sn = victim.exp_cmd_sn_by_nop();
     let ttt = write_waiting_for_data(&mut victim, sn, 0x200);
 
     // LOGICAL UNIT RESET from the other session.
-    let rsn = exp_cmd_sn(&mut resetter);
+    let rsn = resetter.exp_cmd_sn_by_nop();
     let mut tmf = Pdu::new(OP_TMF_REQ);
     tmf.bhs[0] |= 0x40;
     tmf.bhs[1] = 0x80 | 5;
@@ -121,11 +103,11 @@ fn lun_reset_from_one_session_aborts_another_sessions_command() {
     // The victim's WRITE is gone: its data is dropped, no status comes for it (TAS=0), and
     // the store is untouched.
     send_data(&mut victim, 0x200, ttt);
-    exp_cmd_sn(&mut victim); // the next PDU is the NOP-In, not a status for 0x200
+    victim.exp_cmd_sn_by_nop(); // the next PDU is the NOP-In, not a status for 0x200
     assert!(image_head(&t).iter().all(|&b| b == 0), "the aborted WRITE reached the store");
 
     // And the victim learns of the reset: BUS DEVICE RESET FUNCTION OCCURRED.
-    let sn = exp_cmd_sn(&mut victim);
+    let sn = victim.exp_cmd_sn_by_nop();
     let mut tur = Pdu::new(OP_SCSI_CMD);
     tur.bhs[1] = 0x80 | 0x01;
     put_u32(&mut tur.bhs, 16, 0x201);
@@ -141,9 +123,9 @@ fn lun_reset_from_one_session_aborts_another_sessions_command() {
 fn reinstatement_ends_the_old_sessions_write_before_the_new_login_is_answered() {
     let t = Target::start(&["--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
     let isid = [0x80, 0, 0, 0x0A, 0x0B, 0x0C];
-    let mut old = t.login(&LoginOptions { isid: Some(isid), ..solicited_only() });
+    let mut old = t.login(&LoginOptions { isid: Some(isid), ..LoginOptions::solicited_only() });
     old.test_unit_ready(0).unwrap();
-    let sn = exp_cmd_sn(&mut old);
+    let sn = old.exp_cmd_sn_by_nop();
     let ttt = write_waiting_for_data(&mut old, sn, 0x400);
 
     // Same initiator and ISID, TSIH 0: the old session is reinstated.
@@ -198,7 +180,7 @@ fn reinstatement_waits_for_the_old_sessions_offloaded_writes() {
 
 /// Sends a task management request (`function`, on LUN 0) and returns its response code.
 fn task_mgmt(s: &mut Session, function: u8, itt: u32) -> u8 {
-    let sn = exp_cmd_sn(s);
+    let sn = s.exp_cmd_sn_by_nop();
     let mut tmf = Pdu::new(OP_TMF_REQ);
     tmf.bhs[0] |= 0x40;
     tmf.bhs[1] = 0x80 | function;
@@ -214,7 +196,7 @@ fn task_mgmt(s: &mut Session, function: u8, itt: u32) -> u8 {
 
 /// A TEST UNIT READY sent by hand: (status, sense key, ASC, ASCQ).
 fn tur_sense(s: &mut Session, itt: u32) -> (u8, u8, u8, u8) {
-    let sn = exp_cmd_sn(s);
+    let sn = s.exp_cmd_sn_by_nop();
     let mut tur = Pdu::new(OP_SCSI_CMD);
     tur.bhs[1] = 0x80 | 0x01;
     put_u32(&mut tur.bhs, 16, itt);
@@ -232,11 +214,11 @@ fn tur_sense(s: &mut Session, itt: u32) -> (u8, u8, u8, u8) {
 #[test]
 fn target_warm_reset_aborts_every_sessions_tasks_and_keeps_the_sessions() {
     let t = Target::start(&["--reactors", "2", "--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
-    let mut victim = t.login(&solicited_only());
+    let mut victim = t.login(&LoginOptions::solicited_only());
     let mut resetter = t.login(&LoginOptions::default());
     victim.test_unit_ready(0).unwrap();
     resetter.test_unit_ready(0).unwrap();
-    let sn = exp_cmd_sn(&mut victim);
+    let sn = victim.exp_cmd_sn_by_nop();
     let ttt = write_waiting_for_data(&mut victim, sn, 0x500);
 
     assert_eq!(task_mgmt(&mut resetter, 6, 0x600), 0, "TARGET WARM RESET complete");
@@ -244,7 +226,7 @@ fn target_warm_reset_aborts_every_sessions_tasks_and_keeps_the_sessions() {
     // The victim's WRITE is aborted (no status, its data dropped), its session lives on and
     // learns of the reset through a unit attention.
     send_data(&mut victim, 0x500, ttt);
-    exp_cmd_sn(&mut victim);
+    victim.exp_cmd_sn_by_nop();
     assert!(image_head(&t).iter().all(|&b| b == 0), "the aborted WRITE reached the store");
     assert_eq!(tur_sense(&mut victim, 0x501), (STATUS_CHECK_CONDITION, 0x06, 0x29, 0x00), "reset unit attention");
     assert_eq!(tur_sense(&mut victim, 0x502).0, 0, "the session works after the reset");
@@ -258,13 +240,13 @@ fn target_warm_reset_aborts_every_sessions_tasks_and_keeps_the_sessions() {
 fn target_cold_reset_answers_then_ends_every_session() {
     let t = Target::start(&["--reactors", "2", "--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
     // Two bystanders, one on each reactor, one of them with a WRITE waiting for its data.
-    let mut victim = t.login(&solicited_only());
+    let mut victim = t.login(&LoginOptions::solicited_only());
     let mut resetter = t.login(&LoginOptions::default());
     let mut bystander = t.login(&LoginOptions::default());
     victim.test_unit_ready(0).unwrap();
     resetter.test_unit_ready(0).unwrap();
     bystander.test_unit_ready(0).unwrap();
-    let sn = exp_cmd_sn(&mut victim);
+    let sn = victim.exp_cmd_sn_by_nop();
     let ttt = write_waiting_for_data(&mut victim, sn, 0x700);
 
     assert_eq!(task_mgmt(&mut resetter, 7, 0x800), 0, "TARGET COLD RESET complete");
@@ -304,14 +286,14 @@ fn prout(s: &mut Session, action: u8, key: u64, sa_key: u64) {
 #[test]
 fn preempt_and_abort_aborts_the_preempted_sessions_command() {
     let t = Target::start(&["--reactors", "2", "--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
-    let mut victim = t.login(&solicited_only());
+    let mut victim = t.login(&LoginOptions::solicited_only());
     let mut preemptor = t.login(&LoginOptions::default());
     victim.test_unit_ready(0).unwrap();
     preemptor.test_unit_ready(0).unwrap();
     prout(&mut victim, 0, 0, 0xB); // REGISTER 0xB
     prout(&mut victim, 1, 0xB, 0); // RESERVE, Write Exclusive
     prout(&mut preemptor, 0, 0, 0xA); // REGISTER 0xA
-    let sn = exp_cmd_sn(&mut victim);
+    let sn = victim.exp_cmd_sn_by_nop();
     let ttt = write_waiting_for_data(&mut victim, sn, 0x900);
 
     prout(&mut preemptor, 5, 0xA, 0xB); // PREEMPT AND ABORT 0xB
@@ -319,7 +301,7 @@ fn preempt_and_abort_aborts_the_preempted_sessions_command() {
     // The victim's WRITE is gone (no status, data dropped, store untouched), and the victim
     // learns that its registration was preempted.
     send_data(&mut victim, 0x900, ttt);
-    exp_cmd_sn(&mut victim);
+    victim.exp_cmd_sn_by_nop();
     assert!(image_head(&t).iter().all(|&b| b == 0), "the preempted session's WRITE reached the store");
     assert_eq!(tur_sense(&mut victim, 0x901), (STATUS_CHECK_CONDITION, 0x06, 0x2A, 0x05), "REGISTRATIONS PREEMPTED");
 }

@@ -6,34 +6,15 @@
 mod common;
 
 use common::initiator::{
-    get_u32, put_u32, LoginOptions, Pdu, Session, OP_DATA_IN, OP_DATA_OUT, OP_NOP_IN, OP_NOP_OUT, OP_R2T, OP_SCSI_CMD,
-    OP_SCSI_RESP,
+    get_u32, put_u32, LoginOptions, Pdu, OP_DATA_IN, OP_DATA_OUT, OP_R2T, OP_SCSI_CMD, OP_SCSI_RESP,
 };
 use common::Target;
 use std::time::Duration;
 
-const RESERVED_TAG: u32 = 0xffff_ffff;
 const SIMPLE: u8 = 1;
 const ORDERED: u8 = 2;
 const HEAD_OF_QUEUE: u8 = 3;
 const LEN: usize = 4096;
-
-fn solicited_only() -> LoginOptions {
-    LoginOptions { immediate_data: false, initial_r2t: true, ..LoginOptions::default() }
-}
-
-/// The CmdSN the target expects next, from the answer to an immediate NOP-Out.
-fn exp_cmd_sn(s: &mut Session) -> u32 {
-    let mut nop = Pdu::new(OP_NOP_OUT);
-    nop.bhs[0] |= 0x40;
-    nop.bhs[1] = 0x80;
-    put_u32(&mut nop.bhs, 16, 0x7000);
-    put_u32(&mut nop.bhs, 20, RESERVED_TAG);
-    s.send(&nop).unwrap();
-    let r = s.recv().unwrap();
-    assert_eq!((r.opcode(), r.itt()), (OP_NOP_IN, 0x7000), "the next PDU is the NOP-In");
-    r.exp_cmd_sn()
-}
 
 /// A SCSI Command PDU on LUN 0 with task attribute `attr` and a 10-byte CDB.
 fn command(attr: u8, itt: u32, cmd_sn: u32, cdb: &[u8], edtl: u32, flags: u8) -> Pdu {
@@ -53,9 +34,9 @@ fn rw10(op: u8, blocks: u8) -> [u8; 10] {
 #[test]
 fn ordered_waits_for_earlier_commands_and_head_of_queue_does_not() {
     let t = Target::start(&["--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
-    let mut s = t.login(&solicited_only());
+    let mut s = t.login(&LoginOptions::solicited_only());
     s.test_unit_ready(0).unwrap(); // past the power-on unit attention
-    let sn = exp_cmd_sn(&mut s);
+    let sn = s.exp_cmd_sn_by_nop();
     let blocks = (LEN / 512) as u8;
 
     // A: a SIMPLE WRITE of LBA 0, waiting for its data.
@@ -70,7 +51,7 @@ fn ordered_waits_for_earlier_commands_and_head_of_queue_does_not() {
     let d = s.recv().unwrap();
     assert_eq!((d.opcode(), d.itt(), d.bhs[3]), (OP_SCSI_RESP, 0xD, 0), "HEAD OF QUEUE answered first");
     // B and C stay quiet while A has no data (ExpCmdSN moved past them all the same).
-    assert_eq!(exp_cmd_sn(&mut s), sn + 4);
+    assert_eq!(s.exp_cmd_sn_by_nop(), sn + 4);
     s.idle(Duration::from_millis(300)).expect("nothing answered while the WRITE waits");
 
     // A's data: A completes, then B reads what A wrote, then C.
@@ -111,10 +92,10 @@ fn ordered_on_an_idle_lun_and_simple_commands_on_another_lun_run_at_once() {
         "--lun",
         "name=disk1,file_path=disk1.img,size_mb=8,lun_id=1",
     ]);
-    let mut s = t.login(&solicited_only());
+    let mut s = t.login(&LoginOptions::solicited_only());
     s.test_unit_ready(0).unwrap();
     s.test_unit_ready(1).unwrap();
-    let sn = exp_cmd_sn(&mut s);
+    let sn = s.exp_cmd_sn_by_nop();
     // A WRITE on LUN 0 waits for its data; an ORDERED READ on LUN 1 does not wait for it.
     s.send(&command(SIMPLE, 0x1, sn, &rw10(0x2A, 8), LEN as u32, 0x20)).unwrap();
     assert_eq!(s.recv().unwrap().opcode(), OP_R2T);

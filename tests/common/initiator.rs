@@ -329,6 +329,14 @@ impl Default for LoginOptions {
     }
 }
 
+impl LoginOptions {
+    /// Every byte of a write solicited by R2T (InitialR2T=Yes, ImmediateData=No): the tests that
+    /// leave a WRITE waiting for its Data-Out while other PDUs arrive.
+    pub fn solicited_only() -> Self {
+        LoginOptions { immediate_data: false, initial_r2t: true, ..LoginOptions::default() }
+    }
+}
+
 /// The operational parameters in force after login.
 #[derive(Clone, Debug)]
 pub struct Negotiated {
@@ -488,6 +496,20 @@ fn connect_from(peer: SocketAddr, local: IpAddr) -> std::io::Result<TcpStream> {
 }
 
 impl Session {
+    /// The CmdSN the target expects next, from the answer to an immediate NOP-Out (which takes
+    /// no CmdSN of its own), for tests that drive a session by hand from here on.
+    pub fn exp_cmd_sn_by_nop(&mut self) -> u32 {
+        let mut nop = Pdu::new(OP_NOP_OUT);
+        nop.bhs[0] |= 0x40;
+        nop.bhs[1] = 0x80;
+        put_u32(&mut nop.bhs, 16, 0x7000);
+        put_u32(&mut nop.bhs, 20, RESERVED_TAG);
+        self.send(&nop).unwrap();
+        let r = self.recv().unwrap();
+        assert_eq!((r.opcode(), r.itt()), (OP_NOP_IN, 0x7000), "the next PDU is the NOP-In");
+        r.exp_cmd_sn()
+    }
+
     /// Logs in to a normal session on `target`.
     pub fn login(addr: &str, target: &str, opts: &LoginOptions) -> Result<Session> {
         Self::login_inner(addr, Some(target), opts)
