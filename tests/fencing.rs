@@ -18,9 +18,10 @@ const OP_TMF_RESP: u8 = 0x22;
 const RESERVED_TAG: u32 = 0xffff_ffff;
 const LEN: usize = 4096;
 
-/// Sends a WRITE(10) of `LEN` bytes at LBA 0 with no data, and waits for its R2T; returns the
-/// R2T's Target Transfer Tag.
-fn write_waiting_for_data(s: &mut Session, cmd_sn: u32, itt: u32) -> u32 {
+/// Sends a WRITE(10) of `LEN` bytes at LBA 0 with no data (at the CmdSN the target expects),
+/// and waits for its R2T; returns the R2T's Target Transfer Tag.
+fn write_waiting_for_data(s: &mut Session, itt: u32) -> u32 {
+    let cmd_sn = s.exp_cmd_sn_by_nop();
     let mut cmd = Pdu::new(OP_SCSI_CMD);
     cmd.bhs[1] = 0x80 | 0x20 | 0x01; // F, W, SIMPLE
     put_u64(&mut cmd.bhs, 8, 0);
@@ -34,6 +35,18 @@ fn write_waiting_for_data(s: &mut Session, cmd_sn: u32, itt: u32) -> u32 {
     assert_eq!((r2t.opcode(), r2t.itt()), (OP_R2T, itt), "R2T for the WRITE");
     assert_eq!((get_u32(&r2t.bhs, 40), get_u32(&r2t.bhs, 44)), (0, LEN as u32));
     r2t.ttt()
+}
+
+/// A target with two reactors (so the sessions land on different ones) and one 8 MiB disk, and
+/// two sessions past the power-on unit attention: `victim`, whose writes wait for R2T, and
+/// another one.
+fn two_sessions_on_two_reactors() -> (Target, Session, Session) {
+    let t = Target::start(&["--reactors", "2", "--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
+    let mut victim = t.login(&LoginOptions::solicited_only());
+    let mut other = t.login(&LoginOptions::default());
+    victim.test_unit_ready(0).unwrap();
+    other.test_unit_ready(0).unwrap();
+    (t, victim, other)
 }
 
 /// The Data-Out that answers the R2T: 0xAB bytes, which must never reach the store.
@@ -56,8 +69,7 @@ fn hot_remove_fails_a_write_waiting_for_data_out_and_leaves_the_store_untouched(
     let t = Target::start(&["--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
     let mut s = t.login(&LoginOptions::solicited_only());
     s.test_unit_ready(0).unwrap(); // past the power-on unit attention
-    let sn = s.exp_cmd_sn_by_nop();
-    let ttt = write_waiting_for_data(&mut s, sn, 0x100);
+    let ttt = write_waiting_for_data(&mut s, 0x100);
 
     let mut c = t.control();
     let removed = c.call("remove_lun", json!({"name": "disk0"}));
@@ -78,14 +90,8 @@ fn hot_remove_fails_a_write_waiting_for_data_out_and_leaves_the_store_untouched(
 
 #[test]
 fn lun_reset_from_one_session_aborts_another_sessions_command() {
-    // Two reactors: the sessions land on different ones.
-    let t = Target::start(&["--reactors", "2", "--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
-    let mut victim = t.login(&LoginOptions::solicited_only());
-    let mut resetter = t.login(&LoginOptions::default());
-    victim.test_unit_ready(0).unwrap();
-    resetter.test_unit_ready(0).unwrap();
-    let sn = victim.exp_cmd_sn_by_nop();
-    let ttt = write_waiting_for_data(&mut victim, sn, 0x200);
+    let (t, mut victim, mut resetter) = two_sessions_on_two_reactors();
+    let ttt = write_waiting_for_data(&mut victim, 0x200);
 
     // LOGICAL UNIT RESET from the other session.
     let rsn = resetter.exp_cmd_sn_by_nop();
@@ -125,8 +131,7 @@ fn reinstatement_ends_the_old_sessions_write_before_the_new_login_is_answered() 
     let isid = [0x80, 0, 0, 0x0A, 0x0B, 0x0C];
     let mut old = t.login(&LoginOptions { isid: Some(isid), ..LoginOptions::solicited_only() });
     old.test_unit_ready(0).unwrap();
-    let sn = old.exp_cmd_sn_by_nop();
-    let ttt = write_waiting_for_data(&mut old, sn, 0x400);
+    let ttt = write_waiting_for_data(&mut old, 0x400);
 
     // Same initiator and ISID, TSIH 0: the old session is reinstated.
     let mut new = t.login(&LoginOptions { isid: Some(isid), ..LoginOptions::default() });
@@ -213,13 +218,8 @@ fn tur_sense(s: &mut Session, itt: u32) -> (u8, u8, u8, u8) {
 
 #[test]
 fn target_warm_reset_aborts_every_sessions_tasks_and_keeps_the_sessions() {
-    let t = Target::start(&["--reactors", "2", "--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
-    let mut victim = t.login(&LoginOptions::solicited_only());
-    let mut resetter = t.login(&LoginOptions::default());
-    victim.test_unit_ready(0).unwrap();
-    resetter.test_unit_ready(0).unwrap();
-    let sn = victim.exp_cmd_sn_by_nop();
-    let ttt = write_waiting_for_data(&mut victim, sn, 0x500);
+    let (t, mut victim, mut resetter) = two_sessions_on_two_reactors();
+    let ttt = write_waiting_for_data(&mut victim, 0x500);
 
     assert_eq!(task_mgmt(&mut resetter, 6, 0x600), 0, "TARGET WARM RESET complete");
 
@@ -246,8 +246,7 @@ fn target_cold_reset_answers_then_ends_every_session() {
     victim.test_unit_ready(0).unwrap();
     resetter.test_unit_ready(0).unwrap();
     bystander.test_unit_ready(0).unwrap();
-    let sn = victim.exp_cmd_sn_by_nop();
-    let ttt = write_waiting_for_data(&mut victim, sn, 0x700);
+    let ttt = write_waiting_for_data(&mut victim, 0x700);
 
     assert_eq!(task_mgmt(&mut resetter, 7, 0x800), 0, "TARGET COLD RESET complete");
     // Then every connection of the target ends, the resetter's after its response. (`idle`
@@ -285,16 +284,11 @@ fn prout(s: &mut Session, action: u8, key: u64, sa_key: u64) {
 
 #[test]
 fn preempt_and_abort_aborts_the_preempted_sessions_command() {
-    let t = Target::start(&["--reactors", "2", "--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
-    let mut victim = t.login(&LoginOptions::solicited_only());
-    let mut preemptor = t.login(&LoginOptions::default());
-    victim.test_unit_ready(0).unwrap();
-    preemptor.test_unit_ready(0).unwrap();
+    let (t, mut victim, mut preemptor) = two_sessions_on_two_reactors();
     prout(&mut victim, 0, 0, 0xB); // REGISTER 0xB
     prout(&mut victim, 1, 0xB, 0); // RESERVE, Write Exclusive
     prout(&mut preemptor, 0, 0, 0xA); // REGISTER 0xA
-    let sn = victim.exp_cmd_sn_by_nop();
-    let ttt = write_waiting_for_data(&mut victim, sn, 0x900);
+    let ttt = write_waiting_for_data(&mut victim, 0x900);
 
     prout(&mut preemptor, 5, 0xA, 0xB); // PREEMPT AND ABORT 0xB
 

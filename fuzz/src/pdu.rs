@@ -41,6 +41,23 @@ use uringtgt::reactor::BufPool;
 use uringtgt::scsi::{Lun, LunTable};
 use uringtgt::target::Shared;
 
+/// The connection's view of the harness's reactor-side state, as the reactor builds it per
+/// event (a macro, so that `self.conn` stays borrowable beside it).
+macro_rules! conn_env {
+    ($h:ident) => {
+        ConnEnv {
+            luns: &$h.luns,
+            pool: &mut $h.pool,
+            scratch: &mut $h.scratch,
+            io: &mut $h.io,
+            shared: &$h.shared,
+            stats: &mut $h.stats,
+            reactor: 0,
+            now: Instant::now(),
+        }
+    };
+}
+
 pub const FLAG_CORRUPT_HEADER: u8 = 0x04;
 pub const FLAG_CORRUPT_DATA: u8 = 0x08;
 pub const FLAG_LOGIN: u8 = 0x10;
@@ -320,16 +337,7 @@ impl Harness {
             // SAFETY: rx_space hands out `space` writable bytes at `ptr`; n <= space.
             unsafe { std::ptr::copy_nonoverlapping(bytes[at..].as_ptr(), ptr, n) };
             at += n;
-            let mut env = ConnEnv {
-                luns: &self.luns,
-                pool: &mut self.pool,
-                scratch: &mut self.scratch,
-                io: &mut self.io,
-                shared: &self.shared,
-                stats: &mut self.stats,
-                reactor: 0,
-                now: Instant::now(),
-            };
+            let mut env = conn_env!(self);
             self.conn.on_recv(n, &mut env);
             // Offloaded jobs ran inside the receive; their completions reach the connection
             // now, as the reactor's message loop brings them (one may let queued commands
@@ -350,16 +358,7 @@ impl Harness {
         drain_tx(&mut self.conn, &mut self.peer, &mut self.pool);
         self.conn.close("fuzz input done");
         assert_eq!(self.conn.ops_inflight, 0);
-        let mut env = ConnEnv {
-            luns: &self.luns,
-            pool: &mut self.pool,
-            scratch: &mut self.scratch,
-            io: &mut self.io,
-            shared: &self.shared,
-            stats: &mut self.stats,
-            reactor: 0,
-            now: Instant::now(),
-        };
+        let mut env = conn_env!(self);
         self.conn.teardown(&mut env);
         assert!(self.shared.sessions().is_empty(), "a session outlived its connection");
     }
