@@ -8,6 +8,7 @@
 mod aligned;
 mod file;
 mod mem;
+pub mod pool;
 
 pub use aligned::{AlignedBuf, IO_ALIGN};
 pub use file::FileStore;
