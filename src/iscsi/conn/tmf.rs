@@ -109,7 +109,9 @@ impl Conn {
                     }
                 }
             }
-            function::ABORT_TASK_SET | function::CLEAR_TASK_SET | function::LOGICAL_UNIT_RESET if !lun_exists => response::NO_LUN,
+            function::ABORT_TASK_SET | function::CLEAR_TASK_SET | function::LOGICAL_UNIT_RESET if !lun_exists => {
+                response::NO_LUN
+            }
             function::ABORT_TASK_SET | function::CLEAR_TASK_SET | function::LOGICAL_UNIT_RESET => {
                 let field = bhs.lun();
                 let slots: Vec<u16> =
