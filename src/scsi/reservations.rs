@@ -424,7 +424,6 @@ impl PrState {
         put(buf, 4, &(additional as u32).to_be_bytes());
     }
 
-
     /// PERSISTENT RESERVE IN REPORT CAPABILITIES: returns its length.
     pub fn report_capabilities(&self, buf: &mut [u8]) -> usize {
         report_capabilities(buf, self.ptpl_capable, self.aptpl)
@@ -443,7 +442,11 @@ impl PrState {
         Some(Persisted {
             version: PERSIST_VERSION,
             generation: self.generation,
-            registrations: self.regs.iter().map(|r| PersistedReg { key: r.key, initiator_port: r.who.to_string() }).collect(),
+            registrations: self
+                .regs
+                .iter()
+                .map(|r| PersistedReg { key: r.key, initiator_port: r.who.to_string() })
+                .collect(),
             reservation: self.res.as_ref().map(|r| PersistedRes { holder: r.who.to_string(), ty: r.ty }),
         })
     }
