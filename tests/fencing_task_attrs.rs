@@ -1,7 +1,8 @@
 //! Task attributes (issue 10, item 4; SAM-5 8.6): an ORDERED command waits for the earlier
 //! commands of its LUN on the session and holds back the SIMPLE ones after it; a HEAD OF
 //! QUEUE command is answered at once. Driven by hand: a WRITE is left waiting for its
-//! Data-Out (InitialR2T=Yes, ImmediateData=No) while the others arrive.
+//! Data-Out (InitialR2T=Yes, ImmediateData=No) while the others arrive. ACA and the reserved
+//! attributes are refused (NormACA=0).
 
 mod common;
 
@@ -104,4 +105,46 @@ fn ordered_on_an_idle_lun_and_simple_commands_on_another_lun_run_at_once() {
     s.send(&b).unwrap();
     let p = s.recv().unwrap();
     assert_eq!((p.itt(), p.opcode()), (0x2, OP_DATA_IN), "the ORDERED READ of the other LUN runs at once");
+}
+
+#[test]
+fn aca_and_reserved_task_attributes_are_refused_with_invalid_message_error() {
+    let t = Target::start(&["--lun", "name=disk0,file_path=disk0.img,size_mb=8,lun_id=0"]);
+    let mut s = t.login(&LoginOptions::default());
+    s.test_unit_ready(0).unwrap(); // past the power-on unit attention
+    let sn = s.exp_cmd_sn_by_nop();
+    // ACA (4) and the reserved values 5-7: no ACA condition exists (INQUIRY NormACA=0).
+    // The ACA one is a WRITE with immediate data, which must not reach the store.
+    for (i, attr) in [4u8, 5, 6, 7].into_iter().enumerate() {
+        let itt = 0x40 + i as u32;
+        let c = if attr == 4 {
+            let mut w = command(attr, itt, sn + i as u32, &rw10(0x2A, 1), 512, 0x20);
+            w.data = vec![0xEE; 512];
+            w
+        } else {
+            command(attr, itt, sn + i as u32, &[0; 10], 0, 0)
+        };
+        s.send(&c).unwrap();
+        let r = s.recv().unwrap();
+        assert_eq!((r.opcode(), r.itt(), r.bhs[3]), (OP_SCSI_RESP, itt, 0x02), "attr {attr}: CHECK CONDITION");
+        // Fixed-format sense after the 2-byte length: key at 2, ASC/ASCQ at 12/13.
+        let sense = &r.data[2..];
+        assert_eq!((sense[2] & 0x0F, sense[12], sense[13]), (0x05, 0x49, 0x00), "attr {attr}: INVALID MESSAGE ERROR");
+    }
+    // The session goes on, and the refused WRITE stored nothing.
+    s.send(&command(SIMPLE, 0x50, sn + 4, &rw10(0x28, 1), 512, 0x40)).unwrap();
+    let mut data = Vec::new();
+    loop {
+        let p = s.recv().unwrap();
+        assert_eq!(p.itt(), 0x50);
+        if p.opcode() == OP_DATA_IN {
+            data.extend_from_slice(&p.data);
+        }
+        // The status: a SCSI Response, or a final Data-In with S set.
+        if p.opcode() == OP_SCSI_RESP || p.bhs[1] & 0x01 != 0 {
+            assert_eq!(p.bhs[3], 0, "READ status");
+            break;
+        }
+    }
+    assert_eq!(data, vec![0u8; 512], "the ACA WRITE's immediate data was not written");
 }

@@ -1,10 +1,12 @@
-//! Per-core reactors: each thread owns one io_uring, its connections and its buffers.
+//! Per-core reactors: each thread owns one io_uring, its sockets, its buffer pool, and the
+//! connections of the iSCSI engine ([`crate::iscsi`]) it drives.
 //!
 //! One loop iteration: submit what is queued, gather completions, let each connection advance
 //! its state machine, then queue what the connections produced (receives, sends, backing I/O).
-//! Every operation is identified by its `user_data`: an op kind, a connection slot and a task
-//! slot. A connection's memory (receive buffer, send headers, task buffers) stays owned until
-//! every operation referencing it has completed, even after the peer is gone.
+//! Every operation is a typed [`Op`] carried in its `user_data` (a connection slot and a task
+//! slot, never a pointer). A connection's memory (receive buffer, send headers, task buffers)
+//! stays owned until every operation referencing it has completed, even after the peer is
+//! gone: the slot counts its receives and sends, the connection its backing work.
 
 use crate::backing::pool::BufPool;
 use crate::iscsi::conn::{Conn, ConnEnv, IoKind, IoReq, NOP_TIMEOUT};
@@ -80,20 +82,58 @@ impl SpinPolicy {
     }
 }
 
-mod op {
-    pub const RECV: u64 = 1;
-    pub const SEND: u64 = 2;
-    pub const IO: u64 = 3;
-    pub const WAKE: u64 = 4;
-    pub const TICK: u64 = 5;
-    pub const CANCEL: u64 = 6;
+/// What a ring operation is for, carried in its `user_data`: the completion is routed by it,
+/// never through a pointer. Connection and task are slab indices (the reactor's connection
+/// table, the connection's task table); a freed slot is only reused once every operation
+/// naming it has completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    /// A receive on connection `conn`'s socket, into its receive buffer (or a task buffer).
+    Recv { conn: u32 },
+    /// A `sendmsg` of connection `conn`'s transmit queue.
+    Send { conn: u32 },
+    /// Backing I/O of task `task` of connection `conn` ([`IoReq`]).
+    Io { conn: u32, task: u16 },
+    /// The read posted on the reactor's eventfd ([`Waker`]).
+    Wake,
+    /// The periodic timeout that drives the connections' timers.
+    Tick,
+    /// Cancellation of the wake read or the tick at shutdown.
+    Cancel,
+}
 
-    pub fn encode(kind: u64, conn: u32, task: u16) -> u64 {
+impl Op {
+    const RECV: u64 = 1;
+    const SEND: u64 = 2;
+    const IO: u64 = 3;
+    const WAKE: u64 = 4;
+    const TICK: u64 = 5;
+    const CANCEL: u64 = 6;
+
+    /// Kind in bits 0-7, task in 8-23, connection in 24-55.
+    fn user_data(self) -> u64 {
+        let (kind, conn, task) = match self {
+            Op::Recv { conn } => (Self::RECV, conn, 0),
+            Op::Send { conn } => (Self::SEND, conn, 0),
+            Op::Io { conn, task } => (Self::IO, conn, task),
+            Op::Wake => (Self::WAKE, 0, 0),
+            Op::Tick => (Self::TICK, 0, 0),
+            Op::Cancel => (Self::CANCEL, 0, 0),
+        };
         kind | (u64::from(task) << 8) | (u64::from(conn) << 24)
     }
 
-    pub fn decode(ud: u64) -> (u64, u32, u16) {
-        (ud & 0xFF, (ud >> 24) as u32, ((ud >> 8) & 0xFFFF) as u16)
+    fn from_user_data(ud: u64) -> Option<Self> {
+        let (conn, task) = ((ud >> 24) as u32, ((ud >> 8) & 0xFFFF) as u16);
+        Some(match ud & 0xFF {
+            Self::RECV => Op::Recv { conn },
+            Self::SEND => Op::Send { conn },
+            Self::IO => Op::Io { conn, task },
+            Self::WAKE => Op::Wake,
+            Self::TICK => Op::Tick,
+            Self::CANCEL => Op::Cancel,
+            _ => return None,
+        })
     }
 }
 
@@ -250,13 +290,13 @@ impl Reactor {
     fn arm_wake(&mut self) {
         let e = opcode::Read::new(types::Fd(self.waker.fd()), (&mut *self.wake_buf as *mut u64).cast(), 8)
             .build()
-            .user_data(op::encode(op::WAKE, 0, 0));
+            .user_data(Op::Wake.user_data());
         self.push(e);
         self.aux_inflight += 1;
     }
 
     fn arm_tick(&mut self) {
-        let e = opcode::Timeout::new(&*self.tick_ts).build().user_data(op::encode(op::TICK, 0, 0));
+        let e = opcode::Timeout::new(&*self.tick_ts).build().user_data(Op::Tick.user_data());
         self.push(e);
         self.aux_inflight += 1;
     }
@@ -325,9 +365,9 @@ impl Reactor {
     }
 
     fn complete(&mut self, ud: u64, res: i32) {
-        let (kind, idx, task) = op::decode(ud);
-        match kind {
-            op::WAKE => {
+        let op = Op::from_user_data(ud).unwrap_or_else(|| panic!("unknown operation in completion {ud:#x}"));
+        let idx = match op {
+            Op::Wake => {
                 self.aux_inflight -= 1;
                 self.drain_messages();
                 if !self.stopping {
@@ -335,7 +375,7 @@ impl Reactor {
                 }
                 return;
             }
-            op::TICK => {
+            Op::Tick => {
                 self.aux_inflight -= 1;
                 let now = Instant::now();
                 for slot in self.conns.iter_mut().flatten() {
@@ -347,14 +387,14 @@ impl Reactor {
                 }
                 return;
             }
-            op::CANCEL => return,
-            _ => {}
-        }
+            Op::Cancel => return,
+            Op::Recv { conn } | Op::Send { conn } | Op::Io { conn, .. } => conn,
+        };
         let Some(Some(slot)) = self.conns.get_mut(idx as usize) else {
             panic!("completion {ud:#x} for a free connection slot");
         };
         let conn = &mut slot.conn;
-        if kind != op::IO {
+        if !matches!(op, Op::Io { .. }) {
             slot.ring_ops -= 1;
         }
         if !slot.touched {
@@ -362,8 +402,8 @@ impl Reactor {
             self.touched.push(idx);
         }
         let mut env = conn_env!(self);
-        match kind {
-            op::RECV => {
+        match op {
+            Op::Recv { .. } => {
                 slot.recv_posted = false;
                 if res > 0 && !conn.closing {
                     conn.on_recv(res as usize, &mut env);
@@ -376,7 +416,7 @@ impl Reactor {
                     conn.close(&why);
                 }
             }
-            op::SEND => {
+            Op::Send { .. } => {
                 self.released.clear();
                 let released = &mut self.released;
                 if res < 0 {
@@ -390,8 +430,8 @@ impl Reactor {
                 }
                 conn.sent(&mut env);
             }
-            op::IO => conn.io_done(task, res, &mut env),
-            _ => panic!("unknown operation in completion {ud:#x}"),
+            Op::Io { task, .. } => conn.io_done(task, res, &mut env),
+            Op::Wake | Op::Tick | Op::Cancel => unreachable!("handled above"),
         }
         self.submit_io(idx);
     }
@@ -488,12 +528,8 @@ impl Reactor {
                     }
                     self.touch_all();
                     // The wake read and the tick reference reactor memory: cancel them.
-                    for kind in [op::WAKE, op::TICK] {
-                        let e = opcode::AsyncCancel::new(op::encode(kind, 0, 0)).build().user_data(op::encode(
-                            op::CANCEL,
-                            0,
-                            0,
-                        ));
+                    for op in [Op::Wake, Op::Tick] {
+                        let e = opcode::AsyncCancel::new(op.user_data()).build().user_data(Op::Cancel.user_data());
                         self.push(e);
                     }
                 }
@@ -567,17 +603,14 @@ impl Reactor {
             let mut sqes: [Option<io_uring::squeue::Entry>; 2] = [None, None];
             if !slot.recv_posted && conn.wants_recv() {
                 let (ptr, len) = conn.rx_space();
-                sqes[0] = Some(opcode::Recv::new(fd, ptr, len as u32).build().user_data(op::encode(op::RECV, idx, 0)));
+                sqes[0] =
+                    Some(opcode::Recv::new(fd, ptr, len as u32).build().user_data(Op::Recv { conn: idx }.user_data()));
                 slot.recv_posted = true;
                 slot.ring_ops += 1;
             }
             if let Some(msg) = conn.tx.prepare() {
-                sqes[1] =
-                    Some(opcode::SendMsg::new(fd, msg).flags(libc::MSG_NOSIGNAL as u32).build().user_data(op::encode(
-                        op::SEND,
-                        idx,
-                        0,
-                    )));
+                let send = opcode::SendMsg::new(fd, msg).flags(libc::MSG_NOSIGNAL as u32).build();
+                sqes[1] = Some(send.user_data(Op::Send { conn: idx }.user_data()));
                 slot.ring_ops += 1;
             }
             for e in sqes.into_iter().flatten() {
@@ -604,7 +637,7 @@ impl Reactor {
         let reqs = std::mem::take(&mut self.io);
         for r in &reqs {
             let fd = types::Fd(r.fd);
-            let ud = op::encode(op::IO, conn_idx, r.task);
+            let ud = Op::Io { conn: conn_idx, task: r.task }.user_data();
             let e = match r.kind {
                 IoKind::Read => opcode::Read::new(fd, r.buf, r.len).offset(r.offset).build(),
                 IoKind::Write { dsync } => opcode::Write::new(fd, r.buf, r.len)
@@ -641,6 +674,25 @@ fn set_user_timeout(stream: &TcpStream, timeout: Duration) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_operation_survives_its_user_data() {
+        use super::Op;
+        let ops = [
+            Op::Recv { conn: 0 },
+            Op::Send { conn: u32::MAX },
+            Op::Io { conn: 77_000, task: u16::MAX },
+            Op::Io { conn: 1, task: 0 },
+            Op::Wake,
+            Op::Tick,
+            Op::Cancel,
+        ];
+        for op in ops {
+            assert_eq!(Op::from_user_data(op.user_data()), Some(op));
+        }
+        assert_eq!(Op::from_user_data(0), None);
+        assert_eq!(Op::from_user_data(0xFF), None);
+    }
+
     use super::*;
 
     /// Runs `n` idle periods of `gap` through the policy as the reactor loop would.

@@ -43,6 +43,9 @@ impl Conn {
     /// [`crate::iscsi::order`]); SIMPLE commands with nothing ORDERED around take one branch.
     pub(super) fn scsi_command(&mut self, bhs: Bhs, ahs: &[u8], data: &[u8], env: &mut ConnEnv) {
         let attr = bhs.bytes()[1] & 0x07;
+        if attr >= order::attr::ACA {
+            return self.refuse_task_attribute(bhs, env);
+        }
         if attr == order::attr::ORDERED || self.ordered_live > 0 || !self.order.is_empty() {
             let lun = bhs.lun();
             if self.order.must_hold(&lun, attr, running_on(&self.tasks, &lun)) {
@@ -57,6 +60,17 @@ impl Conn {
             }
         }
         self.scsi_command_run(bhs, ahs, data, env)
+    }
+
+    /// An ACA task (or a reserved attribute, 5-7): INQUIRY reports NormACA=0, so no ACA
+    /// condition is ever established and SAM-5 (8.6.5) has such a command terminated with
+    /// ILLEGAL REQUEST, INVALID MESSAGE ERROR, as LIO refuses it too. Its unsolicited Data-Out,
+    /// if any, is dropped like that of any ended task.
+    fn refuse_task_attribute(&mut self, bhs: Bhs, env: &mut ConnEnv) {
+        let lun = lun::decode_lun(bhs.lun()).and_then(|id| Self::luns(&self.view, env.luns).get(id));
+        let d_sense = lun.is_some_and(|l| l.d_sense());
+        let sense = Sense::new(scsi::SenseKey::IllegalRequest, 0x49, 0x00);
+        self.scsi_response(bhs.itt(), status::CHECK_CONDITION, Some((&sense, d_sense)), Residual::None);
     }
 
     /// Runs the held commands that may run now, with their unsolicited Data-Out, in order.
