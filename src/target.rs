@@ -1,7 +1,7 @@
 //! The target: LUN table, reactors, the listener, sessions, and orderly shutdown.
 
-use crate::backing::BackingKind;
-use crate::config::{self, Config, ConfigError, LunConfig};
+use crate::backing::{self, BackingKind, OpenError};
+use crate::config::{Config, ConfigError, LunConfig};
 use crate::protocol::login::LoginConfig;
 use crate::reactor::{Reactor, ReactorError};
 use crate::scsi::{lun, Lun, LunTable};
@@ -27,6 +27,9 @@ pub enum TargetError {
     /// others get the `LUN x:` prefix, so no message reads `LUN x: lun x: ...`.
     #[error("{}", lun_message(name, source))]
     Lun { name: String, source: ConfigError },
+    /// A LUN's store cannot be opened, created or grown (the error names the LUN).
+    #[error(transparent)]
+    Store(#[from] OpenError),
     #[error("LUN {name}: no free LUN id")]
     NoLunId { name: String },
     #[error(transparent)]
@@ -61,10 +64,6 @@ pub enum TargetError {
 
 fn lun_message(name: &str, source: &ConfigError) -> String {
     match source {
-        ConfigError::Lun { .. }
-        | ConfigError::PathRejected { .. }
-        | ConfigError::NoSpace { .. }
-        | ConfigError::Backing { .. } => source.to_string(),
         ConfigError::Invalid { key, .. } if key.starts_with(&format!("lun {name}.")) => source.to_string(),
         _ => format!("LUN {name}: {source}"),
     }
@@ -78,8 +77,7 @@ pub fn build_luns(cfg: &Config) -> Result<(LunTable, Vec<PathBuf>), TargetError>
     let explicit: Vec<u64> = cfg.luns.iter().filter_map(|l| l.lun_id).collect();
     let mut created = Vec::new();
     for lc in &cfg.luns {
-        let store =
-            config::open_lun_store(cfg, lc).map_err(|source| TargetError::Lun { name: lc.name.clone(), source })?;
+        let store = backing::open_lun_store(cfg, lc)?;
         let (backing, path) = (store.backing, store.path);
         if store.created {
             created.extend(path.clone());
@@ -324,7 +322,7 @@ impl Target {
         if let Some(path) = self.existing_path(&lc) {
             check_file_free(&table, &lc.name, &path)?;
         }
-        let store = config::open_lun_store(&self.cfg, &lc).map_err(lun_err)?;
+        let store = backing::open_lun_store(&self.cfg, &lc)?;
         if let Some(path) = &store.path {
             // The canonical path, in case the file appeared since the check above.
             if let Err(e) = check_file_free(&table, &lc.name, path) {

@@ -33,6 +33,11 @@ unsafe impl GlobalAlloc for CountingAlloc {
     }
 }
 
+/// Allocations (and reallocations) by every thread of the process so far.
+pub fn allocations() -> u64 {
+    ALLOCS.load(Ordering::Relaxed)
+}
+
 /// Iterations the allocation check runs; enough to catch an allocation that happens only
 /// now and then (a Vec growing, a cache refilling).
 const CHECK_ITERS: u64 = 10_000;
@@ -41,11 +46,11 @@ const CHECK_ITERS: u64 = 10_000;
 /// call (first-use set-up, such as a unit attention being reported, is not the hot path).
 pub fn allocs_per_iter(mut f: impl FnMut()) -> f64 {
     f();
-    let before = ALLOCS.load(Ordering::Relaxed);
+    let before = allocations();
     for _ in 0..CHECK_ITERS {
         f();
     }
-    let n = ALLOCS.load(Ordering::Relaxed) - before;
+    let n = allocations() - before;
     n as f64 / CHECK_ITERS as f64
 }
 

@@ -3,16 +3,19 @@
 //! The reactors drive file I/O on the hot path through their own io_uring using
 //! [`Backing::direct_fd`]; RAM stores are copied to and from directly. The synchronous methods
 //! here serve the slow path (parameter-list commands such as COMPARE AND WRITE or UNMAP) and
-//! tools.
+//! tools. [`open_lun_store`] opens (creating or growing) the store a LUN's configuration asks
+//! for.
 
 mod aligned;
 mod file;
 mod mem;
+mod open;
 pub mod pool;
 
 pub use aligned::{AlignedBuf, IO_ALIGN};
 pub use file::FileStore;
 pub use mem::MemStore;
+pub use open::{open_lun_store, LunStore, OpenError};
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! here, at the edge.
 
 use super::rpc::{self, decode_params, no_params, RpcError};
-use crate::backing::BackingKind;
+use crate::backing::{BackingKind, OpenError};
 use crate::config::{AuthSection, ChapSection, ConfigError, LunConfig};
 use crate::iscsi::stats::{OpStats, ReactorStats};
 use crate::scsi::Lun;
@@ -211,14 +211,16 @@ pub fn lun_info(l: &Lun) -> Value {
 /// The error code and message for a failed target operation.
 pub fn map_target_error(e: TargetError) -> RpcError {
     let code = match &e {
-        TargetError::Lun { source, .. } => match source {
+        TargetError::Lun { source, .. } | TargetError::Store(OpenError::Config(source)) => match source {
             ConfigError::Invalid { key, .. } if key.ends_with(".file_path") => rpc::PATH_REJECTED,
             ConfigError::Invalid { .. } => rpc::INVALID_PARAMS,
-            ConfigError::PathRejected { .. } => rpc::PATH_REJECTED,
-            ConfigError::NoSpace { .. } => rpc::NO_SPACE,
-            ConfigError::Lun { .. } => rpc::BAD_IMAGE,
-            ConfigError::Io { .. } | ConfigError::Backing { .. } => rpc::IO_ERROR,
-            ConfigError::Yaml { .. } => rpc::INTERNAL_ERROR,
+            ConfigError::Io { .. } | ConfigError::Yaml { .. } => rpc::INTERNAL_ERROR,
+        },
+        TargetError::Store(e) => match e {
+            OpenError::PathRejected { .. } => rpc::PATH_REJECTED,
+            OpenError::NoSpace { .. } => rpc::NO_SPACE,
+            OpenError::BadImage { .. } => rpc::BAD_IMAGE,
+            OpenError::Io { .. } | OpenError::Store { .. } | OpenError::Config(_) => rpc::IO_ERROR,
         },
         TargetError::LunNotFound { .. } => rpc::LUN_NOT_FOUND,
         TargetError::LunIdInUse { .. } | TargetError::FileInUse { .. } => rpc::LUN_CONFLICT,
@@ -226,7 +228,7 @@ pub fn map_target_error(e: TargetError) -> RpcError {
         TargetError::Bind { .. } => rpc::PORTAL_ERROR,
         _ => rpc::INTERNAL_ERROR,
     };
-    // A configuration error already names its LUN.
+    // A configuration error already names its LUN (and an OpenError always does).
     let message = match e {
         TargetError::Lun { source, .. } => source.to_string(),
         e => e.to_string(),
@@ -334,15 +336,16 @@ mod tests {
         let invalid = |key: &str| ConfigError::Invalid { key: key.into(), message: "bad".into() };
         assert_eq!(code(lun_err(invalid("lun a.file_path"))), rpc::PATH_REJECTED);
         assert_eq!(code(lun_err(invalid("lun a.name"))), rpc::INVALID_PARAMS);
+        assert_eq!(code(TargetError::Store(invalid("lun a.size_mb").into())), rpc::INVALID_PARAMS);
         let msg = |m: &str| (String::from("a"), m.to_owned());
         let (lun, message) = msg("outside root_dir");
-        assert_eq!(code(lun_err(ConfigError::PathRejected { lun, message })), rpc::PATH_REJECTED);
+        assert_eq!(code(OpenError::PathRejected { lun, message }.into()), rpc::PATH_REJECTED);
         let (lun, message) = msg("full");
-        assert_eq!(code(lun_err(ConfigError::NoSpace { lun, message })), rpc::NO_SPACE);
+        assert_eq!(code(OpenError::NoSpace { lun, message }.into()), rpc::NO_SPACE);
         let (lun, message) = msg("refusing to shrink");
-        assert_eq!(code(lun_err(ConfigError::Lun { lun, message })), rpc::BAD_IMAGE);
-        let io = ConfigError::Io { path: "/x".into(), op: "stat", source: io::Error::other("boom") };
-        assert_eq!(code(lun_err(io)), rpc::IO_ERROR);
+        assert_eq!(code(OpenError::BadImage { lun, message }.into()), rpc::BAD_IMAGE);
+        let io = OpenError::Io { lun: "a".into(), path: "/x".into(), op: "stat", source: io::Error::other("boom") };
+        assert_eq!(code(io.into()), rpc::IO_ERROR);
         assert_eq!(code(TargetError::LunNotFound { name: "a".into() }), rpc::LUN_NOT_FOUND);
         assert_eq!(code(TargetError::LunIdInUse { id: 1, by: "b".into() }), rpc::LUN_CONFLICT);
         assert_eq!(code(TargetError::FileInUse { path: "/x".into(), by: "b".into() }), rpc::LUN_CONFLICT);
@@ -353,8 +356,10 @@ mod tests {
 
     #[test]
     fn config_messages_are_not_doubled() {
-        let e = map_target_error(lun_err(ConfigError::Lun { lun: "a".into(), message: "too small".into() }));
+        let e = map_target_error(OpenError::BadImage { lun: "a".into(), message: "too small".into() }.into());
         assert_eq!(e.message, "lun a: too small");
+        let e = map_target_error(lun_err(ConfigError::Invalid { key: "lun a.name".into(), message: "bad".into() }));
+        assert_eq!(e.message, "lun a.name: bad");
         let e = map_target_error(TargetError::LunIdInUse { id: 3, by: "b".into() });
         assert_eq!(e.message, "LUN id 3 is in use by LUN \"b\"");
     }

@@ -83,6 +83,9 @@ impl Lun {
     ) -> Self {
         let is_block = matches!(&backing, Backing::File(f) if f.is_block());
         let h = fnv1a64(format!("{target_iqn}\0{name}").as_bytes());
+        // An image file keeps its APTPL reservations beside it; RAM and devices cannot.
+        let image = path.as_deref().filter(|_| matches!(&backing, Backing::File(_)) && !is_block);
+        let pr = Reservations::open(image);
         Self {
             id,
             name: name.to_owned(),
@@ -95,7 +98,7 @@ impl Lun {
             naa: (3u64 << 60) | (h & 0x0FFF_FFFF_FFFF_FFFF),
             write_cache: AtomicBool::new(true),
             d_sense: AtomicBool::new(false),
-            pr: Reservations::default(),
+            pr,
             sessions: Sessions::default(),
             ranges: Arc::default(),
             initiators: Vec::new(),

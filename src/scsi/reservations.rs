@@ -3,10 +3,20 @@
 //! The state is shared by every session on every reactor, behind a mutex; the hot path only
 //! reads [`Reservations::active`], a flag that is set while some reservation exists (mere
 //! registrations never make a command conflict).
+//!
+//! Persist through power loss (APTPL, SPC-4 5.13.5): a LUN over an image file keeps its
+//! registrations and reservation in a sidecar beside the image, `.<image file name>.pr`, while
+//! the last REGISTER that changed them had APTPL set. The file is loaded when the LUN is built
+//! ([`Reservations::open`]) and rewritten atomically after every change, on a worker thread
+//! ([`Reservations::persist`]): a reactor only changes the state in memory.
 
 use super::nexus::{ua, Inbox};
-use super::Sense;
-use std::sync::atomic::{AtomicBool, Ordering};
+use super::{Disposition, Sense, SenseKey};
+use serde::{Deserialize, Serialize};
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 
 /// Persistent reservation types (SPC-4 table 212).
@@ -39,6 +49,15 @@ pub enum PrError {
     /// CHECK CONDITION with this sense data.
     #[error("check condition: {0:?}")]
     Check(Sense),
+}
+
+/// Why the APTPL sidecar could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("{path}: cannot {op}: {source}")]
+    Io { path: PathBuf, op: &'static str, source: io::Error },
+    #[error("{path}: not a persistent reservation file of this version: {why}")]
+    Corrupt { path: PathBuf, why: String },
 }
 
 /// How a command is affected by reservations (SPC-4 table 61, SBC-3 table 13).
@@ -86,6 +105,14 @@ pub struct PrState {
     regs: Vec<Registration>,
     res: Option<Reservation>,
     legacy: Option<Legacy>,
+    /// The LUN can persist through power loss (PTPL_C): it has an image file to keep a
+    /// sidecar beside.
+    ptpl_capable: bool,
+    /// The last REGISTER that changed a registration had APTPL set (PTPL_A).
+    aptpl: bool,
+    /// Bumped by every change the sidecar must follow; [`Reservations::persist`] writes the
+    /// state as of its latest value.
+    seq: u64,
 }
 
 fn valid_type(ty: u8) -> bool {
@@ -194,8 +221,8 @@ impl PrState {
         let mut notices = Vec::new();
         let mine = self.key_of(me);
         if matches!(sa, out_sa::REGISTER | out_sa::REGISTER_AND_IGNORE) {
-            if p.aptpl {
-                // Registrations do not survive a power loss (PTPL_C = 0).
+            if p.aptpl && !self.ptpl_capable {
+                // No image to keep them beside (a RAM or block device LUN): PTPL_C = 0.
                 return Err(PrError::Check(Sense::invalid_field_in_param_list(20, 0)));
             }
             if sa == out_sa::REGISTER && p.key != mine.unwrap_or(0) {
@@ -207,6 +234,8 @@ impl PrState {
                 (Some(_), 0) => self.unregister(me, &mut notices),
                 (Some(_), key) => self.regs.iter_mut().filter(|r| r.who == *me).for_each(|r| r.key = key),
             }
+            // SPC-4 6.16.3: the APTPL bit of the last REGISTER that changed something rules.
+            self.aptpl = p.aptpl;
             self.generation = self.generation.wrapping_add(1);
             return Ok(notices);
         }
@@ -262,6 +291,8 @@ impl PrState {
                 }
                 self.regs.clear();
                 self.res = None;
+                // Nothing is left to persist; as LIO does, CLEAR also ends APTPL.
+                self.aptpl = false;
                 self.generation = self.generation.wrapping_add(1);
             }
             _ => self.preempt(me, ty, p.sa_key, type_check, &mut notices)?,
@@ -392,6 +423,56 @@ impl PrState {
         put(buf, 0, &self.generation.to_be_bytes());
         put(buf, 4, &(additional as u32).to_be_bytes());
     }
+
+    /// PERSISTENT RESERVE IN REPORT CAPABILITIES: returns its length.
+    pub fn report_capabilities(&self, buf: &mut [u8]) -> usize {
+        report_capabilities(buf, self.ptpl_capable, self.aptpl)
+    }
+
+    /// Whether a change now must reach the sidecar: persistence is or was just in effect.
+    pub fn persisting(&self) -> bool {
+        self.ptpl_capable && self.aptpl
+    }
+
+    /// What the sidecar holds for this state: `None` when APTPL is off (no file).
+    fn snapshot(&self) -> Option<Persisted> {
+        if !self.aptpl {
+            return None;
+        }
+        Some(Persisted {
+            version: PERSIST_VERSION,
+            generation: self.generation,
+            registrations: self
+                .regs
+                .iter()
+                .map(|r| PersistedReg { key: r.key, initiator_port: r.who.to_string() })
+                .collect(),
+            reservation: self.res.as_ref().map(|r| PersistedRes { holder: r.who.to_string(), ty: r.ty }),
+        })
+    }
+
+    /// The state a sidecar describes (APTPL on, as it was when written); checks that it is
+    /// one this code could have produced.
+    fn restore(p: Persisted, path: &Path) -> Result<PrState, PersistError> {
+        let corrupt = |why: String| PersistError::Corrupt { path: path.to_owned(), why };
+        if p.version != PERSIST_VERSION {
+            return Err(corrupt(format!("version {}", p.version)));
+        }
+        let mut st = PrState { generation: p.generation, ptpl_capable: true, aptpl: true, ..Default::default() };
+        for r in p.registrations {
+            if r.key == 0 || r.initiator_port.is_empty() || st.key_of(&r.initiator_port).is_some() {
+                return Err(corrupt(format!("bad registration {:?}", r.initiator_port)));
+            }
+            st.regs.push(Registration { key: r.key, who: r.initiator_port.into() });
+        }
+        if let Some(r) = p.reservation {
+            if !valid_type(r.ty) || st.key_of(&r.holder).is_none() {
+                return Err(corrupt(format!("bad reservation (type {}, holder {:?})", r.ty, r.holder)));
+            }
+            st.res = Some(Reservation { who: r.holder.into(), ty: r.ty });
+        }
+        Ok(st)
+    }
 }
 
 /// Copies what fits of `data` to `buf[at..]`: the allocation length cuts the rest later.
@@ -402,12 +483,101 @@ fn put(buf: &mut [u8], at: usize, data: &[u8]) {
     }
 }
 
+/// Format version of the APTPL sidecar.
+const PERSIST_VERSION: u32 = 1;
+
+/// The APTPL sidecar's content (JSON): registrations by initiator port name (`iqn,i,0x<isid>`,
+/// the I_T nexus identity reservations know a session by) and the reservation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Persisted {
+    version: u32,
+    generation: u32,
+    registrations: Vec<PersistedReg>,
+    reservation: Option<PersistedRes>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PersistedReg {
+    key: u64,
+    initiator_port: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PersistedRes {
+    holder: String,
+    #[serde(rename = "type")]
+    ty: u8,
+}
+
+/// The APTPL sidecar of the image at `image`: `.<file name>.pr` in the same directory.
+pub fn sidecar_path(image: &Path) -> PathBuf {
+    let name = image.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    image.with_file_name(format!(".{name}.pr"))
+}
+
+/// Removes the APTPL sidecar of `image`, if any (with the image it belongs to).
+pub fn remove_sidecar(image: &Path) {
+    let _ = fs::remove_file(sidecar_path(image));
+}
+
+/// Tells concurrent writers of one sidecar (an old and a new LUN over one image) apart.
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// Replaces `path` with `text` so that a crash leaves the old file or the new one, whole:
+/// temp file, fsync, rename, fsync of the directory.
+fn write_atomic(path: &Path, text: &[u8]) -> Result<(), PersistError> {
+    let err = |op: &'static str| move |source| PersistError::Io { path: path.to_owned(), op, source };
+    let dir = path.parent().ok_or_else(|| err("find the directory of")(io::Error::other("no parent")))?;
+    let n = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("pr.tmp-{}-{n}", std::process::id()));
+    let written = (|| {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+        f.write_all(text)?;
+        f.sync_all()?;
+        fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(err("write")(e));
+    }
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err("fsync the directory of"))
+}
+
+/// Removes `path` durably; a missing file is fine.
+fn remove_durably(path: &Path) -> Result<(), PersistError> {
+    let err = |op: &'static str| move |source| PersistError::Io { path: path.to_owned(), op, source };
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(err("remove")(e)),
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err("fsync the directory of"))
+}
+
+/// Reads a sidecar: `Ok(None)` when there is none.
+fn load(path: &Path) -> Result<Option<PrState>, PersistError> {
+    let text = match fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(PersistError::Io { path: path.to_owned(), op: "read", source }),
+    };
+    let p: Persisted = serde_json::from_slice(&text)
+        .map_err(|e| PersistError::Corrupt { path: path.to_owned(), why: e.to_string() })?;
+    PrState::restore(p, path).map(Some)
+}
+
 /// PERSISTENT RESERVE IN REPORT CAPABILITIES: returns its length.
-pub fn report_capabilities(buf: &mut [u8]) -> usize {
+pub fn report_capabilities(buf: &mut [u8], ptpl_c: bool, ptpl_a: bool) -> usize {
     let mut d = [0u8; 8];
     d[1] = 8;
-    d[2] = 0x10 | 0x04; // CRH (SPC-2 reservations conflict per 5.13.3), ATP_C; no SIP_C, PTPL_C
-    d[3] = 0x80 | 0x10; // TMV; ALLOW COMMANDS 001b: TEST UNIT READY passes WE and EA
+    // CRH (SPC-2 reservations conflict per 5.13.3), ATP_C; no SIP_C; PTPL_C with an image.
+    d[2] = 0x10 | 0x04 | u8::from(ptpl_c);
+    // TMV; ALLOW COMMANDS 001b: TEST UNIT READY passes WE and EA; PTPL_A.
+    d[3] = 0x80 | 0x10 | u8::from(ptpl_a);
     d[4] = 0x80 | 0x40 | 0x20 | 0x08 | 0x02; // WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX
     d[5] = 0x01; // EX_AC_AR
     put(buf, 0, &d);
@@ -420,9 +590,52 @@ pub struct Reservations {
     /// Some reservation exists: commands must be checked against it.
     active: AtomicBool,
     state: Mutex<PrState>,
+    /// The APTPL sidecar, for a LUN over an image file.
+    store: Option<Store>,
+}
+
+/// Where the state persists, and how far the file has caught up.
+#[derive(Debug)]
+struct Store {
+    path: PathBuf,
+    /// Taken by workers only (never by a reactor) around each write: the `seq` of the state
+    /// the file holds. A writer that finds it at or past its own change has nothing to do.
+    written: Mutex<u64>,
+    /// Outcomes of PERSISTENT RESERVE OUT commands waiting for their write, by the address of
+    /// their Data-Out buffer (see [`Reservations::stash`]).
+    pending: Mutex<Vec<(usize, Disposition)>>,
 }
 
 impl Reservations {
+    /// The reservations of a LUN over the image `image` (`None`: a RAM LUN or a block device,
+    /// which cannot persist through power loss): those its sidecar holds, if it has a
+    /// readable one. An unreadable or corrupt sidecar is logged and left in place (the next
+    /// APTPL write replaces it); the LUN then starts with no reservations.
+    pub fn open(image: Option<&Path>) -> Self {
+        let Some(image) = image else { return Self::default() };
+        let path = sidecar_path(image);
+        let mut st = match load(&path) {
+            Ok(Some(st)) => {
+                log::info!(
+                    "{}: restored {} persistent reservation registration(s){} (APTPL)",
+                    path.display(),
+                    st.regs.len(),
+                    if st.res.is_some() { " and the reservation" } else { "" }
+                );
+                st
+            }
+            Ok(None) => PrState::default(),
+            Err(e) => {
+                log::error!("{e}; the LUN starts with no persistent reservations");
+                PrState::default()
+            }
+        };
+        st.ptpl_capable = true;
+        let active = AtomicBool::new(st.active());
+        let store = Store { path, written: Mutex::new(0), pending: Mutex::new(Vec::new()) };
+        Self { active, state: Mutex::new(st), store: Some(store) }
+    }
+
     /// The hot-path test: one relaxed load.
     pub fn active(&self) -> bool {
         self.active.load(Ordering::Relaxed)
@@ -446,6 +659,69 @@ impl Reservations {
     pub fn reset(&self) {
         self.with(|st| st.legacy = None);
     }
+
+    /// PERSISTENT RESERVE OUT from `me` on a reactor: changes the state in memory. Returns the
+    /// unit attentions owed, and whether the change must reach the sidecar before the command
+    /// completes (APTPL was or is now in effect).
+    pub fn out(&self, me: &Arc<str>, sa: u8, scope_type: u8, p: &OutParams) -> Result<(Notices, bool), PrError> {
+        self.with(|st| {
+            let was = st.persisting();
+            let notices = st.out(me, sa, scope_type, p)?;
+            let persist = was || st.persisting();
+            if persist {
+                st.seq += 1;
+            }
+            Ok((notices, persist))
+        })
+    }
+
+    /// Keeps the outcome of a PERSISTENT RESERVE OUT whose sidecar write runs on a worker,
+    /// under the address of its Data-Out buffer: the task owns that buffer from its Data-Out
+    /// phase through its worker job, so no other command in flight has the same key, and an
+    /// older entry with that key is one whose command ended without its job (BUSY).
+    pub fn stash(&self, buf: &[u8], outcome: Disposition) {
+        if let Some(store) = &self.store {
+            let mut pending = store.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            let key = buf.as_ptr() as usize;
+            pending.retain(|(k, _)| *k != key);
+            pending.push((key, outcome));
+        }
+    }
+
+    /// The outcome [`Reservations::stash`] kept for the command with this Data-Out buffer.
+    pub fn take_stashed(&self, buf: &[u8]) -> Option<Disposition> {
+        let store = self.store.as_ref()?;
+        let mut pending = store.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = pending.iter().position(|(k, _)| *k == buf.as_ptr() as usize)?;
+        Some(pending.swap_remove(i).1)
+    }
+
+    /// Brings the sidecar up to the current state: written atomically while APTPL is on,
+    /// removed when it is off. Blocks on the file system: worker threads only.
+    pub fn persist(&self) -> Result<(), PersistError> {
+        let Some(store) = &self.store else { return Ok(()) };
+        let mut written = store.written.lock().unwrap_or_else(PoisonError::into_inner);
+        // The state is read after taking `written`, so a later writer never sees an older one.
+        let (seq, snapshot) = self.with(|st| (st.seq, st.snapshot()));
+        if *written >= seq {
+            return Ok(());
+        }
+        match snapshot {
+            Some(p) => {
+                let text = serde_json::to_vec_pretty(&p).expect("persisted state always serialises");
+                write_atomic(&store.path, &text)?;
+            }
+            None => remove_durably(&store.path)?,
+        }
+        *written = seq;
+        Ok(())
+    }
+}
+
+/// Sense data of a PERSISTENT RESERVE OUT whose change could not be persisted (the change
+/// stays in effect, as in LIO): HARDWARE ERROR, INTERNAL TARGET FAILURE.
+pub fn persist_failed() -> Sense {
+    Sense::new(SenseKey::HardwareError, 0x44, 0x00)
 }
 
 #[cfg(test)]
@@ -684,7 +960,145 @@ mod tests {
         let mut small = [0u8; 10];
         assert_eq!(st.read_full_status(&mut small), 80, "cut data, full length");
         let mut caps = [0u8; 8];
-        assert_eq!(report_capabilities(&mut caps), 8);
-        assert_eq!(caps[2] & 0x01, 0, "PTPL_C");
+        assert_eq!(st.report_capabilities(&mut caps), 8);
+        assert_eq!((caps[2] & 0x01, caps[3] & 0x01), (0, 0), "PTPL_C, PTPL_A without an image");
+    }
+
+    fn aptpl(key: u64, sa_key: u64) -> OutParams {
+        OutParams { key, sa_key, aptpl: true }
+    }
+
+    /// A LUN's reservations over `dir/disk.img` (the image itself need not exist here).
+    fn on_image(dir: &Path) -> (Reservations, PathBuf) {
+        let image = dir.join("disk.img");
+        (Reservations::open(Some(&image)), sidecar_path(&image))
+    }
+
+    #[test]
+    fn aptpl_state_round_trips_through_the_sidecar() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, side) = on_image(dir.path());
+        let (a, b) = (who("iqn.a,i,0x800000000001"), who("iqn.b,i,0x800000000002"));
+        let mut caps = [0u8; 8];
+        r.with(|st| st.report_capabilities(&mut caps));
+        assert_eq!((caps[2] & 0x01, caps[3] & 0x01), (1, 0), "PTPL_C with an image, APTPL not yet on");
+        // Without APTPL nothing is written.
+        assert_eq!(r.out(&a, out_sa::REGISTER, 0, &p(0, 0xA1)).map(|x| x.1), Ok(false));
+        r.persist().unwrap();
+        assert!(!side.exists());
+        assert_eq!(r.out(&a, out_sa::REGISTER, 0, &aptpl(0xA1, 0xA)).map(|x| x.1), Ok(true));
+        assert_eq!(r.out(&b, out_sa::REGISTER_AND_IGNORE, 0, &aptpl(0, 0xB)).map(|x| x.1), Ok(true));
+        assert_eq!(r.out(&a, out_sa::RESERVE, WE_REGISTRANTS_ONLY, &p(0xA, 0)).map(|x| x.1), Ok(true));
+        r.persist().unwrap();
+        r.with(|st| st.report_capabilities(&mut caps));
+        assert_eq!(caps[3] & 0x01, 1, "PTPL_A");
+        let text = std::fs::read_to_string(&side).unwrap();
+        assert!(text.contains("iqn.b,i,0x800000000002"), "{text}");
+
+        let (again, _) = on_image(dir.path());
+        let mut want = [0u8; 256];
+        let mut got = [0u8; 256];
+        let n = r.with(|st| st.read_full_status(&mut want));
+        assert_eq!(again.with(|st| st.read_full_status(&mut got)), n);
+        assert_eq!(&got[..n], &want[..n], "same generation, keys, holder and type");
+        assert!(again.active(), "the restored reservation is enforced at once");
+        assert!(again.conflicts("iqn.c,i,0x1", Access::Write));
+        assert!(!again.conflicts(&b, Access::Write));
+        again.with(|st| st.report_capabilities(&mut caps));
+        assert_eq!((caps[2] & 0x01, caps[3] & 0x01), (1, 1));
+    }
+
+    #[test]
+    fn register_with_aptpl_off_removes_the_sidecar() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, side) = on_image(dir.path());
+        let a = who("iqn.a,i,0x1");
+        r.out(&a, out_sa::REGISTER, 0, &aptpl(0, 1)).unwrap();
+        r.persist().unwrap();
+        assert!(side.exists());
+        // A change with APTPL=0 still has to reach the file: it goes.
+        assert_eq!(r.out(&a, out_sa::REGISTER, 0, &p(1, 2)).map(|x| x.1), Ok(true));
+        r.persist().unwrap();
+        assert!(!side.exists());
+        assert_eq!(r.out(&a, out_sa::REGISTER, 0, &p(2, 3)).map(|x| x.1), Ok(false), "off: no more writes");
+        let (again, _) = on_image(dir.path());
+        assert_eq!(again.with(|st| st.regs.len()), 0, "a restart forgets them");
+        // CLEAR ends APTPL too.
+        r.out(&a, out_sa::REGISTER, 0, &aptpl(3, 4)).unwrap();
+        r.persist().unwrap();
+        assert!(side.exists());
+        r.out(&a, out_sa::CLEAR, 0, &p(4, 0)).unwrap();
+        r.persist().unwrap();
+        assert!(!side.exists());
+        assert!(!r.with(|st| st.aptpl));
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert!(leftovers.is_empty(), "no temp files left: {leftovers:?}");
+    }
+
+    #[test]
+    fn a_corrupt_sidecar_starts_empty_and_is_not_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let side = sidecar_path(&dir.path().join("disk.img"));
+        let bad: [&[u8]; 5] = [
+            b"{not json",
+            b"",
+            br#"{"version":9,"generation":1,"registrations":[],"reservation":null}"#,
+            br#"{"version":1,"generation":1,"registrations":[{"key":0,"initiator_port":"x"}],"reservation":null}"#,
+            br#"{"version":1,"generation":1,"registrations":[{"key":1,"initiator_port":"x"}],"reservation":{"holder":"y","type":1}}"#,
+        ];
+        for text in bad {
+            std::fs::write(&side, text).unwrap();
+            let (r, _) = on_image(dir.path());
+            assert_eq!(r.with(|st| (st.regs.len(), st.res.is_some(), st.aptpl)), (0, false, false));
+            assert!(!r.active());
+            assert_eq!(std::fs::read(&side).unwrap(), text, "left for the operator to look at");
+            // The LUN still works, and the next APTPL write replaces the file.
+            r.out(&who("z"), out_sa::REGISTER, 0, &aptpl(0, 5)).unwrap();
+            r.persist().unwrap();
+            assert_eq!(on_image(dir.path()).0.with(|st| keys(st)), vec![5]);
+        }
+    }
+
+    #[test]
+    fn an_older_change_never_overwrites_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, side) = on_image(dir.path());
+        let a = who("a");
+        r.out(&a, out_sa::REGISTER, 0, &aptpl(0, 1)).unwrap();
+        r.out(&a, out_sa::REGISTER, 0, &aptpl(1, 2)).unwrap();
+        // The first command's worker runs after the second's: both see the newest state.
+        r.persist().unwrap();
+        std::fs::remove_file(&side).unwrap();
+        r.persist().unwrap();
+        assert!(!side.exists(), "already written: the late writer has nothing to do");
+        r.out(&a, out_sa::REGISTER, 0, &aptpl(2, 3)).unwrap();
+        r.persist().unwrap();
+        assert_eq!(on_image(dir.path()).0.with(|st| keys(st)), vec![3]);
+    }
+
+    #[test]
+    fn a_failed_write_is_reported_and_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("gone").join("disk.img");
+        let r = Reservations::open(Some(&image));
+        r.out(&who("a"), out_sa::REGISTER, 0, &aptpl(0, 1)).unwrap();
+        let e = r.persist().unwrap_err();
+        assert!(e.to_string().contains(".disk.img.pr"), "{e}");
+        std::fs::create_dir(dir.path().join("gone")).unwrap();
+        r.persist().unwrap();
+        assert!(sidecar_path(&image).exists());
+    }
+
+    #[test]
+    fn stashed_outcomes_are_found_by_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _) = on_image(dir.path());
+        let (b1, b2) = ([0u8; 24], [0u8; 24]);
+        r.stash(&b1, Disposition::Good);
+        r.stash(&b2, Disposition::AbortNexuses(vec![who("x")]));
+        r.stash(&b1, Disposition::AbortNexuses(vec![who("y")])); // replaces the stale one
+        assert_eq!(r.take_stashed(&b1), Some(Disposition::AbortNexuses(vec![who("y")])));
+        assert_eq!(r.take_stashed(&b1), None);
+        assert_eq!(r.take_stashed(&b2), Some(Disposition::AbortNexuses(vec![who("x")])));
     }
 }

@@ -61,6 +61,7 @@ fn run_offloaded(req: &Request, lun: &Lun, data_out: &[u8], data_in: &mut [u8]) 
         op::WRITE_ATOMIC_16 => block::write_atomic_work(cdb, lun, data_out),
         op::VERIFY_10 | op::VERIFY_12 | op::VERIFY_16 => block::verify_work(cdb, lun, data_out),
         op::SANITIZE => sanitize::work(cdb, lun, data_out),
+        op::PERSISTENT_RESERVE_OUT => reserve::prout_persist(lun, data_out),
         op::SERVICE_ACTION_IN_16 if cdb::service_action(cdb) == Some(sa::GET_LBA_STATUS) => {
             info::get_lba_status(cdb, lun, data_in)
         }

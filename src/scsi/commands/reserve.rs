@@ -70,7 +70,7 @@ pub(super) fn prin(cdb: &[u8], lun: &Lun, buf: &mut [u8]) -> Res {
     let n = match cdb[1] & 0x1F {
         0 => lun.pr.with(|st| st.read_keys(buf)),
         1 => lun.pr.with(|st| st.read_reservation(buf)),
-        2 => reservations::report_capabilities(buf),
+        2 => lun.pr.with(|st| st.report_capabilities(buf)),
         3 => lun.pr.with(|st| st.read_full_status(buf)),
         _ => return Err(Sense::invalid_field_in_cdb(1, 4)),
     };
@@ -107,7 +107,7 @@ pub(super) fn prout_data(cdb: &[u8], lun: &Lun, nexus: &Nexus, data: &[u8]) -> R
     }
     let params = OutParams { key: be64(data, 0), sa_key: be64(data, 8), aptpl: data[20] & 0x01 != 0 };
     let me = nexus.identity();
-    let notices = match lun.pr.with(|st| st.out(me, cdb[1] & 0x1F, cdb[2], &params)) {
+    let (notices, persist) = match lun.pr.out(me, cdb[1] & 0x1F, cdb[2], &params) {
         Ok(n) => n,
         Err(e) => return pr_result(Err(e)),
     };
@@ -119,11 +119,29 @@ pub(super) fn prout_data(cdb: &[u8], lun: &Lun, nexus: &Nexus, data: &[u8]) -> R
     for (who, ua) in notices {
         lun.sessions.post(lun.id, ua, |i| i.identity == who);
     }
-    if cdb[1] & 0x1F == reservations::out_sa::PREEMPT_AND_ABORT && !preempted.is_empty() {
+    let outcome = if cdb[1] & 0x1F == reservations::out_sa::PREEMPT_AND_ABORT && !preempted.is_empty() {
         // The preempted I_T nexuses' tasks on this LUN are aborted (SPC-4 5.13.11.2.5).
-        return Ok(Disposition::AbortNexuses(preempted));
+        Disposition::AbortNexuses(preempted)
+    } else {
+        Disposition::Good
+    };
+    if persist {
+        // APTPL: the sidecar is written on a worker, and the command completes after it.
+        lun.pr.stash(data, outcome);
+        return Ok(Disposition::Offload { lock: None });
     }
-    Ok(Disposition::Good)
+    Ok(outcome)
+}
+
+/// The worker half of a PERSISTENT RESERVE OUT under APTPL: makes the sidecar follow the
+/// change [`prout_data`] made, then completes the command as that decided.
+pub(super) fn prout_persist(lun: &Lun, data: &[u8]) -> Res {
+    let outcome = lun.pr.take_stashed(data).unwrap_or(Disposition::Good);
+    if let Err(e) = lun.pr.persist() {
+        log::error!("LUN {} '{}': persistent reservations not saved: {e}", lun.id, lun.name);
+        return Err(reservations::persist_failed());
+    }
+    Ok(outcome)
 }
 
 /// RESERVE(6/10) and RELEASE(6/10) (SPC-2): whole-LUN reservations only.
@@ -294,5 +312,86 @@ mod tests {
         assert_eq!(exec(&t, &mut a, &rd, 0, &mut buf), CONFLICT);
         drop(b);
         assert_eq!(exec(&t, &mut a, &rd, 0, &mut buf), Disposition::Read { offset: 0, len: 512 });
+    }
+
+    /// A table with LUN 0 over an image file in `dir`, and two sessions that have used it.
+    fn file_lun(dir: &std::path::Path) -> (LunTable, Nexus, Nexus) {
+        use crate::backing::Backing;
+        let image = dir.join("disk.img");
+        if !image.exists() {
+            std::fs::write(&image, vec![0u8; 1 << 20]).unwrap();
+        }
+        let backing = Backing::open_file(&image, false).unwrap();
+        let lun = crate::scsi::Lun::new(0, "disk", Some(image), backing, false, "iqn.test:t");
+        let t = LunTable::new(vec![std::sync::Arc::new(lun)]);
+        let (mut a, mut b) = (Nexus::new(), Nexus::new());
+        a.set_identity("iqn.test:a", [0x80, 0, 0, 0, 0, 1]);
+        b.set_identity("iqn.test:b", [0x80, 0, 0, 0, 0, 2]);
+        for n in [&mut a, &mut b] {
+            n.take(0);
+            assert_eq!(exec(&t, n, &[0u8; 6], 0, &mut [0; 8]), Disposition::Good);
+        }
+        (t, a, b)
+    }
+
+    fn out_aptpl(t: &LunTable, n: &mut Nexus, sa: u8, ty: u8, key: u64, sa_key: u64) -> Disposition {
+        let (c, mut d) = prout(sa, ty, key, sa_key);
+        d[20] = 0x01;
+        exec_out(t, n, &c, 0, &d)
+    }
+
+    #[test]
+    fn aptpl_changes_are_written_by_the_worker_half_and_survive_a_new_lun() {
+        use crate::scsi::{execute_data_out, Request};
+        let dir = tempfile::tempdir().unwrap();
+        let side = crate::scsi::reservations::sidecar_path(&dir.path().join("disk.img"));
+        let (t, mut a, mut b) = file_lun(dir.path());
+        let mut buf = [0u8; 64];
+        assert_eq!(prin(&t, &mut a, 2, &mut buf), Disposition::DataIn(8));
+        assert_eq!((buf[2] & 1, buf[3] & 1), (1, 0), "PTPL_C, not PTPL_A");
+        // The reactor half changes the state and hands the write to a worker.
+        let (c, mut d) = prout(0, 0, 0, 0xA);
+        d[20] = 0x01;
+        let r = Request { cdb: &c, lun: Some(0), expected_len: 24, read: false, write: true };
+        assert_eq!(execute_data_out(&r, &t, &mut a, &d, &mut buf), Disposition::Offload { lock: None });
+        assert!(!side.exists(), "nothing written on the reactor");
+        assert_eq!(crate::scsi::execute_offloaded(&r, t.get(0).unwrap(), &d, &mut buf), Disposition::Good);
+        assert!(side.exists());
+        assert_eq!(out_aptpl(&t, &mut b, 6, 0, 0, 0xB), Disposition::Good);
+        assert_eq!(out(&t, &mut a, 1, pr_type::WRITE_EXCLUSIVE, 0xA, 0), Disposition::Good);
+        assert_eq!(prin(&t, &mut a, 2, &mut buf), Disposition::DataIn(8));
+        assert_eq!(buf[3] & 1, 1, "PTPL_A");
+        // PREEMPT AND ABORT still aborts the preempted nexus after the write.
+        let d = out(&t, &mut b, 5, pr_type::EXCLUSIVE_ACCESS, 0xB, 0xA);
+        assert_eq!(d, Disposition::AbortNexuses(vec![a.identity().clone()]));
+
+        // The same image opened again (a restart, or add_lun replacing it) has it all back.
+        drop(t);
+        let (t, mut a, mut b) = file_lun(dir.path());
+        assert_eq!(prin(&t, &mut a, 0, &mut buf), Disposition::DataIn(16));
+        assert_eq!(&buf[8..16], &0xBu64.to_be_bytes(), "only b's key is left");
+        assert_eq!(prin(&t, &mut a, 1, &mut buf), Disposition::DataIn(24));
+        assert_eq!((buf[15], buf[21]), (0xB, pr_type::EXCLUSIVE_ACCESS));
+        assert_eq!(exec(&t, &mut a, &cdb10(op::READ_10, 0, 0, 1), 0, &mut buf), CONFLICT);
+        assert!(matches!(exec(&t, &mut b, &cdb10(op::READ_10, 0, 0, 1), 0, &mut buf), Disposition::Read { .. }));
+        // APTPL=0 in b's next REGISTER ends persistence: the sidecar goes.
+        assert_eq!(out(&t, &mut b, 0, 0, 0xB, 0xC), Disposition::Good);
+        assert!(!side.exists());
+        assert_eq!(prin(&t, &mut a, 2, &mut buf), Disposition::DataIn(8));
+        assert_eq!((buf[2] & 1, buf[3] & 1), (1, 0));
+    }
+
+    #[test]
+    fn ram_luns_refuse_aptpl() {
+        let (t, mut a, _) = two();
+        let mut buf = [0u8; 64];
+        assert_eq!(prin(&t, &mut a, 2, &mut buf), Disposition::DataIn(8));
+        assert_eq!((buf[2] & 1, buf[3] & 1), (0, 0), "no PTPL_C on a RAM LUN");
+        assert_eq!(
+            check(out_aptpl(&t, &mut a, 0, 0, 0, 1)),
+            (SenseKey::IllegalRequest, 0x26, 0x00),
+            "INVALID FIELD IN PARAMETER LIST"
+        );
+        assert_eq!(prin(&t, &mut a, 0, &mut buf), Disposition::DataIn(8), "not registered");
     }
 }
