@@ -11,7 +11,7 @@ use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,10 @@ pub enum TargetError {
     #[error("LUN id {id} is in use by LUN {by:?}")]
     LunIdInUse { id: u64, by: String },
     /// A removed or replaced LUN's store is still used by commands in flight.
-    #[error("LUN {name:?} is out of the table, but {holders} command(s) still use its store after {secs} s")]
+    #[error(
+        "LUN {name:?} is out of the table, but {holders} command(s) still use its store after {secs} s; \
+         the store is closed when they end (remove_lun {name:?} waits for them again)"
+    )]
     LunBusy { name: String, holders: usize, secs: u64 },
     /// Two LUNs over one image would corrupt each other's data.
     #[error("{path} is already exported by LUN {by:?}")]
@@ -147,6 +150,9 @@ pub struct Target {
     created: Mutex<Vec<PathBuf>>,
     /// Serialises LUN table changes: each reads the table, changes it and publishes it whole.
     lun_changes: Mutex<()>,
+    /// Removed or replaced LUNs, by name, whose drain timed out: `remove_lun` of the name waits
+    /// for them again (gone means their last command has ended).
+    draining: Mutex<Vec<(String, Weak<Lun>)>>,
 }
 
 impl Target {
@@ -228,6 +234,7 @@ impl Target {
             iqn,
             created: Mutex::new(created),
             lun_changes: Mutex::new(()),
+            draining: Mutex::new(Vec::new()),
         };
         match Portal::serve(listener, &target.shared) {
             Ok(p) => *target.portal.lock().expect("portal lock poisoned") = Some(p),
@@ -355,24 +362,65 @@ impl Target {
             if lun.read_only { ", read-only" } else { "" }
         );
         if let Some(old) = old {
-            drain(old)?;
+            self.drain_or_keep(old)?;
         }
         Ok(lun)
     }
 
     /// Removes a LUN: new commands to it fail, commands in flight finish (waited for, up to
-    /// a bound) and its file stays.
+    /// a bound) and its file stays. For a name whose earlier removal timed out, waits for
+    /// those commands again.
     pub fn remove_lun(&self, name: &str) -> Result<(), TargetError> {
         let guard = self.lun_changes.lock().expect("LUN change lock poisoned");
         let (table, _) = self.shared.lun_table();
-        let old = table.by_name(name).cloned().ok_or_else(|| TargetError::LunNotFound { name: name.to_owned() })?;
+        let Some(old) = table.by_name(name).cloned() else {
+            drop(guard);
+            drop(table);
+            return self.drain_earlier(name).unwrap_or_else(|| Err(TargetError::LunNotFound { name: name.to_owned() }));
+        };
         let luns = table.iter().filter(|l| l.name != name).cloned().collect();
         self.shared.publish_luns(LunTable::new(luns));
         self.shared.wake_reactors();
         drop(guard);
         drop(table);
         log::info!("LUN {} '{}' removed", old.id, old.name);
-        drain(old)
+        self.drain_or_keep(old)?;
+        self.drain_earlier(name).unwrap_or(Ok(()))
+    }
+
+    /// [`drain`]; a store still held at the timeout is kept (weakly) under its name for
+    /// [`Self::drain_earlier`].
+    fn drain_or_keep(&self, lun: Arc<Lun>) -> Result<(), TargetError> {
+        let (name, weak) = (lun.name.clone(), Arc::downgrade(&lun));
+        drain(lun).inspect_err(|_| self.draining.lock().expect("drain list lock poisoned").push((name, weak)))
+    }
+
+    /// Waits again for the stores of earlier removals or replacements of `name` whose drain
+    /// timed out; `None` when there are none. After one times out again, the others are kept
+    /// without waiting.
+    fn drain_earlier(&self, name: &str) -> Option<Result<(), TargetError>> {
+        let earlier: Vec<Weak<Lun>> = {
+            let mut draining = self.draining.lock().expect("drain list lock poisoned");
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                std::mem::take(&mut *draining).into_iter().partition(|(n, _)| n == name);
+            *draining = rest;
+            mine.into_iter().map(|(_, weak)| weak).collect()
+        };
+        if earlier.is_empty() {
+            return None;
+        }
+        let mut result = Ok(());
+        for weak in earlier {
+            // None: its last command has ended since.
+            let Some(lun) = weak.upgrade() else { continue };
+            if result.is_err() {
+                self.draining.lock().expect("drain list lock poisoned").push((name.to_owned(), weak));
+            } else {
+                drop(weak);
+                result = self.drain_or_keep(lun);
+            }
+        }
+        Some(result)
     }
 
     /// Removes every LUN; returns their names.
@@ -387,7 +435,7 @@ impl Target {
         let names = old.iter().map(|l| l.name.clone()).collect();
         for l in old {
             log::info!("LUN {} '{}' removed", l.id, l.name);
-            if let Err(e) = drain(l) {
+            if let Err(e) = self.drain_or_keep(l) {
                 log::warn!("{e}");
             }
         }

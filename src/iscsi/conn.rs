@@ -36,7 +36,7 @@ const LOGIN_DSL: u32 = 8192;
 /// socket that never logs in holds little.
 const LOGIN_RX_BUF: usize = 16 * 1024;
 /// Idle time before the target pings with a NOP-In, and how long the answer may take.
-const NOP_INTERVAL: Duration = Duration::from_secs(5);
+pub const NOP_INTERVAL: Duration = Duration::from_secs(5);
 pub const NOP_TIMEOUT: Duration = Duration::from_secs(15);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// A login refused for authentication or authorization gets its answer this late (at the
@@ -140,6 +140,9 @@ pub struct Conn {
     order: OrderQueue,
     /// ORDERED tasks in the task table.
     ordered_live: u32,
+    /// Tasks in the table that hold no place in the CmdSN window: immediate commands (they
+    /// have slots of their own) and reads whose status is queued (done, for the initiator).
+    outside_window: u32,
     /// A task ended while commands were held: see whether they may run now.
     order_release: bool,
     text: Option<text::TextNegotiator>,
@@ -221,6 +224,7 @@ impl Conn {
             parked: BTreeMap::new(),
             order: OrderQueue::new(limits.max_cmds_per_session as usize),
             ordered_live: 0,
+            outside_window: 0,
             order_release: false,
             text: None,
             pending_tmfs: Vec::new(),
@@ -564,7 +568,7 @@ impl Conn {
     }
 
     fn max_cmd_sn(&self) -> u32 {
-        let busy = self.tasks.in_use() + self.order.commands();
+        let busy = self.tasks.in_use() - self.outside_window as usize + self.order.commands();
         let free = self.queue_depth.saturating_sub(busy as u32);
         self.exp_cmd_sn.wrapping_add(free).wrapping_sub(1)
     }
@@ -575,6 +579,12 @@ impl Conn {
             return self.command(bhs, ahs, data, env);
         }
         let sn = bhs.cmd_sn();
+        if !pdu::sn_le(self.exp_cmd_sn, sn) || !pdu::sn_le(sn, self.max_cmd_sn()) {
+            // Outside the window (a full window holds no CmdSN, not even ExpCmdSN): RFC 7143
+            // §4.2.2.1 says to silently ignore it.
+            log::debug!("{}: dropping CmdSN {sn} outside [{}, {}]", self.peer, self.exp_cmd_sn, self.max_cmd_sn());
+            return;
+        }
         if sn == self.exp_cmd_sn {
             self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
             // A tombstone here means ABORT TASK already took this CmdSN.
@@ -591,17 +601,12 @@ impl Conn {
                     self.command(b, &pdu[BHS_LEN..ahs_end], &pdu[ahs_end..], env);
                 }
             }
-        } else if pdu::sn_lt(self.exp_cmd_sn, sn) && pdu::sn_le(sn, self.max_cmd_sn()) {
-            if let std::collections::btree_map::Entry::Vacant(slot) = self.parked.entry(sn) {
-                let mut pdu = Vec::with_capacity(BHS_LEN + ahs.len() + data.len());
-                pdu.extend_from_slice(bhs.bytes());
-                pdu.extend_from_slice(ahs);
-                pdu.extend_from_slice(data);
-                slot.insert(Some(pdu));
-            }
-        } else {
-            // Outside the window: RFC 7143 says to silently ignore it.
-            log::debug!("{}: dropping CmdSN {sn} outside [{}, {}]", self.peer, self.exp_cmd_sn, self.max_cmd_sn());
+        } else if let std::collections::btree_map::Entry::Vacant(slot) = self.parked.entry(sn) {
+            let mut pdu = Vec::with_capacity(BHS_LEN + ahs.len() + data.len());
+            pdu.extend_from_slice(bhs.bytes());
+            pdu.extend_from_slice(ahs);
+            pdu.extend_from_slice(data);
+            slot.insert(Some(pdu));
         }
     }
 

@@ -15,3 +15,6 @@ pub mod order;
 pub mod stats;
 pub mod task;
 pub mod tx;
+
+#[cfg(test)]
+mod tests;

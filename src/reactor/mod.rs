@@ -484,10 +484,12 @@ impl Reactor {
                 Msg::Refresh => {}
                 Msg::Offloaded(done) => self.offloaded(done),
                 Msg::AbortTasks(req) => {
+                    let mut more = 0;
                     for slot in self.conns.iter_mut().flatten() {
                         if slot.conn.token != req.except {
                             let mut env = conn_env!(self);
-                            slot.conn.abort_foreign(req.luns.as_deref(), req.only.as_deref(), &mut env);
+                            let (luns, only) = (req.luns.as_deref(), req.only.as_deref());
+                            more += slot.conn.abort_foreign(luns, only, req.reply, &mut env);
                             if req.close {
                                 slot.conn.close("target cold reset");
                             }
@@ -495,7 +497,8 @@ impl Reactor {
                     }
                     self.touch_all();
                     if let Some(reply) = req.reply {
-                        self.shared.abort_done(reply);
+                        // Sent before any of those tasks' own acknowledgements (same thread).
+                        self.shared.abort_done(crate::session::AbortReply { more, ..reply });
                     }
                 }
                 Msg::Fenced(token) => {
@@ -509,7 +512,7 @@ impl Reactor {
                 Msg::AbortDone(reply) => {
                     if let Some(Some(slot)) = self.conns.get_mut(reply.conn as usize) {
                         if slot.conn.token == reply.token {
-                            slot.conn.tmf_progress(reply.tmf_itt);
+                            slot.conn.abort_acknowledged(&reply);
                             if !slot.touched {
                                 slot.touched = true;
                                 self.touched.push(reply.conn);

@@ -61,6 +61,9 @@ pub struct AbortReply {
     pub conn: u32,
     pub token: u64,
     pub tmf_itt: u32,
+    /// In a reactor's acknowledgement: how many of the tasks it aborted still had backing I/O
+    /// in flight; each acknowledges once more (with 0 here) when that I/O has ended.
+    pub more: u32,
 }
 
 /// The waker of a reactor: an eventfd its ring always has a read posted on.

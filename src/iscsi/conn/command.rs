@@ -181,6 +181,8 @@ impl Conn {
         task.needed = needed;
         task.xfer = xfer;
         task.ordered = bhs.bytes()[1] & 0x07 == order::attr::ORDERED;
+        task.immediate = bhs.immediate();
+        self.outside_window += u32::from(task.immediate);
         self.ordered_live += u32::from(task.ordered);
         // Reads from a RAM LUN need no buffer: Data-In goes out straight from the store. Not
         // with a data digest: it is computed when the PDU is queued, and a write landing
@@ -563,8 +565,7 @@ impl Conn {
             task.buf = Some(b); // recycled by free_task
         }
         if task.aborted || self.closing {
-            self.free_task(slot, env.pool);
-            return;
+            return self.free_ended(slot, env);
         }
         if let Disposition::DataIn(n) = out.disposition {
             let n = n.min(out.data_in.len()).min(env.scratch.len());
@@ -583,8 +584,7 @@ impl Conn {
     fn io_finished(&mut self, slot: u16, res: i32, env: &mut ConnEnv) {
         let task = self.tasks.get(slot).expect("I/O completes for a live task");
         if task.aborted || self.closing {
-            self.free_task(slot, env.pool);
-            return;
+            return self.free_ended(slot, env);
         }
         let (itt, edtl, needed, xfer, lun_field) =
             (task.itt, task.expected_len, task.needed, task.xfer, task.lun_field);
@@ -623,6 +623,10 @@ impl Conn {
     fn send_read_data(&mut self, slot: u16, lun_field: [u8; 8], itt: u32, edtl: u32, needed: u32, xfer: u32) {
         let task = self.tasks.get_mut(slot).expect("live task");
         task.stage = Stage::Sending;
+        // Its status is about to be queued: the command is done for the CmdSN window, so that
+        // status already tells the initiator it may send another (a window of one would
+        // otherwise stay shut until the next NOP-In).
+        self.outside_window += u32::from(!task.immediate);
         // From here the Data-In counts in the transmit queue itself.
         self.tx_reserved -= std::mem::take(&mut task.tx_reserved) as usize;
         let base = match (&task.buf, &task.lun, task.action) {
@@ -677,6 +681,16 @@ impl Conn {
         }
     }
 
+    /// Frees a task whose backing work ended after it was aborted (or its connection closed);
+    /// another session's TMF that aborted it learns its I/O can no longer land.
+    fn free_ended(&mut self, slot: u16, env: &mut ConnEnv) {
+        let reply = self.tasks.get_mut(slot).and_then(|t| t.foreign_abort.take());
+        self.free_task(slot, env.pool);
+        if let Some(r) = reply {
+            env.shared.abort_done(r);
+        }
+    }
+
     /// The last PDU of a task went out: free it.
     pub fn release_sent(&mut self, slot: u16, pool: &mut BufPool) {
         self.free_task(slot, pool);
@@ -688,6 +702,7 @@ impl Conn {
         if let Some(mut t) = self.tasks.remove(slot) {
             self.tx_reserved -= t.tx_reserved as usize;
             self.ordered_live -= u32::from(t.ordered);
+            self.outside_window -= u32::from(t.immediate || t.stage == Stage::Sending);
             // Run held commands from a safe point (the reactor's `after_events`), not here.
             self.order_release |= !self.order.is_empty();
             if let Some(buf) = t.buf.take() {

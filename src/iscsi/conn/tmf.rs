@@ -54,11 +54,20 @@ impl Conn {
     /// Task management of another session reached this one (LOGICAL UNIT RESET, TARGET
     /// RESET, PREEMPT AND ABORT): its tasks on `luns` (every LUN when `None`) are aborted
     /// without a response (TAS=0; the unit attention tells the initiator), and only when
-    /// this session's I_T nexus is one of `only` if given.
-    pub fn abort_foreign(&mut self, luns: Option<&[u64]>, only: Option<&[Arc<str>]>, env: &mut ConnEnv) {
+    /// this session's I_T nexus is one of `only` if given. Returns how many of them still
+    /// have backing I/O in flight: with a `reply`, each acknowledges it once its I/O has ended
+    /// (its write may still land until then, so the TMF's response waits for it).
+    pub fn abort_foreign(
+        &mut self,
+        luns: Option<&[u64]>,
+        only: Option<&[Arc<str>]>,
+        reply: Option<crate::session::AbortReply>,
+        env: &mut ConnEnv,
+    ) -> u32 {
         if only.is_some_and(|ids| !ids.contains(self.nexus.identity())) {
-            return;
+            return 0;
         }
+        let mut in_flight = 0;
         self.order.abort(|h| luns.is_none_or(|ids| lun::decode_lun(h.lun).is_some_and(|id| ids.contains(&id))));
         let direct = self.direct.as_ref().map(|d| d.slot);
         let hit: Vec<u16> = self
@@ -76,8 +85,13 @@ impl Conn {
                 // I/O in flight (or data arriving into its buffer): freed when it ends.
                 task.aborted = true;
                 task.abort_tmf = RESERVED_TAG;
+                if task.stage == Stage::Io && reply.is_some() {
+                    task.foreign_abort = reply;
+                    in_flight += 1;
+                }
             }
         }
+        in_flight
     }
 
     pub(super) fn task_mgmt(&mut self, bhs: Bhs, env: &mut ConnEnv) {
@@ -184,7 +198,8 @@ impl Conn {
     /// `None`), and with `close` to close their connections; returns how many
     /// acknowledgements the TMF `tmf_itt` now waits for.
     fn abort_other_nexuses(&mut self, luns: Option<Arc<[u64]>>, close: bool, tmf_itt: u32, env: &mut ConnEnv) -> u32 {
-        let reply = crate::session::AbortReply { reactor: env.reactor, conn: self.slot, token: self.token, tmf_itt };
+        let reply =
+            crate::session::AbortReply { reactor: env.reactor, conn: self.slot, token: self.token, tmf_itt, more: 0 };
         let req = crate::session::AbortRequest { luns, only: None, except: self.token, close, reply: Some(reply) };
         env.shared.abort_tasks(req)
     }
@@ -199,6 +214,15 @@ impl Conn {
             let p = self.pending_tmfs.remove(i);
             self.tmf_response(p.itt, p.response);
         }
+    }
+
+    /// A reactor acknowledged aborting other sessions' tasks for the TMF `reply` names, or one
+    /// of those tasks' I/O ended ([`crate::session::AbortReply::more`]).
+    pub fn abort_acknowledged(&mut self, reply: &crate::session::AbortReply) {
+        if let Some(p) = self.pending_tmfs.iter_mut().find(|p| p.itt == reply.tmf_itt) {
+            p.waiting += reply.more;
+        }
+        self.tmf_progress(reply.tmf_itt);
     }
 
     fn tmf_response(&mut self, itt: u32, response: u8) {
