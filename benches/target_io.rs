@@ -252,14 +252,24 @@ impl Initiator {
     }
 }
 
+/// The reactor's `poll_mode`: `TARGET_IO_POLL=busy` in the environment, else `adaptive`.
+fn poll_mode() -> &'static str {
+    match std::env::var("TARGET_IO_POLL").as_deref() {
+        Ok("busy") => "busy",
+        Ok("adaptive") | Err(_) => "adaptive",
+        Ok(other) => panic!("TARGET_IO_POLL={other}: adaptive or busy"),
+    }
+}
+
 fn start_target(root: &std::path::Path) -> Target {
     // One reactor; with two CPUs or more it gets CPU 0 and the initiator (this thread) CPU 1.
     let cpus =
         if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 { "cpus: [0]" } else { "reactors: 1" };
     let yaml = format!(
-        "root_dir: {}\nhost: 127.0.0.1\nport: 0\n{cpus}\ntarget_name: bench\ncontrol_socket: {}/ctl.sock\n\
-         luns:\n  - name: ram0\n    backing: mem\n    size_mb: {LUN_MIB}\n",
+        "root_dir: {}\nhost: 127.0.0.1\nport: 0\n{cpus}\npoll_mode: {}\ntarget_name: bench\n\
+         control_socket: {}/ctl.sock\nluns:\n  - name: ram0\n    backing: mem\n    size_mb: {LUN_MIB}\n",
         root.display(),
+        poll_mode(),
         root.display()
     );
     let cfg = Config::from_yaml_str(&yaml).expect("bench config");
@@ -327,12 +337,14 @@ fn bench(c: &mut Criterion) {
     assert_eq!(init.complete_one(), 0, "READ of the written block failed");
     assert!(init.rx_data[..IO_BYTES].iter().all(|&x| x == 0xa5), "a written block did not read back");
 
-    let mut g = c.benchmark_group("target_io");
+    // Each poll mode has a group of its own, so criterion never compares one with the other.
+    let group = if poll_mode() == "busy" { "target_io_busy" } else { "target_io" };
+    let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(1));
     for (dir, what) in [(Dir::Read, "read"), (Dir::Write, "write")] {
         for qd in [1, QD_MAX] {
             let name = format!("{what}-4k-qd{qd}");
-            count_pass(&format!("target_io/{name}"), &mut init, dir, qd);
+            count_pass(&format!("{group}/{name}"), &mut init, dir, qd);
             g.bench_function(&name, |b| {
                 b.iter_custom(|iters| {
                     let t = Instant::now();
