@@ -27,5 +27,6 @@ pub mod portals;
 pub mod protocol;
 pub mod reactor;
 pub mod scsi;
+pub mod session;
 pub mod target;
 pub mod uring_check;

@@ -9,7 +9,7 @@
 //! The server is one thread answering one request at a time: `GET /metrics` (and `/`), with a
 //! bounded request (8 KiB) and 5 s read and write timeouts, so a stuck client cannot hold it.
 
-use crate::reactor::{OpStats, ReactorStats};
+use crate::iscsi::stats::{OpStats, ReactorStats};
 use crate::target::Target;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};

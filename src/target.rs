@@ -1,19 +1,17 @@
 //! The target: LUN table, reactors, the listener, sessions, and orderly shutdown.
 
 use crate::backing::{self, BackingKind, OpenError};
-use crate::config::{self, Config, ConfigError, ConnLimits, LunConfig};
-use crate::protocol::chap::AuthConfig;
+use crate::config::{Config, ConfigError, LunConfig};
 use crate::protocol::login::LoginConfig;
-use crate::reactor::{Msg, Reactor, ReactorError, ReactorStats, Waker};
+use crate::reactor::{Reactor, ReactorError};
 use crate::scsi::{lun, Lun, LunTable};
+use crate::session::{Limits, Mailbox, Msg, Shared, Waker};
 use crossbeam_channel::Sender;
-use std::collections::HashMap;
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -68,310 +66,6 @@ fn lun_message(name: &str, source: &ConfigError) -> String {
     match source {
         ConfigError::Invalid { key, .. } if key.starts_with(&format!("lun {name}.")) => source.to_string(),
         _ => format!("LUN {name}: {source}"),
-    }
-}
-
-/// Why a login cannot join or start a session.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SessionError {
-    /// A non-zero TSIH that names no session of this initiator.
-    #[error("no session with that TSIH for this initiator")]
-    NoSuchSession,
-    #[error("too many sessions")]
-    TooManySessions,
-    /// `max_sessions_per_initiator` reached.
-    #[error("initiator already has {0} sessions (max_sessions_per_initiator)")]
-    InitiatorSessionLimit(u32),
-}
-
-/// A logged-in session, as registered at the end of its login.
-#[derive(Debug, Clone)]
-pub struct SessionInfo {
-    /// The TSIH: as requested by the initiator at login (0 = new session), as assigned once
-    /// registered.
-    pub tsih: u16,
-    pub initiator: String,
-    /// How it authenticated: `None`, or e.g. `CHAP SHA-256, mutual`.
-    pub auth: String,
-    pub isid: [u8; 6],
-    /// Discovery sessions get a TSIH but never reinstate (or get reinstated by) others.
-    pub discovery: bool,
-    pub peer: SocketAddr,
-    pub reactor: usize,
-    /// The connection's token.
-    pub token: u64,
-    /// Negotiated login keys.
-    pub negotiated: Vec<(&'static str, String)>,
-    /// The connection's protocol trace switch (`trace_session`).
-    pub trace: crate::protocol::trace::Switch,
-    /// The address the initiator reached the portal on (never a wildcard).
-    pub portal: Option<SocketAddr>,
-}
-
-/// An ISID as logs and `list_sessions` print it: 12 hex digits.
-pub fn isid_hex(isid: &[u8; 6]) -> String {
-    isid.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-struct ReactorHandle {
-    tx: Sender<Msg>,
-    waker: Arc<Waker>,
-}
-
-impl ReactorHandle {
-    fn send(&self, msg: Msg) {
-        if self.tx.send(msg).is_ok() {
-            self.waker.wake();
-        }
-    }
-}
-
-/// State shared by every reactor. Nothing here is touched on the I/O path: the LUN table is
-/// read through a generation counter, sessions only at login.
-pub struct Shared {
-    /// Swapped whole by `set_auth`: a connection keeps the one it started its login with.
-    login: RwLock<Arc<LoginConfig>>,
-    luns: RwLock<Arc<LunTable>>,
-    lun_gen: AtomicU64,
-    sessions: Mutex<HashMap<u16, SessionInfo>>,
-    /// Reinstatement fences: the token of a connection being closed, and the (reactor, token)
-    /// of the login waiting for it to be gone. Changed under the `sessions` lock.
-    fences: Mutex<HashMap<u64, (usize, u64)>>,
-    next_tsih: Mutex<u16>,
-    reactors: OnceLock<Vec<ReactorHandle>>,
-    next_token: AtomicU64,
-    limits: ConnLimits,
-    /// Worker threads for commands whose work would block a reactor.
-    offload: OnceLock<crate::offload::Pool>,
-    /// Open iSCSI connections, counted by the acceptor and decremented at teardown.
-    connections: AtomicUsize,
-    pub admission: Limits,
-}
-
-/// Admission limits (README "Security").
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub max_connections: usize,
-    pub max_sessions_per_initiator: Option<u32>,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits { max_connections: config::DEFAULT_MAX_CONNECTIONS, max_sessions_per_initiator: None }
-    }
-}
-
-impl Shared {
-    pub fn new(login: LoginConfig, luns: LunTable) -> Self {
-        Self {
-            login: RwLock::new(Arc::new(login)),
-            luns: RwLock::new(Arc::new(luns)),
-            lun_gen: AtomicU64::new(1),
-            sessions: Mutex::new(HashMap::new()),
-            fences: Mutex::new(HashMap::new()),
-            next_tsih: Mutex::new(0),
-            reactors: OnceLock::new(),
-            next_token: AtomicU64::new(1),
-            connections: AtomicUsize::new(0),
-            admission: Limits::default(),
-            limits: ConnLimits::default(),
-            offload: OnceLock::new(),
-        }
-    }
-
-    /// Sets the per-connection limits (before any connection exists).
-    pub fn with_limits(mut self, limits: ConnLimits) -> Self {
-        self.limits = limits;
-        self
-    }
-
-    pub fn limits(&self) -> &ConnLimits {
-        &self.limits
-    }
-
-    /// Gives connections driven without [`Target::start`] (the fuzz harness) an offload pool;
-    /// a started target makes its own.
-    pub fn with_offload(self, pool: crate::offload::Pool) -> Self {
-        let _ = self.offload.set(pool);
-        self
-    }
-
-    /// The offload pool (started with the reactors, before the portal opens).
-    pub fn offload(&self) -> &crate::offload::Pool {
-        self.offload.get().expect("the offload pool starts before any connection")
-    }
-
-    pub fn login_config(&self) -> Arc<LoginConfig> {
-        self.login.read().expect("login config lock poisoned").clone()
-    }
-
-    /// New credentials for logins that start from now on; sessions logged in stay.
-    pub fn set_auth(&self, auth: AuthConfig) {
-        let mut login = self.login.write().expect("login config lock poisoned");
-        let mut next = LoginConfig::clone(&login);
-        next.auth = auth;
-        *login = Arc::new(next);
-    }
-
-    /// One more connection, unless `max_connections` are open.
-    fn admit_connection(&self) -> bool {
-        let max = self.admission.max_connections;
-        self.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
-    }
-
-    /// A connection admitted by the acceptor is gone.
-    pub fn connection_closed(&self) {
-        let _ = self.connections.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
-    }
-
-    /// The current LUN table and its generation.
-    pub fn lun_table(&self) -> (Arc<LunTable>, u64) {
-        let t = self.luns.read().expect("LUN table lock poisoned");
-        (t.clone(), self.lun_gen.load(Ordering::Acquire))
-    }
-
-    pub fn lun_generation(&self) -> u64 {
-        self.lun_gen.load(Ordering::Acquire)
-    }
-
-    /// Publishes a new LUN table; reactors pick it up between commands.
-    pub fn publish_luns(&self, table: LunTable) {
-        let mut t = self.luns.write().expect("LUN table lock poisoned");
-        *t = Arc::new(table);
-        self.lun_gen.fetch_add(1, Ordering::AcqRel);
-    }
-
-    fn close_conn(&self, reactor: usize, token: u64) {
-        if let Some(r) = self.reactors.get().and_then(|rs| rs.get(reactor)) {
-            r.send(Msg::Close(token));
-        }
-    }
-
-    /// Registers a session at the end of a normal login; returns its TSIH and whether the
-    /// login must wait for an old connection to be gone before it is answered (a
-    /// [`Msg::Fenced`] to its reactor says when).
-    ///
-    /// TSIH 0 starts a new session; an older session of the same initiator and ISID is closed
-    /// (session reinstatement, RFC 7143 §6.3.5). A non-zero TSIH must name that initiator's
-    /// session, whose connection is then replaced. Either way the old connection's tasks all
-    /// end (completed, or aborted with the connection) before the new login is answered, so
-    /// no old write can land after the new session's.
-    pub fn register_session(&self, mut info: SessionInfo) -> Result<(u16, bool), SessionError> {
-        let mut sessions = self.sessions.lock().expect("session table lock poisoned");
-        let same =
-            |e: &SessionInfo| e.discovery == info.discovery && e.initiator == info.initiator && e.isid == info.isid;
-        let fence = |old: &SessionInfo, new: &SessionInfo| {
-            self.fences.lock().expect("fence lock poisoned").insert(old.token, (new.reactor, new.token));
-            self.close_conn(old.reactor, old.token);
-        };
-        if info.tsih != 0 {
-            let entry = sessions.get_mut(&info.tsih).filter(|e| same(e)).ok_or(SessionError::NoSuchSession)?;
-            let fenced = entry.token != info.token;
-            if fenced {
-                fence(entry, &info);
-            }
-            let tsih = info.tsih;
-            *entry = info;
-            return Ok((tsih, fenced));
-        }
-        let mut fenced = false;
-        if let Some(old) = sessions.iter().find(|(_, e)| !info.discovery && same(e)).map(|(t, _)| *t) {
-            let e = sessions.remove(&old).expect("found above");
-            fence(&e, &info);
-            fenced = true;
-        }
-        if let (Some(max), false) = (self.admission.max_sessions_per_initiator, info.discovery) {
-            let held = sessions.values().filter(|e| !e.discovery && e.initiator.eq_ignore_ascii_case(&info.initiator));
-            if held.count() >= max as usize {
-                return Err(SessionError::InitiatorSessionLimit(max));
-            }
-        }
-        let mut next = self.next_tsih.lock().expect("TSIH lock poisoned");
-        for _ in 0..u16::MAX {
-            *next = next.wrapping_add(1).max(1);
-            if !sessions.contains_key(&next) {
-                info.tsih = *next;
-                sessions.insert(*next, info);
-                return Ok((*next, fenced));
-            }
-        }
-        Err(SessionError::TooManySessions)
-    }
-
-    /// Forgets a session when its connection ends (unless another connection took it over),
-    /// and lets a login waiting for this connection to be gone proceed. Called once the
-    /// connection has no operation in flight.
-    pub fn unregister_session(&self, tsih: u16, token: u64) {
-        let mut sessions = self.sessions.lock().expect("session table lock poisoned");
-        if sessions.get(&tsih).is_some_and(|e| e.token == token) {
-            sessions.remove(&tsih);
-        }
-        if let Some((reactor, waiting)) = self.fences.lock().expect("fence lock poisoned").remove(&token) {
-            if let Some(r) = self.reactors.get().and_then(|rs| rs.get(reactor)) {
-                r.send(Msg::Fenced(waiting));
-            }
-        }
-    }
-
-    /// Sends `req` to every reactor; returns how many will acknowledge it.
-    pub fn abort_tasks(&self, req: crate::reactor::AbortRequest) -> u32 {
-        let reactors = self.reactors.get().map_or(&[][..], Vec::as_slice);
-        for r in reactors {
-            r.send(Msg::AbortTasks(req.clone()));
-        }
-        if req.reply.is_some() {
-            reactors.len() as u32
-        } else {
-            0
-        }
-    }
-
-    /// A reactor finished its part of an abort: tells the reactor of the TMF waiting for it.
-    pub fn abort_done(&self, reply: crate::reactor::AbortReply) {
-        if let Some(r) = self.reactors.get().and_then(|rs| rs.get(reply.reactor)) {
-            r.send(Msg::AbortDone(reply));
-        }
-    }
-
-    /// Closes every connection on every reactor (LUNs and reactors stay).
-    pub fn close_all_connections(&self) {
-        for r in self.reactors.get().into_iter().flatten() {
-            r.send(Msg::CloseAll);
-        }
-    }
-
-    /// Wakes every reactor so it picks up a newly published LUN table now rather than at
-    /// its next event.
-    pub fn wake_reactors(&self) {
-        for r in self.reactors.get().into_iter().flatten() {
-            r.send(Msg::Refresh);
-        }
-    }
-
-    /// Every logged-in session, ordered by TSIH.
-    pub fn sessions(&self) -> Vec<SessionInfo> {
-        let sessions = self.sessions.lock().expect("session table lock poisoned");
-        let mut v: Vec<SessionInfo> = sessions.values().cloned().collect();
-        v.sort_by_key(|s| s.tsih);
-        v
-    }
-
-    /// A statistics snapshot from every reactor (those that answer within a second).
-    pub fn collect_stats(&self) -> Vec<ReactorStats> {
-        let Some(reactors) = self.reactors.get() else { return Vec::new() };
-        let (tx, rx) = crossbeam_channel::bounded(reactors.len());
-        for r in reactors {
-            r.send(Msg::Stats(tx.clone()));
-        }
-        drop(tx);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-        let mut out: Vec<ReactorStats> = (0..reactors.len()).filter_map(|_| rx.recv_deadline(deadline).ok()).collect();
-        out.sort_by_key(|s| s.reactor);
-        out
-    }
-
-    fn next_token(&self) -> u64 {
-        self.next_token.fetch_add(1, Ordering::Relaxed)
     }
 }
 
@@ -487,7 +181,7 @@ impl Target {
         let poll = cfg.poll_mode;
         for (id, cpu) in cfg.reactor_cpus().into_iter().enumerate() {
             let (tx, rx) = crossbeam_channel::unbounded();
-            let waker = Arc::new(Waker::new()?);
+            let waker = Arc::new(Waker::new().map_err(ReactorError::EventFd)?);
             // The ring and its connections live and die on their own thread; set-up errors
             // come back through this channel.
             let (ready_tx, ready_rx) = crossbeam_channel::bounded(1);
@@ -510,12 +204,12 @@ impl Target {
                 })
                 .map_err(TargetError::Thread)?;
             ready_rx.recv().map_err(|_| TargetError::Thread(std::io::Error::other("reactor thread died")))??;
-            handles.push(ReactorHandle { tx, waker });
+            handles.push(Mailbox { tx, waker });
             reactors.push(thread);
         }
         // Offloaded work completes to its reactor's channel and wakes its ring.
         let routes: Vec<(Sender<Msg>, Arc<Waker>)> = handles.iter().map(|h| (h.tx.clone(), h.waker.clone())).collect();
-        let _ = shared.reactors.set(handles);
+        shared.set_reactors(handles);
         let threads = cfg.offload_threads.unwrap_or(crate::offload::DEFAULT_THREADS);
         let pool = crate::offload::Pool::new(threads, move |done| {
             let (tx, waker) = &routes[done.route.reactor];
@@ -524,7 +218,7 @@ impl Target {
             }
         })
         .map_err(|e| TargetError::Thread(std::io::Error::other(e.to_string())))?;
-        let _ = shared.offload.set(pool);
+        shared.set_offload(pool);
         let target = Self {
             shared,
             cfg: cfg.clone(),
@@ -713,7 +407,7 @@ impl Target {
     /// Closes the portal, logs every connection out and waits for the reactors to finish.
     pub fn shutdown(&self) {
         self.stop_portal();
-        for r in self.shared.reactors.get().into_iter().flatten() {
+        for r in self.shared.reactors() {
             r.send(Msg::Stop);
         }
         let reactors = std::mem::take(&mut *self.reactors.lock().expect("reactor list lock poisoned"));
@@ -721,7 +415,7 @@ impl Target {
             let _ = r.join();
         }
         // After the reactors: they waited for their offloaded work before exiting.
-        if let Some(pool) = self.shared.offload.get() {
+        if let Some(pool) = self.shared.offload_pool() {
             pool.shutdown();
         }
     }
@@ -760,7 +454,8 @@ fn drain(lun: Arc<Lun>) -> Result<(), TargetError> {
 /// Hands each accepted connection to a reactor, round-robin, so one target's connections
 /// spread over every core.
 fn accept_loop(listener: &TcpListener, shared: &Shared) {
-    let reactors = shared.reactors.get().expect("reactors start before the acceptor");
+    let reactors = shared.reactors();
+    assert!(!reactors.is_empty(), "reactors start before the acceptor");
     let mut next = 0;
     // Refusals beyond max_connections are logged at most once a second, with their count.
     let mut refused = 0u64;

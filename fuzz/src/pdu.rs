@@ -1,4 +1,4 @@
-//! The `pdu` target: a whole connection ([`uringtgt::reactor::conn::Conn`]) fed a byte stream
+//! The `pdu` target: a whole connection ([`uringtgt::iscsi::conn::Conn`]) fed a byte stream
 //! the way the reactor feeds it (into `rx_space`, then `on_recv`), with a RAM LUN behind it.
 //! It covers the BHS/AHS/data framing, header and data digests, the direct Data-Out receive,
 //! login, and every full-feature PDU down to `scsi::execute`. Commands the target offloads
@@ -24,9 +24,7 @@
 //!   A Data-Out whose TTT is `FFFFFFFE` gets the TTT and ITT of the target's last R2T.
 
 use crate::{put_chunk, Cursor};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::OwnedFd;
-use std::os::unix::net::UnixStream;
+use std::net::SocketAddr;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::Arc;
 use std::time::Instant;
@@ -35,11 +33,11 @@ use uringtgt::offload::{Completion, Pool};
 use uringtgt::protocol::digest;
 use uringtgt::protocol::login::LoginConfig;
 use uringtgt::protocol::pdu::{opcode, pad_len, Bhs, BHS_LEN};
-use uringtgt::reactor::conn::{Conn, ConnEnv, IoReq};
-use uringtgt::reactor::stats::Stats;
-use uringtgt::reactor::BufPool;
+use uringtgt::backing::pool::BufPool;
+use uringtgt::iscsi::conn::{Conn, ConnEnv, IoReq};
+use uringtgt::iscsi::stats::Stats;
 use uringtgt::scsi::{Lun, LunTable};
-use uringtgt::target::Shared;
+use uringtgt::session::Shared;
 
 /// The connection's view of the harness's reactor-side state, as the reactor builds it per
 /// event (a macro, so that `self.conn` stays borrowable beside it).
@@ -344,10 +342,9 @@ impl Harness {
             // start, and offload again).
             while let Ok(done) = self.offloaded.try_recv() {
                 assert_eq!(done.route.conn, self.conn.slot, "completion routed to another connection");
-                self.conn.ops_inflight -= 1;
                 self.conn.offload_done(done.route.task, done.output, &mut env);
             }
-            assert_eq!(self.conn.ops_inflight, 0, "work left in flight with RAM LUNs and an inline pool");
+            assert_eq!(self.conn.work_inflight(), 0, "work left in flight with RAM LUNs and an inline pool");
             assert!(self.io.is_empty(), "RAM LUNs need no ring I/O");
             drain_tx(&mut self.conn, &mut self.peer, &mut self.pool);
         }
@@ -357,7 +354,7 @@ impl Harness {
     fn finish(mut self) {
         drain_tx(&mut self.conn, &mut self.peer, &mut self.pool);
         self.conn.close("fuzz input done");
-        assert_eq!(self.conn.ops_inflight, 0);
+        assert_eq!(self.conn.work_inflight(), 0);
         let mut env = conn_env!(self);
         self.conn.teardown(&mut env);
         assert!(self.shared.sessions().is_empty(), "a session outlived its connection");
@@ -369,10 +366,8 @@ pub fn run(input: &[u8]) {
     let flags = c.u8();
     let k = c.u8();
     let (shared, luns, offloaded) = target();
-    let (a, _b) = UnixStream::pair().expect("socketpair");
-    let stream = TcpStream::from(OwnedFd::from(a));
     let peer_addr: SocketAddr = "127.0.0.1:40000".parse().unwrap();
-    let conn = Conn::new(stream, peer_addr, 1, &shared, Instant::now());
+    let conn = Conn::new(peer_addr, Some("127.0.0.1:3260".parse().unwrap()), 1, &shared, Instant::now());
     let mut h = Harness {
         shared,
         offloaded,

@@ -10,6 +10,7 @@ mod aligned;
 mod file;
 mod mem;
 mod open;
+pub mod pool;
 
 pub use aligned::{AlignedBuf, IO_ALIGN};
 pub use file::FileStore;

@@ -5,9 +5,10 @@
 use super::rpc::{self, decode_params, no_params, RpcError};
 use crate::backing::{BackingKind, OpenError};
 use crate::config::{AuthSection, ChapSection, ConfigError, LunConfig};
-use crate::reactor::{OpStats, ReactorStats};
+use crate::iscsi::stats::{OpStats, ReactorStats};
 use crate::scsi::Lun;
-use crate::target::{SessionInfo, Target, TargetError};
+use crate::session::SessionInfo;
+use crate::target::{Target, TargetError};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
@@ -302,7 +303,7 @@ fn stats(target: &Target) -> Value {
 }
 
 fn session_info(s: &SessionInfo) -> Value {
-    let isid = crate::target::isid_hex(&s.isid);
+    let isid = crate::session::isid_hex(&s.isid);
     let negotiated: Map<String, Value> = s.negotiated.iter().map(|(k, v)| ((*k).to_owned(), json!(v))).collect();
     json!({
         "tsih": s.tsih,

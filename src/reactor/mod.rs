@@ -6,76 +6,20 @@
 //! slot. A connection's memory (receive buffer, send headers, task buffers) stays owned until
 //! every operation referencing it has completed, even after the peer is gone.
 
-mod bufpool;
-pub mod conn;
-pub mod stats;
-mod task;
-mod tx;
-
-pub use bufpool::BufPool;
-pub use stats::{LunStats, OpStats, ReactorStats};
-
+use crate::backing::pool::BufPool;
+use crate::iscsi::conn::{Conn, ConnEnv, IoKind, IoReq, NOP_TIMEOUT};
+use crate::iscsi::stats;
 use crate::scsi::LunTable;
-use crate::target::Shared;
-use conn::{Conn, ConnEnv, IoKind, IoReq};
+use crate::session::{Msg, Shared, Waker};
 use crossbeam_channel::Receiver;
 use io_uring::{opcode, types, IoUring};
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How a reactor waits for work (see the `poll_mode` configuration key).
 pub use crate::config::PollMode;
-
-/// Messages to a reactor from other threads.
-pub enum Msg {
-    /// A new connection to adopt, with its unique token.
-    Conn(TcpStream, SocketAddr, u64),
-    /// Close the connection with this token (session reinstatement elsewhere).
-    Close(u64),
-    /// Close every connection but keep running (the portal was stopped).
-    CloseAll,
-    /// Nothing but a wake-up: look at the shared LUN table now.
-    Refresh,
-    /// Work a connection handed to the offload pool is done.
-    Offloaded(crate::offload::Completion),
-    /// Abort tasks of other sessions (task management of one session reaching all).
-    AbortTasks(AbortRequest),
-    /// A reactor finished an [`Msg::AbortTasks`]: the TMF it names may progress.
-    AbortDone(AbortReply),
-    /// The old connection a reinstating login (this token) waited for is gone.
-    Fenced(u64),
-    /// Send a snapshot of this reactor's statistics.
-    Stats(crossbeam_channel::Sender<ReactorStats>),
-    /// Close every connection and exit.
-    Stop,
-}
-
-/// Aborting tasks of every session on some LUNs (or every LUN) but the requester's.
-#[derive(Debug, Clone)]
-pub struct AbortRequest {
-    /// The LUN ids; `None` for every LUN (target reset by a session that sees them all).
-    pub luns: Option<Arc<[u64]>>,
-    /// Only the sessions of these I_T nexuses (PREEMPT AND ABORT); `None` for all.
-    pub only: Option<Arc<[Arc<str>]>>,
-    /// The connection token of the requester, which aborted its own tasks itself.
-    pub except: u64,
-    /// TARGET COLD RESET: every other connection (any session, discovery too, or still
-    /// logging in) is then closed (RFC 7143 §11.5.1).
-    pub close: bool,
-    /// Where to acknowledge, for a TMF response that waits for every reactor.
-    pub reply: Option<AbortReply>,
-}
-
-/// The task management request waiting for an [`AbortRequest`].
-#[derive(Debug, Clone, Copy)]
-pub struct AbortReply {
-    pub reactor: usize,
-    pub conn: u32,
-    pub token: u64,
-    pub tmf_itt: u32,
-}
 
 /// Submission queue entries per ring.
 const RING_ENTRIES: u32 = 1024;
@@ -166,27 +110,6 @@ pub enum ReactorError {
     EventFd(std::io::Error),
 }
 
-/// The waker of a reactor: an eventfd its ring always has a read posted on.
-pub struct Waker(OwnedFd);
-
-impl Waker {
-    pub fn new() -> Result<Self, ReactorError> {
-        // SAFETY: eventfd has no memory preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(ReactorError::EventFd(std::io::Error::last_os_error()));
-        }
-        // SAFETY: fd is a fresh descriptor we own.
-        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    pub fn wake(&self) {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    }
-}
-
 /// What a reactor lends a connection for one event: its fields borrowed one by one, so the
 /// connection itself (in `conns`) can be borrowed mutably at the same time.
 macro_rules! conn_env {
@@ -204,9 +127,23 @@ macro_rules! conn_env {
     };
 }
 
+/// A connection and its transport: the socket, and the ring operations on it.
 struct Slot {
     conn: Box<Conn>,
+    stream: TcpStream,
+    /// Receives and sends posted on the socket (they reference the connection's buffers).
+    ring_ops: u32,
+    recv_posted: bool,
+    /// The socket was shut down after the connection started closing.
+    shut: bool,
     touched: bool,
+}
+
+impl Slot {
+    /// No operation references the connection's memory any more: it may be freed.
+    fn idle(&self) -> bool {
+        self.ring_ops == 0 && self.conn.work_inflight() == 0
+    }
 }
 
 pub struct Reactor {
@@ -311,7 +248,7 @@ impl Reactor {
     }
 
     fn arm_wake(&mut self) {
-        let e = opcode::Read::new(types::Fd(self.waker.0.as_raw_fd()), (&mut *self.wake_buf as *mut u64).cast(), 8)
+        let e = opcode::Read::new(types::Fd(self.waker.fd()), (&mut *self.wake_buf as *mut u64).cast(), 8)
             .build()
             .user_data(op::encode(op::WAKE, 0, 0));
         self.push(e);
@@ -417,7 +354,9 @@ impl Reactor {
             panic!("completion {ud:#x} for a free connection slot");
         };
         let conn = &mut slot.conn;
-        conn.ops_inflight -= 1;
+        if kind != op::IO {
+            slot.ring_ops -= 1;
+        }
         if !slot.touched {
             slot.touched = true;
             self.touched.push(idx);
@@ -425,7 +364,7 @@ impl Reactor {
         let mut env = conn_env!(self);
         match kind {
             op::RECV => {
-                conn.recv_posted = false;
+                slot.recv_posted = false;
                 if res > 0 && !conn.closing {
                     conn.on_recv(res as usize, &mut env);
                 } else if res <= 0 {
@@ -475,13 +414,17 @@ impl Reactor {
                     if self.stopping {
                         continue;
                     }
-                    let mut conn = Box::new(Conn::new(stream, peer, token, &self.shared, Instant::now()));
+                    let _ = stream.set_nodelay(true);
+                    set_user_timeout(&stream, NOP_TIMEOUT);
+                    let local = stream.local_addr().ok();
+                    let mut conn = Box::new(Conn::new(peer, local, token, &self.shared, Instant::now()));
                     let idx = self.free_slots.pop().unwrap_or_else(|| {
                         self.conns.push(None);
                         (self.conns.len() - 1) as u32
                     });
                     conn.slot = idx;
-                    self.conns[idx as usize] = Some(Slot { conn, touched: true });
+                    self.conns[idx as usize] =
+                        Some(Slot { conn, stream, ring_ops: 0, recv_posted: false, shut: false, touched: true });
                     self.touched.push(idx);
                 }
                 Msg::Close(token) => {
@@ -501,10 +444,12 @@ impl Reactor {
                 Msg::Refresh => {}
                 Msg::Offloaded(done) => self.offloaded(done),
                 Msg::AbortTasks(req) => {
+                    let mut more = 0;
                     for slot in self.conns.iter_mut().flatten() {
                         if slot.conn.token != req.except {
                             let mut env = conn_env!(self);
-                            slot.conn.abort_foreign(req.luns.as_deref(), req.only.as_deref(), &mut env);
+                            let (luns, only) = (req.luns.as_deref(), req.only.as_deref());
+                            more += slot.conn.abort_foreign(luns, only, req.reply, &mut env);
                             if req.close {
                                 slot.conn.close("target cold reset");
                             }
@@ -512,7 +457,8 @@ impl Reactor {
                     }
                     self.touch_all();
                     if let Some(reply) = req.reply {
-                        self.shared.abort_done(reply);
+                        // Sent before any of those tasks' own acknowledgements (same thread).
+                        self.shared.abort_done(crate::session::AbortReply { more, ..reply });
                     }
                 }
                 Msg::Fenced(token) => {
@@ -526,7 +472,7 @@ impl Reactor {
                 Msg::AbortDone(reply) => {
                     if let Some(Some(slot)) = self.conns.get_mut(reply.conn as usize) {
                         if slot.conn.token == reply.token {
-                            slot.conn.tmf_progress(reply.tmf_itt);
+                            slot.conn.abort_acknowledged(&reply);
                             if !slot.touched {
                                 slot.touched = true;
                                 self.touched.push(reply.conn);
@@ -559,13 +505,12 @@ impl Reactor {
     }
 
     /// Routes an offloaded job's completion to its task. The connection is still there: its
-    /// `ops_inflight` counted the job, so it cannot have been freed.
+    /// [`Conn::work_inflight`] counts the job, so it cannot have been freed.
     fn offloaded(&mut self, done: crate::offload::Completion) {
         let idx = done.route.conn;
         let Some(Some(slot)) = self.conns.get_mut(idx as usize) else {
             panic!("offload completion for a free connection slot {idx}");
         };
-        slot.conn.ops_inflight -= 1;
         if !slot.touched {
             slot.touched = true;
             self.touched.push(idx);
@@ -603,12 +548,16 @@ impl Reactor {
         for &idx in &touched {
             let Some(slot) = self.conns[idx as usize].as_mut() else { continue };
             slot.touched = false;
-            let conn = &mut slot.conn;
-            if conn.wants_close() {
-                conn.close("logout or failed login");
+            if slot.conn.wants_close() {
+                slot.conn.close("logout or failed login");
             }
-            if conn.closing {
-                if conn.ops_inflight == 0 {
+            if slot.conn.closing {
+                if !slot.shut {
+                    slot.shut = true;
+                    // Wakes a posted receive with 0 bytes; a posted send fails.
+                    let _ = slot.stream.shutdown(std::net::Shutdown::Both);
+                }
+                if slot.idle() {
                     let mut slot = self.conns[idx as usize].take().expect("checked");
                     let mut env = conn_env!(self);
                     slot.conn.teardown(&mut env);
@@ -616,13 +565,14 @@ impl Reactor {
                 }
                 continue;
             }
-            let fd = types::Fd(conn.fd());
+            let fd = types::Fd(slot.stream.as_raw_fd());
+            let conn = &mut slot.conn;
             let mut sqes: [Option<io_uring::squeue::Entry>; 2] = [None, None];
-            if !conn.recv_posted && conn.wants_recv() {
+            if !slot.recv_posted && conn.wants_recv() {
                 let (ptr, len) = conn.rx_space();
                 sqes[0] = Some(opcode::Recv::new(fd, ptr, len as u32).build().user_data(op::encode(op::RECV, idx, 0)));
-                conn.recv_posted = true;
-                conn.ops_inflight += 1;
+                slot.recv_posted = true;
+                slot.ring_ops += 1;
             }
             if let Some(msg) = conn.tx.prepare() {
                 sqes[1] =
@@ -631,7 +581,7 @@ impl Reactor {
                         idx,
                         0,
                     )));
-                conn.ops_inflight += 1;
+                slot.ring_ops += 1;
             }
             for e in sqes.into_iter().flatten() {
                 self.push(e);
@@ -670,6 +620,25 @@ impl Reactor {
         }
         self.io = reqs;
         self.io.clear();
+    }
+}
+
+/// Bounds how long sent data may stay unacknowledged before the kernel drops the connection:
+/// a dead peer is noticed even while a send is outstanding (when NOP-In pings are not sent).
+fn set_user_timeout(stream: &TcpStream, timeout: Duration) {
+    let ms = timeout.as_millis() as libc::c_uint;
+    // SAFETY: setsockopt reads a c_uint from a live local for the given length.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!("TCP_USER_TIMEOUT: {}", std::io::Error::last_os_error());
     }
 }
 

@@ -5,10 +5,10 @@
 //! its [`TxQueue`] and backing-store requests in [`ConnEnv::io`]; the reactor turns those into
 //! submissions and feeds completions back. That keeps the state machine testable as plain data.
 
-use super::bufpool::{BufPool, MAX_BUF};
 use super::stats::Stats;
 use super::task::{Action, Stage, Task, TaskTable, MAX_CDB};
 use super::tx::{TxData, TxQueue};
+use crate::backing::pool::{BufPool, MAX_BUF};
 use crate::backing::{AlignedBuf, Backing};
 use crate::iscsi::order::OrderQueue;
 use crate::protocol::login::{Login, LoginOutcome, LoginRequest, Negotiated, SessionType};
@@ -16,10 +16,9 @@ use crate::protocol::pdu::{self, opcode, reject, Bhs, BhsBuf, Layout, BHS_LEN, R
 use crate::protocol::trace::{self, Dir};
 use crate::protocol::{digest, text};
 use crate::scsi::{self, lun, status, Disposition, LunTable, Nexus, Request, Sense};
-use crate::target::{SessionError, SessionInfo, Shared};
+use crate::session::{SessionError, SessionInfo, Shared};
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,8 +36,8 @@ const LOGIN_DSL: u32 = 8192;
 /// socket that never logs in holds little.
 const LOGIN_RX_BUF: usize = 16 * 1024;
 /// Idle time before the target pings with a NOP-In, and how long the answer may take.
-const NOP_INTERVAL: Duration = Duration::from_secs(5);
-const NOP_TIMEOUT: Duration = Duration::from_secs(15);
+pub const NOP_INTERVAL: Duration = Duration::from_secs(5);
+pub const NOP_TIMEOUT: Duration = Duration::from_secs(15);
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
 /// A login refused for authentication or authorization gets its answer this late (at the
 /// first reactor tick after it, so 1 to 2 s), which slows down guessing secrets. The reactor
@@ -111,8 +110,9 @@ struct PendingTmf {
 }
 
 pub struct Conn {
-    stream: TcpStream,
     pub peer: SocketAddr,
+    /// The address the initiator reached us on (for the session list and SendTargets).
+    local: Option<SocketAddr>,
     /// Unique id, for closing it from elsewhere (session reinstatement).
     pub token: u64,
     /// Its slot in the reactor's connection table (routes offloaded work back to it).
@@ -140,6 +140,9 @@ pub struct Conn {
     order: OrderQueue,
     /// ORDERED tasks in the task table.
     ordered_live: u32,
+    /// Tasks in the table that hold no place in the CmdSN window: immediate commands (they
+    /// have slots of their own) and reads whose status is queued (done, for the initiator).
+    outside_window: u32,
     /// A task ended while commands were held: see whether they may run now.
     order_release: bool,
     text: Option<text::TextNegotiator>,
@@ -158,12 +161,12 @@ pub struct Conn {
     /// the reactor's whole table), and the (id, instance) pairs of that view.
     view: Option<Arc<LunTable>>,
     view_fingerprint: Vec<(u64, u64)>,
-    /// Being torn down: no new work; freed when `ops_inflight` reaches zero.
+    /// Being torn down: no new work; the reactor frees it once no operation references its
+    /// memory (its own receives and sends, and [`Conn::work_inflight`]).
     pub closing: bool,
-    /// Ring operations referencing this connection's memory.
-    pub ops_inflight: u32,
-    /// A receive is posted.
-    pub recv_posted: bool,
+    /// Backing I/O and offloaded jobs handed out and not completed yet: they reference task
+    /// buffers, so the connection outlives them.
+    work_inflight: u32,
     /// Protocol errors of the peer: all of them, those not logged yet, and when one was last
     /// logged.
     proto_errors: u64,
@@ -194,12 +197,12 @@ mod limit {
 }
 
 impl Conn {
-    pub fn new(stream: TcpStream, peer: SocketAddr, token: u64, shared: &Shared, now: Instant) -> Self {
-        let _ = stream.set_nodelay(true);
-        set_user_timeout(&stream, NOP_TIMEOUT);
+    /// A connection from `peer` that reached the portal at `local`, before its login. The
+    /// transport (socket options, receives, sends, shutdown) is the caller's.
+    pub fn new(peer: SocketAddr, local: Option<SocketAddr>, token: u64, shared: &Shared, now: Instant) -> Self {
         let limits = shared.limits();
         Self {
-            stream,
+            local,
             peer,
             token,
             slot: 0,
@@ -221,6 +224,7 @@ impl Conn {
             parked: BTreeMap::new(),
             order: OrderQueue::new(limits.max_cmds_per_session as usize),
             ordered_live: 0,
+            outside_window: 0,
             order_release: false,
             text: None,
             pending_tmfs: Vec::new(),
@@ -233,8 +237,7 @@ impl Conn {
             view: None,
             view_fingerprint: Vec::new(),
             closing: false,
-            ops_inflight: 0,
-            recv_posted: false,
+            work_inflight: 0,
             proto_errors: 0,
             proto_unlogged: 0,
             proto_logged_at: None,
@@ -250,8 +253,9 @@ impl Conn {
         }
     }
 
-    pub fn fd(&self) -> i32 {
-        self.stream.as_raw_fd()
+    /// Backing I/O and offloaded jobs not completed yet.
+    pub fn work_inflight(&self) -> u32 {
+        self.work_inflight
     }
 
     /// Where the next receive may write.
@@ -275,21 +279,19 @@ impl Conn {
         (unsafe { rx.as_mut_ptr().add(self.rx_end) }, rx.len() - self.rx_end)
     }
 
-    /// Starts an orderly close: the reactor shuts the socket down and frees the connection
-    /// once its in-flight operations complete.
+    /// Starts an orderly close: the reactor then shuts the socket down and frees the
+    /// connection once its in-flight operations complete.
     pub fn close(&mut self, why: &str) {
         if !self.closing {
             log::debug!("{}: closing connection: {why}", self.peer);
             self.closing = true;
-            // SAFETY: shutting down our own socket; wakes a posted receive with 0 bytes.
-            unsafe { libc::shutdown(self.fd(), libc::SHUT_RDWR) };
         }
     }
 
     /// Frees task state at teardown; returns buffers to the pool. Only when no ring operation
     /// references the connection any more.
     pub fn teardown(&mut self, env: &mut ConnEnv) {
-        debug_assert_eq!(self.ops_inflight, 0);
+        debug_assert_eq!(self.work_inflight, 0);
         self.pending_tmfs.clear();
         self.tx.clear(|_| {});
         let slots: Vec<u16> = self.tasks.slots().map(|(s, _)| s).collect();
@@ -566,7 +568,7 @@ impl Conn {
     }
 
     fn max_cmd_sn(&self) -> u32 {
-        let busy = self.tasks.in_use() + self.order.commands();
+        let busy = self.tasks.in_use() - self.outside_window as usize + self.order.commands();
         let free = self.queue_depth.saturating_sub(busy as u32);
         self.exp_cmd_sn.wrapping_add(free).wrapping_sub(1)
     }
@@ -577,6 +579,12 @@ impl Conn {
             return self.command(bhs, ahs, data, env);
         }
         let sn = bhs.cmd_sn();
+        if !pdu::sn_le(self.exp_cmd_sn, sn) || !pdu::sn_le(sn, self.max_cmd_sn()) {
+            // Outside the window (a full window holds no CmdSN, not even ExpCmdSN): RFC 7143
+            // §4.2.2.1 says to silently ignore it.
+            log::debug!("{}: dropping CmdSN {sn} outside [{}, {}]", self.peer, self.exp_cmd_sn, self.max_cmd_sn());
+            return;
+        }
         if sn == self.exp_cmd_sn {
             self.exp_cmd_sn = self.exp_cmd_sn.wrapping_add(1);
             // A tombstone here means ABORT TASK already took this CmdSN.
@@ -593,17 +601,12 @@ impl Conn {
                     self.command(b, &pdu[BHS_LEN..ahs_end], &pdu[ahs_end..], env);
                 }
             }
-        } else if pdu::sn_lt(self.exp_cmd_sn, sn) && pdu::sn_le(sn, self.max_cmd_sn()) {
-            if let std::collections::btree_map::Entry::Vacant(slot) = self.parked.entry(sn) {
-                let mut pdu = Vec::with_capacity(BHS_LEN + ahs.len() + data.len());
-                pdu.extend_from_slice(bhs.bytes());
-                pdu.extend_from_slice(ahs);
-                pdu.extend_from_slice(data);
-                slot.insert(Some(pdu));
-            }
-        } else {
-            // Outside the window: RFC 7143 says to silently ignore it.
-            log::debug!("{}: dropping CmdSN {sn} outside [{}, {}]", self.peer, self.exp_cmd_sn, self.max_cmd_sn());
+        } else if let std::collections::btree_map::Entry::Vacant(slot) = self.parked.entry(sn) {
+            let mut pdu = Vec::with_capacity(BHS_LEN + ahs.len() + data.len());
+            pdu.extend_from_slice(bhs.bytes());
+            pdu.extend_from_slice(ahs);
+            pdu.extend_from_slice(data);
+            slot.insert(Some(pdu));
         }
     }
 
@@ -726,7 +729,7 @@ impl Conn {
                     token: self.token,
                     negotiated: neg.pairs(),
                     trace: self.trace.clone(),
-                    portal: self.stream.local_addr().ok(),
+                    portal: self.local,
                 };
                 match env.shared.register_session(info) {
                     Ok((tsih, f)) => (self.tsih, fenced) = (tsih, f),
@@ -751,7 +754,7 @@ impl Conn {
                     self.peer,
                     if neg.session_type == SessionType::Normal { "session" } else { "discovery" },
                     neg.initiator_name,
-                    crate::target::isid_hex(&req.isid),
+                    crate::session::isid_hex(&req.isid),
                     self.tsih
                 );
                 self.nexus.set_identity(&neg.initiator_name, req.isid);
@@ -899,7 +902,7 @@ impl Conn {
     fn text_request(&mut self, bhs: Bhs, data: &[u8], env: &mut ConnEnv) {
         let session_type = self.neg.as_ref().expect("full feature phase").session_type;
         let max_xmit = self.max_xmit();
-        let local = self.stream.local_addr().ok();
+        let local = self.local;
         let negotiator = self.text.get_or_insert_with(|| {
             let cfg = env.shared.login_config();
             // Every portal address (RFC 7143 TargetAddress, one per address), the one this
@@ -986,25 +989,6 @@ impl Conn {
     }
 }
 
-/// Bounds how long sent data may stay unacknowledged before the kernel drops the connection:
-/// a dead peer is noticed even while a send is outstanding (when NOP-In pings are not sent).
-fn set_user_timeout(stream: &TcpStream, timeout: Duration) {
-    let ms = timeout.as_millis() as libc::c_uint;
-    // SAFETY: setsockopt reads a c_uint from a live local for the given length.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            (&ms as *const libc::c_uint).cast(),
-            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        log::debug!("TCP_USER_TIMEOUT: {}", std::io::Error::last_os_error());
-    }
-}
-
 /// Residual reporting of a SCSI Response or final Data-In.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Residual {
@@ -1040,4 +1024,5 @@ impl Residual {
     }
 }
 
-mod scsi_path;
+mod command;
+mod tmf;

@@ -67,10 +67,15 @@ pub struct Task {
     pub last_data: Instant,
     /// Its task attribute is ORDERED: later SIMPLE commands of its LUN wait for it.
     pub ordered: bool,
+    /// Sent as an immediate command: it takes no place in the CmdSN window.
+    pub immediate: bool,
     /// Aborted by task management: no further PDUs, freed when quiet.
     pub aborted: bool,
     /// ITT of the task management request that aborted it and waits for it to end.
     pub abort_tmf: u32,
+    /// Aborted by another session's task management while its backing I/O was in flight:
+    /// where to acknowledge once that I/O has ended.
+    pub foreign_abort: Option<crate::session::AbortReply>,
 }
 
 impl Task {
@@ -96,8 +101,10 @@ impl Task {
             last_data: started,
             tx_reserved: 0,
             ordered: false,
+            immediate: false,
             aborted: false,
             abort_tmf: 0,
+            foreign_abort: None,
         }
     }
 

@@ -1,28 +1,10 @@
 //! The SCSI data path of a connection: commands, Data-Out and R2T, backing I/O, Data-In,
-//! status, and task management.
+//! status. Task management is in [`super::tmf`].
 
 use super::*;
 use crate::iscsi::dataout::{Accepted, DataOut, DataOutError, MAX_OUTSTANDING_R2T};
 use crate::iscsi::order::{self, Running};
 use crate::offload::{Job, Output, Route, Work};
-
-/// Task management functions (RFC 7143 §11.5.1) and responses (§11.6.1).
-mod tmf {
-    pub const ABORT_TASK: u8 = 1;
-    pub const ABORT_TASK_SET: u8 = 2;
-    pub const CLEAR_ACA: u8 = 3;
-    pub const CLEAR_TASK_SET: u8 = 4;
-    pub const LOGICAL_UNIT_RESET: u8 = 5;
-    pub const TARGET_WARM_RESET: u8 = 6;
-    pub const TARGET_COLD_RESET: u8 = 7;
-    pub const TASK_REASSIGN: u8 = 8;
-
-    pub const COMPLETE: u8 = 0;
-    pub const NO_TASK: u8 = 1;
-    pub const NO_LUN: u8 = 2;
-    pub const REASSIGN_UNSUPPORTED: u8 = 4;
-    pub const UNSUPPORTED: u8 = 5;
-}
 
 const SECTOR: u32 = lun::BLOCK_SIZE;
 
@@ -39,7 +21,7 @@ fn io_len(task: &Task) -> u32 {
 }
 
 /// Whether a task's LUN is still the one the table serves under its number.
-fn lun_current(task: &Task, luns: &LunTable) -> bool {
+pub(super) fn lun_current(task: &Task, luns: &LunTable) -> bool {
     task.lun.as_ref().is_none_or(|l| luns.get(l.id).is_some_and(|cur| Arc::ptr_eq(cur, l)))
 }
 
@@ -185,6 +167,8 @@ impl Conn {
         task.needed = needed;
         task.xfer = xfer;
         task.ordered = bhs.bytes()[1] & 0x07 == order::attr::ORDERED;
+        task.immediate = bhs.immediate();
+        self.outside_window += u32::from(task.immediate);
         self.ordered_live += u32::from(task.ordered);
         // Reads from a RAM LUN need no buffer: Data-In goes out straight from the store. Not
         // with a data digest: it is computed when the PDU is queued, and a write landing
@@ -453,65 +437,13 @@ impl Conn {
         self.finish_slow_path(slot, disposition, env);
     }
 
-    /// Ends a task whose LUN was removed or replaced: LOGICAL UNIT NOT SUPPORTED.
-    fn fail_fenced(&mut self, slot: u16, env: &mut ConnEnv) {
-        self.finish_slow_path(slot, Disposition::Check(Sense::lun_not_supported()), env);
-    }
-
-    /// The LUN table changed: tasks of a LUN that is gone (removed, or replaced by a new
-    /// store) that still wait for Data-Out end now, so nothing they receive can reach the old
-    /// store and `remove_lun` need not wait for the initiator. Tasks with I/O in flight end
-    /// when it completes; the one whose data is being received straight into its buffer is
-    /// failed when that PDU is in ([`Self::maybe_data_complete`] checks again).
-    pub fn fence_removed_luns(&mut self, env: &mut ConnEnv) {
-        let direct = self.direct.as_ref().map(|d| d.slot);
-        let fenced: Vec<u16> = self
-            .tasks
-            .slots()
-            .filter(|&(s, t)| t.stage == Stage::DataOut && !t.aborted && Some(s) != direct && !lun_current(t, env.luns))
-            .map(|(s, _)| s)
-            .collect();
-        for slot in fenced {
-            self.fail_fenced(slot, env);
-        }
-    }
-
-    /// Task management of another session reached this one (LOGICAL UNIT RESET, TARGET
-    /// RESET, PREEMPT AND ABORT): its tasks on `luns` (every LUN when `None`) are aborted
-    /// without a response (TAS=0; the unit attention tells the initiator), and only when
-    /// this session's I_T nexus is one of `only` if given.
-    pub fn abort_foreign(&mut self, luns: Option<&[u64]>, only: Option<&[Arc<str>]>, env: &mut ConnEnv) {
-        if only.is_some_and(|ids| !ids.contains(self.nexus.identity())) {
-            return;
-        }
-        self.order.abort(|h| luns.is_none_or(|ids| lun::decode_lun(h.lun).is_some_and(|id| ids.contains(&id))));
-        let direct = self.direct.as_ref().map(|d| d.slot);
-        let hit: Vec<u16> = self
-            .tasks
-            .slots()
-            .filter(|(_, t)| !t.aborted && t.stage != Stage::Sending)
-            .filter(|(_, t)| luns.is_none_or(|ids| t.lun.as_ref().is_some_and(|l| ids.contains(&l.id))))
-            .map(|(s, _)| s)
-            .collect();
-        for slot in hit {
-            let task = self.tasks.get_mut(slot).expect("live task");
-            if task.stage == Stage::DataOut && Some(slot) != direct {
-                self.free_task(slot, env.pool);
-            } else {
-                // I/O in flight (or data arriving into its buffer): freed when it ends.
-                task.aborted = true;
-                task.abort_tmf = RESERVED_TAG;
-            }
-        }
-    }
-
     /// Answers a slow-path command with its disposition and frees its task.
-    fn finish_slow_path(&mut self, slot: u16, disposition: Disposition, env: &mut ConnEnv) {
+    pub(super) fn finish_slow_path(&mut self, slot: u16, disposition: Disposition, env: &mut ConnEnv) {
         let task = self.tasks.get(slot).expect("live task");
         if let Disposition::AbortNexuses(ids) = &disposition {
             let luns = task.lun.as_ref().map(|l| [l.id].into());
             let only = Some(ids.clone().into());
-            let req = crate::reactor::AbortRequest { luns, only, except: self.token, close: false, reply: None };
+            let req = crate::session::AbortRequest { luns, only, except: self.token, close: false, reply: None };
             env.shared.abort_tasks(req);
         }
         let (itt, lun_field, edtl, needed) = (task.itt, task.lun_field, task.expected_len, task.needed);
@@ -548,7 +480,7 @@ impl Conn {
         let len = io_len(task);
         let kind = match task.action {
             Action::Offload { lock } => return self.offload(slot, lock, env),
-            Action::Read { .. } | Action::Write { .. } if len == 0 => return self.io_done(slot, 0, env),
+            Action::Read { .. } | Action::Write { .. } if len == 0 => return self.io_finished(slot, 0, env),
             Action::Read { .. } => IoKind::Read,
             Action::Write { fua, .. } => IoKind::Write { dsync: fua || !lun.write_cache() },
             Action::Flush => IoKind::Flush,
@@ -566,12 +498,12 @@ impl Conn {
                     (IoKind::Read, Some(buf)) => m.read(offset, &mut buf[..len as usize]),
                     _ => {}
                 }
-                self.io_done(slot, len as i32, env);
+                self.io_finished(slot, len as i32, env);
             }
             Backing::File(f) => {
                 let buf = task.buf.as_mut().map_or(std::ptr::null_mut(), |b| b.as_mut_ptr());
                 env.io.push(IoReq { task: slot, kind, fd: f.fd(), buf, len, offset });
-                self.ops_inflight += 1;
+                self.work_inflight += 1;
             }
         }
     }
@@ -603,7 +535,7 @@ impl Conn {
             Output { disposition, data_in, buf }
         });
         match env.shared.offload().submit(Job { route, lock, work }) {
-            Ok(()) => self.ops_inflight += 1,
+            Ok(()) => self.work_inflight += 1,
             Err(e) => {
                 log::info!("{}: {e}: BUSY", self.peer);
                 self.finish_slow_path(slot, Disposition::Status(status::BUSY), env);
@@ -613,13 +545,13 @@ impl Conn {
 
     /// An offloaded job of task `slot` finished.
     pub fn offload_done(&mut self, slot: u16, out: Output, env: &mut ConnEnv) {
+        self.work_inflight -= 1;
         let task = self.tasks.get_mut(slot).expect("offloaded work completes for a live task");
         if let Some(b) = out.buf {
             task.buf = Some(b); // recycled by free_task
         }
         if task.aborted || self.closing {
-            self.free_task(slot, env.pool);
-            return;
+            return self.free_ended(slot, env);
         }
         if let Disposition::DataIn(n) = out.disposition {
             let n = n.min(out.data_in.len()).min(env.scratch.len());
@@ -628,12 +560,17 @@ impl Conn {
         self.finish_slow_path(slot, out.disposition, env);
     }
 
-    /// A backing-store operation finished with `res` (bytes, or a negative errno).
+    /// A backing-store operation ([`IoReq`]) finished with `res` (bytes, or a negative errno).
     pub fn io_done(&mut self, slot: u16, res: i32, env: &mut ConnEnv) {
+        self.work_inflight -= 1;
+        self.io_finished(slot, res, env)
+    }
+
+    /// A task's backing work finished: on the ring, or in place (RAM, nothing to move).
+    fn io_finished(&mut self, slot: u16, res: i32, env: &mut ConnEnv) {
         let task = self.tasks.get(slot).expect("I/O completes for a live task");
         if task.aborted || self.closing {
-            self.free_task(slot, env.pool);
-            return;
+            return self.free_ended(slot, env);
         }
         let (itt, edtl, needed, xfer, lun_field) =
             (task.itt, task.expected_len, task.needed, task.xfer, task.lun_field);
@@ -672,6 +609,10 @@ impl Conn {
     fn send_read_data(&mut self, slot: u16, lun_field: [u8; 8], itt: u32, edtl: u32, needed: u32, xfer: u32) {
         let task = self.tasks.get_mut(slot).expect("live task");
         task.stage = Stage::Sending;
+        // Its status is about to be queued: the command is done for the CmdSN window, so that
+        // status already tells the initiator it may send another (a window of one would
+        // otherwise stay shut until the next NOP-In).
+        self.outside_window += u32::from(!task.immediate);
         // From here the Data-In counts in the transmit queue itself.
         self.tx_reserved -= std::mem::take(&mut task.tx_reserved) as usize;
         let base = match (&task.buf, &task.lun, task.action) {
@@ -726,6 +667,16 @@ impl Conn {
         }
     }
 
+    /// Frees a task whose backing work ended after it was aborted (or its connection closed);
+    /// another session's TMF that aborted it learns its I/O can no longer land.
+    fn free_ended(&mut self, slot: u16, env: &mut ConnEnv) {
+        let reply = self.tasks.get_mut(slot).and_then(|t| t.foreign_abort.take());
+        self.free_task(slot, env.pool);
+        if let Some(r) = reply {
+            env.shared.abort_done(r);
+        }
+    }
+
     /// The last PDU of a task went out: free it.
     pub fn release_sent(&mut self, slot: u16, pool: &mut BufPool) {
         self.free_task(slot, pool);
@@ -737,6 +688,7 @@ impl Conn {
         if let Some(mut t) = self.tasks.remove(slot) {
             self.tx_reserved -= t.tx_reserved as usize;
             self.ordered_live -= u32::from(t.ordered);
+            self.outside_window -= u32::from(t.immediate || t.stage == Stage::Sending);
             // Run held commands from a safe point (the reactor's `after_events`), not here.
             self.order_release |= !self.order.is_empty();
             if let Some(buf) = t.buf.take() {
@@ -746,133 +698,5 @@ impl Conn {
                 self.tmf_progress(t.abort_tmf);
             }
         }
-    }
-
-    // ---- task management ----
-
-    pub(super) fn task_mgmt(&mut self, bhs: Bhs, env: &mut ConnEnv) {
-        let function = bhs.tmf_function();
-        let lun_id = lun::decode_lun(bhs.lun());
-        let lun_exists = lun_id.is_some_and(|id| Self::luns(&self.view, env.luns).get(id).is_some());
-        let mut waiting = 0;
-        let response = match function {
-            tmf::ABORT_TASK => {
-                let rtt = bhs.word20();
-                match self.tasks.find_itt(rtt) {
-                    Some(slot) => {
-                        waiting += self.abort(slot, bhs.itt(), env.pool);
-                        tmf::COMPLETE
-                    }
-                    None if self.order.abort(|h| h.itt == rtt) > 0 => tmf::COMPLETE,
-                    // RFC 7143 §11.6.1: a command not received yet (its CmdSN still inside
-                    // the window) counts as received and aborted; one already completed, or
-                    // outside the window, does not exist.
-                    None => {
-                        let ref_sn = bhs.ref_cmd_sn();
-                        if pdu::sn_le(self.exp_cmd_sn, ref_sn) && pdu::sn_le(ref_sn, self.max_cmd_sn()) {
-                            // A tombstone keeps its place in the CmdSN sequence.
-                            self.parked.insert(ref_sn, None);
-                            tmf::COMPLETE
-                        } else {
-                            tmf::NO_TASK
-                        }
-                    }
-                }
-            }
-            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET | tmf::LOGICAL_UNIT_RESET if !lun_exists => tmf::NO_LUN,
-            tmf::ABORT_TASK_SET | tmf::CLEAR_TASK_SET | tmf::LOGICAL_UNIT_RESET => {
-                let field = bhs.lun();
-                let slots: Vec<u16> =
-                    self.tasks.slots().filter(|(_, t)| t.lun_field == field).map(|(s, _)| s).collect();
-                for s in slots {
-                    waiting += self.abort(s, bhs.itt(), env.pool);
-                }
-                self.order.abort(|h| h.lun == field);
-                if function == tmf::LOGICAL_UNIT_RESET {
-                    if let Some(l) = lun_id.and_then(|id| Self::luns(&self.view, env.luns).get(id)) {
-                        self.nexus.lun_reset(l);
-                    }
-                    // Every other I_T nexus's tasks on the LUN too, on every reactor; the
-                    // response waits until each reactor has aborted them.
-                    let luns = lun_id.map(|id| [id].into());
-                    waiting += self.abort_other_nexuses(luns, false, bhs.itt(), env);
-                }
-                tmf::COMPLETE
-            }
-            tmf::TARGET_WARM_RESET | tmf::TARGET_COLD_RESET => {
-                let slots: Vec<u16> = self.tasks.slots().map(|(s, _)| s).collect();
-                for s in slots {
-                    waiting += self.abort(s, bhs.itt(), env.pool);
-                }
-                self.order.abort(|_| true);
-                self.nexus.target_reset(Self::luns(&self.view, env.luns));
-                // The LUNs known to this initiator (RFC 7143 §11.5.1): its view, or all.
-                let luns = self.view.as_ref().map(|v| v.iter().map(|l| l.id).collect());
-                // A cold reset also ends every session of the target: the others' connections
-                // close once their tasks are aborted, this one once its response is sent.
-                let cold = function == tmf::TARGET_COLD_RESET;
-                waiting += self.abort_other_nexuses(luns, cold, bhs.itt(), env);
-                if cold {
-                    self.close_after_send = true;
-                }
-                tmf::COMPLETE
-            }
-            tmf::TASK_REASSIGN => tmf::REASSIGN_UNSUPPORTED,
-            tmf::CLEAR_ACA => tmf::UNSUPPORTED,
-            _ => tmf::UNSUPPORTED,
-        };
-        if waiting > 0 {
-            self.pending_tmfs.push(PendingTmf { itt: bhs.itt(), response, waiting });
-        } else {
-            self.tmf_response(bhs.itt(), response);
-        }
-    }
-
-    /// Aborts a task: it sends nothing more. Returns 1 when it must still be waited for (its
-    /// backing I/O or Data-In is in flight), 0 when it was freed now.
-    fn abort(&mut self, slot: u16, tmf_itt: u32, pool: &mut BufPool) -> u32 {
-        let task = self.tasks.get_mut(slot).expect("live task");
-        if task.aborted {
-            return 0; // an earlier TMF already waits for it
-        }
-        match task.stage {
-            Stage::DataOut => {
-                self.free_task(slot, pool);
-                0
-            }
-            Stage::Io | Stage::Sending => {
-                task.aborted = true;
-                task.abort_tmf = tmf_itt;
-                1
-            }
-        }
-    }
-
-    /// Asks every reactor to abort the tasks other sessions have on `luns` (all LUNs when
-    /// `None`), and with `close` to close their connections; returns how many
-    /// acknowledgements the TMF `tmf_itt` now waits for.
-    fn abort_other_nexuses(&mut self, luns: Option<Arc<[u64]>>, close: bool, tmf_itt: u32, env: &mut ConnEnv) -> u32 {
-        let reply = crate::reactor::AbortReply { reactor: env.reactor, conn: self.slot, token: self.token, tmf_itt };
-        let req = crate::reactor::AbortRequest { luns, only: None, except: self.token, close, reply: Some(reply) };
-        env.shared.abort_tasks(req)
-    }
-
-    /// An aborted task ended, or a reactor acknowledged aborting other sessions' tasks: the
-    /// TMF that waits for them may now answer.
-    pub fn tmf_progress(&mut self, tmf_itt: u32) {
-        let Some(i) = self.pending_tmfs.iter().position(|p| p.itt == tmf_itt) else { return };
-        let p = &mut self.pending_tmfs[i];
-        p.waiting -= 1;
-        if p.waiting == 0 {
-            let p = self.pending_tmfs.remove(i);
-            self.tmf_response(p.itt, p.response);
-        }
-    }
-
-    fn tmf_response(&mut self, itt: u32, response: u8) {
-        let mut b = BhsBuf::new(opcode::TASK_MGMT_RESPONSE);
-        b.flags(0x80).byte(2, response).itt(itt);
-        self.stamp_status(&mut b);
-        self.push(b, TxData::None, None);
     }
 }
