@@ -15,6 +15,7 @@ use super::{Disposition, Sense, SenseKey};
 use serde::{Deserialize, Serialize};
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
@@ -58,6 +59,8 @@ pub enum PersistError {
     Io { path: PathBuf, op: &'static str, source: io::Error },
     #[error("{path}: not a persistent reservation file of this version: {why}")]
     Corrupt { path: PathBuf, why: String },
+    #[error("{path}: written for an earlier image file of that name (inode {was}, now {now})")]
+    Stale { path: PathBuf, was: u64, now: u64 },
 }
 
 /// How a command is affected by reservations (SPC-4 table 61, SBC-3 table 13).
@@ -434,13 +437,15 @@ impl PrState {
         self.ptpl_capable && self.aptpl
     }
 
-    /// What the sidecar holds for this state: `None` when APTPL is off (no file).
-    fn snapshot(&self) -> Option<Persisted> {
+    /// What the sidecar holds for this state, for the image file with inode `image_inode`:
+    /// `None` when APTPL is off (no file).
+    fn snapshot(&self, image_inode: u64) -> Option<Persisted> {
         if !self.aptpl {
             return None;
         }
         Some(Persisted {
             version: PERSIST_VERSION,
+            image_inode,
             generation: self.generation,
             registrations: self
                 .regs
@@ -492,6 +497,9 @@ const PERSIST_VERSION: u32 = 1;
 #[serde(deny_unknown_fields)]
 struct Persisted {
     version: u32,
+    /// The image file's inode: a sidecar left beside an earlier file of the same name (one
+    /// deleted and created again, or replaced by an upload) does not describe this one.
+    image_inode: u64,
     generation: u32,
     registrations: Vec<PersistedReg>,
     reservation: Option<PersistedRes>,
@@ -558,8 +566,8 @@ fn remove_durably(path: &Path) -> Result<(), PersistError> {
     fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err("fsync the directory of"))
 }
 
-/// Reads a sidecar: `Ok(None)` when there is none.
-fn load(path: &Path) -> Result<Option<PrState>, PersistError> {
+/// Reads the sidecar of the image with inode `image_inode`: `Ok(None)` when there is none.
+fn load(path: &Path, image_inode: u64) -> Result<Option<PrState>, PersistError> {
     let text = match fs::read(path) {
         Ok(t) => t,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -567,6 +575,9 @@ fn load(path: &Path) -> Result<Option<PrState>, PersistError> {
     };
     let p: Persisted = serde_json::from_slice(&text)
         .map_err(|e| PersistError::Corrupt { path: path.to_owned(), why: e.to_string() })?;
+    if p.image_inode != image_inode {
+        return Err(PersistError::Stale { path: path.to_owned(), was: p.image_inode, now: image_inode });
+    }
     PrState::restore(p, path).map(Some)
 }
 
@@ -598,6 +609,8 @@ pub struct Reservations {
 #[derive(Debug)]
 struct Store {
     path: PathBuf,
+    /// The image file's inode, recorded in the sidecar.
+    image_inode: u64,
     /// Taken by workers only (never by a reactor) around each write: the `seq` of the state
     /// the file holds. A writer that finds it at or past its own change has nothing to do.
     written: Mutex<u64>,
@@ -609,12 +622,20 @@ struct Store {
 impl Reservations {
     /// The reservations of a LUN over the image `image` (`None`: a RAM LUN or a block device,
     /// which cannot persist through power loss): those its sidecar holds, if it has a
-    /// readable one. An unreadable or corrupt sidecar is logged and left in place (the next
-    /// APTPL write replaces it); the LUN then starts with no reservations.
+    /// readable one written for this very file. An unreadable, corrupt or stale sidecar is
+    /// logged and left in place (the next APTPL write replaces it); the LUN then starts with
+    /// no reservations.
     pub fn open(image: Option<&Path>) -> Self {
         let Some(image) = image else { return Self::default() };
+        let image_inode = match fs::metadata(image) {
+            Ok(m) => m.ino(),
+            Err(e) => {
+                log::error!("{}: cannot stat the image: {e}; APTPL is off for it", image.display());
+                return Self::default();
+            }
+        };
         let path = sidecar_path(image);
-        let mut st = match load(&path) {
+        let mut st = match load(&path, image_inode) {
             Ok(Some(st)) => {
                 log::info!(
                     "{}: restored {} persistent reservation registration(s){} (APTPL)",
@@ -632,7 +653,7 @@ impl Reservations {
         };
         st.ptpl_capable = true;
         let active = AtomicBool::new(st.active());
-        let store = Store { path, written: Mutex::new(0), pending: Mutex::new(Vec::new()) };
+        let store = Store { path, image_inode, written: Mutex::new(0), pending: Mutex::new(Vec::new()) };
         Self { active, state: Mutex::new(st), store: Some(store) }
     }
 
@@ -702,7 +723,7 @@ impl Reservations {
         let Some(store) = &self.store else { return Ok(()) };
         let mut written = store.written.lock().unwrap_or_else(PoisonError::into_inner);
         // The state is read after taking `written`, so a later writer never sees an older one.
-        let (seq, snapshot) = self.with(|st| (st.seq, st.snapshot()));
+        let (seq, snapshot) = self.with(|st| (st.seq, st.snapshot(store.image_inode)));
         if *written >= seq {
             return Ok(());
         }
@@ -971,6 +992,9 @@ mod tests {
     /// A LUN's reservations over `dir/disk.img` (the image itself need not exist here).
     fn on_image(dir: &Path) -> (Reservations, PathBuf) {
         let image = dir.join("disk.img");
+        if !image.exists() {
+            std::fs::write(&image, [0u8; 512]).unwrap();
+        }
         (Reservations::open(Some(&image)), sidecar_path(&image))
     }
 
@@ -1031,22 +1055,32 @@ mod tests {
         r.persist().unwrap();
         assert!(!side.exists());
         assert!(!r.with(|st| st.aptpl));
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert!(leftovers.is_empty(), "no temp files left: {leftovers:?}");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left, ["disk.img"], "no temp files left");
     }
 
     #[test]
     fn a_corrupt_sidecar_starts_empty_and_is_not_deleted() {
         let dir = tempfile::tempdir().unwrap();
-        let side = sidecar_path(&dir.path().join("disk.img"));
-        let bad: [&[u8]; 5] = [
-            b"{not json",
-            b"",
-            br#"{"version":9,"generation":1,"registrations":[],"reservation":null}"#,
-            br#"{"version":1,"generation":1,"registrations":[{"key":0,"initiator_port":"x"}],"reservation":null}"#,
-            br#"{"version":1,"generation":1,"registrations":[{"key":1,"initiator_port":"x"}],"reservation":{"holder":"y","type":1}}"#,
+        let image = dir.path().join("disk.img");
+        std::fs::write(&image, [0u8; 512]).unwrap();
+        let ino = std::fs::metadata(&image).unwrap().ino();
+        let side = sidecar_path(&image);
+        let head = |v: u32, i: u64| format!(r#"{{"version":{v},"image_inode":{i},"generation":1,"#);
+        let bad: [String; 6] = [
+            "{not json".into(),
+            String::new(),
+            head(9, ino) + r#""registrations":[],"reservation":null}"#,
+            head(1, ino) + r#""registrations":[{"key":0,"initiator_port":"x"}],"reservation":null}"#,
+            head(1, ino) + r#""registrations":[{"key":1,"initiator_port":"x"}],"reservation":{"holder":"y","type":1}}"#,
+            // Well formed, but written for another file of that name.
+            head(1, ino + 1) + r#""registrations":[{"key":1,"initiator_port":"x"}],"reservation":null}"#,
         ];
+        let good = head(1, ino) + r#""registrations":[{"key":1,"initiator_port":"x"}],"reservation":null}"#;
+        std::fs::write(&side, &good).unwrap();
+        assert_eq!(on_image(dir.path()).0.with(|st| keys(st)), vec![1], "the control case loads");
         for text in bad {
+            let text = text.as_bytes();
             std::fs::write(&side, text).unwrap();
             let (r, _) = on_image(dir.path());
             assert_eq!(r.with(|st| (st.regs.len(), st.res.is_some(), st.aptpl)), (0, false, false));
@@ -1079,14 +1113,29 @@ mod tests {
     #[test]
     fn a_failed_write_is_reported_and_retried() {
         let dir = tempfile::tempdir().unwrap();
-        let image = dir.path().join("gone").join("disk.img");
-        let r = Reservations::open(Some(&image));
+        let (r, side) = on_image(dir.path());
+        // A non-empty directory where the sidecar goes: the rename over it fails.
+        std::fs::create_dir_all(side.join("x")).unwrap();
         r.out(&who("a"), out_sa::REGISTER, 0, &aptpl(0, 1)).unwrap();
         let e = r.persist().unwrap_err();
         assert!(e.to_string().contains(".disk.img.pr"), "{e}");
-        std::fs::create_dir(dir.path().join("gone")).unwrap();
+        std::fs::remove_dir_all(&side).unwrap();
         r.persist().unwrap();
-        assert!(sidecar_path(&image).exists());
+        assert_eq!(on_image(dir.path()).0.with(|st| keys(st)), vec![1]);
+    }
+
+    #[test]
+    fn a_new_file_under_the_same_name_does_not_inherit_reservations() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, side) = on_image(dir.path());
+        r.out(&who("a"), out_sa::REGISTER, 0, &aptpl(0, 1)).unwrap();
+        r.persist().unwrap();
+        // Another file under the image's name (an upload replacing it, or the image deleted
+        // and created again); the old one is kept so that its inode number stays taken.
+        std::fs::rename(dir.path().join("disk.img"), dir.path().join("old.img")).unwrap();
+        let (again, _) = on_image(dir.path());
+        assert_eq!(again.with(|st| st.regs.len()), 0);
+        assert!(side.exists(), "left until the next APTPL write");
     }
 
     #[test]

@@ -1509,6 +1509,144 @@ impl Session {
     }
 }
 
+/// One Login Request of a login replayed as a real initiator sends it: the stage it is sent
+/// in, whether it asks to move on (T) and to which stage, and its keys, exactly.
+#[derive(Debug, Clone)]
+pub struct LoginStep {
+    pub csg: u8,
+    pub nsg: u8,
+    pub transit: bool,
+    pub keys: Vec<(String, String)>,
+}
+
+impl LoginStep {
+    pub fn new(csg: u8, nsg: u8, keys: &[(&str, &str)]) -> Self {
+        let keys = keys.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        LoginStep { csg, nsg, transit: true, keys }
+    }
+}
+
+/// What the target answered to one Login Request of a scripted login.
+#[derive(Debug, Clone)]
+pub struct LoginAnswer {
+    pub csg: u8,
+    pub nsg: u8,
+    pub transit: bool,
+    pub keys: Vec<(String, String)>,
+}
+
+/// The value an initiator offered for `key`, if it sent one.
+fn offered<'a>(steps: &'a [LoginStep], key: &str) -> Option<&'a str> {
+    steps.iter().flat_map(|s| &s.keys).find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
+impl Session {
+    /// Logs in sending exactly `steps` (one Login Request each, with that initiator's own
+    /// ISID and keys, nothing added), and returns the session with what was negotiated and
+    /// every Login Response's keys. The target must answer each step without asking for
+    /// more (as the replayed initiators expect) and end the last in full feature phase.
+    pub fn login_scripted(addr: &str, isid: [u8; 6], steps: &[LoginStep]) -> Result<(Session, Vec<LoginAnswer>)> {
+        let num = |key: &str, default: u32| -> Result<u32> {
+            offered(steps, key)
+                .map_or(Ok(default), |v| v.parse().map_err(|_| Error::Protocol(format!("script offers {key}={v}"))))
+        };
+        // The offer, as the common login describes one, for checking the answers.
+        let opts = LoginOptions {
+            initiator_name: offered(steps, "InitiatorName").unwrap_or_default().to_string(),
+            header_digest: offered(steps, "HeaderDigest").is_some_and(|v| v.contains("CRC32C")),
+            data_digest: offered(steps, "DataDigest").is_some_and(|v| v.contains("CRC32C")),
+            max_recv_data_segment_length: num("MaxRecvDataSegmentLength", 8192)?,
+            max_burst_length: num("MaxBurstLength", 262144)?,
+            first_burst_length: num("FirstBurstLength", 65536)?,
+            immediate_data: offered(steps, "ImmediateData") != Some("No"),
+            initial_r2t: offered(steps, "InitialR2T") != Some("No"),
+            isid: Some(isid),
+            ..LoginOptions::default()
+        };
+        let mut s = Session::login_inner_unlogged(addr, &opts)?;
+        let itt = s.alloc_itt();
+        let mut answers = Vec::new();
+        let mut all_keys = Vec::new();
+        for (i, step) in steps.iter().enumerate() {
+            let mut req = Pdu::new(OP_LOGIN_REQ);
+            req.bhs[0] |= FLAG_IMMEDIATE;
+            req.bhs[1] = (u8::from(step.transit) << 7) | (step.csg << 2) | step.nsg;
+            req.bhs[8..14].copy_from_slice(&isid);
+            put_u32(&mut req.bhs, 16, itt);
+            put_u32(&mut req.bhs, 24, s.cmd_sn);
+            put_u32(&mut req.bhs, 28, s.exp_stat_sn);
+            let keys: Vec<(&str, String)> = step.keys.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+            req.data = encode_keys(&keys);
+            s.send(&req)?;
+            let resp = s.recv_raw()?;
+            if resp.opcode() != OP_LOGIN_RESP {
+                return proto(format!("step {i}: expected Login Response, got opcode {:#04x}", resp.opcode()));
+            }
+            if resp.bhs[36] != 0 {
+                return Err(Error::Login { class: resp.bhs[36], detail: resp.bhs[37] });
+            }
+            s.exp_stat_sn = resp.stat_sn().wrapping_add(1);
+            s.update_window(&resp);
+            let flags = resp.flags();
+            let answer = LoginAnswer {
+                csg: (flags >> 2) & 3,
+                nsg: flags & 3,
+                transit: flags & 0x80 != 0,
+                keys: parse_keys(&resp.data)?,
+            };
+            all_keys.extend(answer.keys.iter().cloned());
+            let done = answer.transit && answer.nsg == 3;
+            let expected = (step.csg, step.transit, step.nsg);
+            if (answer.csg, answer.transit, answer.nsg) != expected && !done {
+                return proto(format!("step {i}: target answered {answer:?} to {expected:?}"));
+            }
+            answers.push(answer);
+            if done {
+                if i + 1 != steps.len() {
+                    return proto(format!("target ended the login at step {i} of {}", steps.len()));
+                }
+                s.negotiated.tsih = get_u16(&resp.bhs, 14);
+                s.apply_keys(&all_keys, &opts)?;
+                return Ok((s, answers));
+            }
+        }
+        proto("the script ended before the target reached full feature phase")
+    }
+
+    /// A connected session that has not logged in yet, with the ISID of `opts`.
+    fn login_inner_unlogged(addr: &str, opts: &LoginOptions) -> Result<Session> {
+        let stream = connect(addr, opts.bind)?;
+        Ok(Session {
+            stream,
+            negotiated: Negotiated {
+                header_digest: false,
+                data_digest: false,
+                target_max_recv_data_segment_length: 8192,
+                our_max_recv_data_segment_length: opts.max_recv_data_segment_length,
+                max_burst_length: 262144,
+                first_burst_length: 65536,
+                immediate_data: true,
+                initial_r2t: true,
+                tsih: 0,
+                target_keys: Vec::new(),
+            },
+            header_digest: false,
+            data_digest: false,
+            isid: opts.isid.expect("a scripted login has its initiator's ISID"),
+            cmd_sn: 1,
+            exp_stat_sn: 0,
+            max_cmd_sn: 1,
+            next_itt: 1,
+            nops_answered: 0,
+            retry_unit_attention: true,
+            unit_attentions: Vec::new(),
+            chap_alg: String::new(),
+            inflight: std::collections::HashMap::new(),
+            completed: std::collections::VecDeque::new(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
