@@ -141,6 +141,10 @@ fn aptpl_reservation_survives_remove_and_add_of_the_same_image() {
     assert_write_exclusive_held(&mut a, &mut b, lun);
     // Replacing it in place (add_lun of the name in use) keeps them too.
     c.ok("add_lun", json!({"name": "disk", "file_path": "disk.img"}));
+    // An in-place replacement gives sessions no unit attention to wait for, and a WRITE that
+    // meets the table swap waiting for its data is failed (fenced, LUN NOT SUPPORTED): let the
+    // reactors take the new table first (they do on a wake-up message, within microseconds).
+    std::thread::sleep(Duration::from_millis(200));
     assert_eq!(read_reservation(&mut b, lun), Some((0xA, WRITE_EXCLUSIVE)));
     assert_write_exclusive_held(&mut a, &mut b, lun);
 }
