@@ -16,6 +16,9 @@
 //!   answer it accepts only if every key in it is one it consumes, then ScsiDiskDxe's probe.
 
 mod common;
+#[path = "../src/protocol/login_peers.rs"]
+#[allow(dead_code)]
+mod login_peers;
 
 use common::initiator::{LoginAnswer, LoginStep, Response, Session};
 use common::Target;
@@ -203,6 +206,13 @@ impl Probe {
     }
 }
 
+/// open-iscsi's operational keys (the ones the login unit tests and fuzz seeds use) with its
+/// header digest setting.
+fn open_iscsi_operational(header_digest: &str) -> Vec<(&str, &str)> {
+    let keys = login_peers::OPEN_ISCSI_OPERATIONAL.iter().copied();
+    keys.map(|(k, v)| if k == "HeaderDigest" { (k, header_digest) } else { (k, v) }).collect()
+}
+
 /// The open-iscsi Login Requests: the security stage (AuthMethod=None) then the operational
 /// keys of iscsid.conf's defaults, in usr/login.c's order.
 fn open_iscsi_login(t: &Target, header_digest: &str) -> (Session, Vec<LoginAnswer>) {
@@ -219,28 +229,7 @@ fn open_iscsi_login(t: &Target, header_digest: &str) -> (Session, Vec<LoginAnswe
                 ("AuthMethod", "None"),
             ],
         ),
-        LoginStep::new(
-            1,
-            3,
-            &[
-                ("HeaderDigest", header_digest),
-                ("DataDigest", "None"),
-                ("DefaultTime2Wait", "2"),
-                ("DefaultTime2Retain", "0"),
-                ("IFMarker", "No"),
-                ("OFMarker", "No"),
-                ("ErrorRecoveryLevel", "0"),
-                ("InitialR2T", "No"),
-                ("ImmediateData", "Yes"),
-                ("MaxBurstLength", "16776192"),
-                ("FirstBurstLength", "262144"),
-                ("MaxOutstandingR2T", "1"),
-                ("MaxConnections", "1"),
-                ("DataPDUInOrder", "Yes"),
-                ("DataSequenceInOrder", "Yes"),
-                ("MaxRecvDataSegmentLength", "262144"),
-            ],
-        ),
+        LoginStep::new(1, 3, &open_iscsi_operational(header_digest)),
     ];
     // open-iscsi's ISID: OUI format 0x00023d (Linux-iSCSI), then the session number.
     Session::login_scripted(&t.addr(), [0x00, 0x02, 0x3d, 0x00, 0x00, 0x01], &steps).unwrap()

@@ -527,34 +527,7 @@ impl Session {
         let n = ISID_COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes();
         let pid = std::process::id().to_be_bytes();
         let isid = opts.isid.unwrap_or([0x80, pid[1], pid[2], pid[3], n[0], n[1]]);
-        let mut s = Session {
-            stream,
-            negotiated: Negotiated {
-                header_digest: false,
-                data_digest: false,
-                target_max_recv_data_segment_length: 8192,
-                our_max_recv_data_segment_length: opts.max_recv_data_segment_length,
-                max_burst_length: 262144,
-                first_burst_length: 65536,
-                immediate_data: true,
-                initial_r2t: true,
-                tsih: 0,
-                target_keys: Vec::new(),
-            },
-            header_digest: false,
-            data_digest: false,
-            isid,
-            cmd_sn: 1,
-            exp_stat_sn: 0,
-            max_cmd_sn: 1,
-            next_itt: 1,
-            nops_answered: 0,
-            retry_unit_attention: true,
-            unit_attentions: Vec::new(),
-            chap_alg: String::new(),
-            inflight: std::collections::HashMap::new(),
-            completed: std::collections::VecDeque::new(),
-        };
+        let mut s = Session::unlogged(stream, opts, isid);
         s.do_login(target, opts)?;
         Ok(s)
     }
@@ -1615,8 +1588,13 @@ impl Session {
 
     /// A connected session that has not logged in yet, with the ISID of `opts`.
     fn login_inner_unlogged(addr: &str, opts: &LoginOptions) -> Result<Session> {
-        let stream = connect(addr, opts.bind)?;
-        Ok(Session {
+        let isid = opts.isid.expect("a scripted login has its initiator's ISID");
+        Ok(Session::unlogged(connect(addr, opts.bind)?, opts, isid))
+    }
+
+    /// A session on `stream` before its login: nothing negotiated yet (RFC 7143 defaults).
+    fn unlogged(stream: TcpStream, opts: &LoginOptions, isid: [u8; 6]) -> Session {
+        Session {
             stream,
             negotiated: Negotiated {
                 header_digest: false,
@@ -1632,7 +1610,7 @@ impl Session {
             },
             header_digest: false,
             data_digest: false,
-            isid: opts.isid.expect("a scripted login has its initiator's ISID"),
+            isid,
             cmd_sn: 1,
             exp_stat_sn: 0,
             max_cmd_sn: 1,
@@ -1643,7 +1621,7 @@ impl Session {
             chap_alg: String::new(),
             inflight: std::collections::HashMap::new(),
             completed: std::collections::VecDeque::new(),
-        })
+        }
     }
 }
 
