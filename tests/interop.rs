@@ -17,7 +17,6 @@
 
 mod common;
 #[path = "../src/protocol/login_peers.rs"]
-#[allow(dead_code)]
 mod login_peers;
 
 use common::initiator::{LoginAnswer, LoginStep, Response, Session};
@@ -305,26 +304,7 @@ fn ipxe_sanboot_login_is_never_refused_and_gets_small_solicited_pdus() {
                 ("AuthMethod", "None"),
             ],
         ),
-        LoginStep::new(
-            1,
-            3,
-            &[
-                ("HeaderDigest", "None"),
-                ("DataDigest", "None"),
-                ("MaxConnections", "1"),
-                ("InitialR2T", "Yes"),
-                ("ImmediateData", "No"),
-                ("MaxRecvDataSegmentLength", "8192"),
-                ("MaxBurstLength", "262144"),
-                ("FirstBurstLength", "65536"),
-                ("DefaultTime2Wait", "0"),
-                ("DefaultTime2Retain", "0"),
-                ("MaxOutstandingR2T", "1"),
-                ("DataPDUInOrder", "Yes"),
-                ("DataSequenceInOrder", "Yes"),
-                ("ErrorRecoveryLevel", "0"),
-            ],
-        ),
+        LoginStep::new(1, 3, login_peers::IPXE_OPERATIONAL),
     ];
     // iPXE's ISID: IANA enterprise number format (type 01b), Fen Systems' number 10019.
     let (mut s, answers) = Session::login_scripted(&t.addr(), [0x40, 0x00, 0x27, 0x23, 0x00, 0x01], &steps).unwrap();
