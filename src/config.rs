@@ -214,6 +214,9 @@ pub struct ConnLimits {
     pub max_tx_queue_kib: u32,
     /// A connection whose queue stays over `max_tx_queue_kib` this long is dropped.
     pub tx_stall_timeout_secs: u64,
+    /// Task buffer memory per reactor (MiB): a command that finds it spent waits in order, or
+    /// is answered TASK SET FULL when its data is already arriving.
+    pub buffer_memory_mib: u32,
 }
 
 impl Default for ConnLimits {
@@ -223,6 +226,7 @@ impl Default for ConnLimits {
             dataout_timeout_secs: 30,
             max_tx_queue_kib: 16 * 1024,
             tx_stall_timeout_secs: 30,
+            buffer_memory_mib: (crate::backing::pool::BufPool::DEFAULT_LIMIT >> 20) as u32,
         }
     }
 }
@@ -230,6 +234,9 @@ impl Default for ConnLimits {
 impl ConnLimits {
     /// Most commands per session: task slots are preallocated per connection.
     pub const MAX_CMDS: u32 = 1024;
+    /// Largest buffer budget per reactor: 1 TiB, far past any machine's memory, but it keeps
+    /// the byte count in range everywhere.
+    pub const MAX_BUFFER_MIB: u32 = 1 << 20;
 
     fn validate(&self) -> Result<(), ConfigError> {
         if !(1..=Self::MAX_CMDS).contains(&self.max_cmds_per_session) {
@@ -243,6 +250,13 @@ impl ConnLimits {
         }
         if self.tx_stall_timeout_secs == 0 {
             return Err(invalid("limits.tx_stall_timeout_secs", "must be at least 1"));
+        }
+        let min_mib = (crate::backing::pool::MAX_BUF >> 20) as u32;
+        if !(min_mib..=Self::MAX_BUFFER_MIB).contains(&self.buffer_memory_mib) {
+            return Err(invalid(
+                "limits.buffer_memory_mib",
+                format!("must be {min_mib} (the largest command) to {}", Self::MAX_BUFFER_MIB),
+            ));
         }
         Ok(())
     }
@@ -984,6 +998,10 @@ mod tests {
         assert_eq!(c.limits.dataout_timeout_secs, 5);
         assert_eq!(c.limits.max_tx_queue_kib, 16 * 1024, "unset keys keep their defaults");
         assert!(err("limits:\n  max_cmds_per_session: 0\n").contains("limits.max_cmds_per_session"));
+        assert_eq!(c.limits.buffer_memory_mib, 256);
+        assert!(err("limits:\n  buffer_memory_mib: 8\n").contains("must be 16 (the largest command)"));
+        let c = Config::from_yaml_str("limits:\n  buffer_memory_mib: 16\n").unwrap();
+        assert_eq!(c.limits.buffer_memory_mib, 16);
         assert!(err("limits:\n  max_cmds_per_session: 5000\n").contains("limits.max_cmds_per_session"));
         assert!(err("limits:\n  max_tx_queue_kib: 1\n").contains("limits.max_tx_queue_kib"));
         assert!(err("limits:\n  tx_stall_timeout_secs: 0\n").contains("limits.tx_stall_timeout_secs"));

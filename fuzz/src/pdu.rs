@@ -373,7 +373,7 @@ pub fn run(input: &[u8]) {
         offloaded,
         luns,
         conn,
-        pool: BufPool::new(),
+        pool: BufPool::default(),
         scratch: vec![0u8; SCRATCH],
         io: Vec::new(),
         stats: Stats::default(),

@@ -286,6 +286,14 @@ fn stats(target: &Target) -> Value {
         reactors.push(json!({
             "reactor": r.reactor,
             "connections": r.connections,
+            "buffers": {
+                "limit_bytes": r.buffers.limit,
+                "in_use_bytes": r.buffers.reserved,
+                "cached_bytes": r.buffers.cached,
+                "waiting": r.buffers.waiting,
+                "waits": r.buffers.waits,
+                "task_set_full": r.buffers.refused,
+            },
             "read": op_json(&total.read),
             "write": op_json(&total.write),
             "luns": luns,

@@ -17,7 +17,7 @@ use crate::protocol::trace::{self, Dir};
 use crate::protocol::{digest, text};
 use crate::scsi::{self, lun, status, Disposition, LunTable, Nexus, Request, Sense};
 use crate::session::{SessionError, SessionInfo, Shared};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -188,12 +188,15 @@ pub struct Conn {
     held_back: bool,
     /// Limits already logged for this connection ([`limit`] bits): each is logged once.
     limits_logged: u8,
+    /// Tasks waiting for buffer memory ([`Stage::WaitBuf`]), oldest first.
+    buf_wait: VecDeque<u16>,
 }
 
 /// Bits of [`Conn::limits_logged`].
 mod limit {
     pub const TX_QUEUE: u8 = 1;
     pub const DATA_OUT_TIMEOUT: u8 = 2;
+    pub const BUFFERS: u8 = 4;
 }
 
 impl Conn {
@@ -250,6 +253,7 @@ impl Conn {
             tx_reserved: 0,
             held_back: false,
             limits_logged: 0,
+            buf_wait: VecDeque::new(),
         }
     }
 
@@ -452,6 +456,7 @@ impl Conn {
         (self.rx_start, self.rx_end) = (0, n);
         self.rx = Some(rx);
         self.tasks = TaskTable::with_capacity(self.queue_depth as usize + IMMEDIATE_SLOTS);
+        self.buf_wait = VecDeque::with_capacity(self.tasks.capacity());
     }
 
     /// Whether the transmit queue (with the Data-In of reads in progress) is over its limit:

@@ -58,6 +58,8 @@ pub struct ReactorStats {
     pub connections: usize,
     /// (LUN id, stats) for every LUN this reactor served I/O for.
     pub luns: Vec<(u64, LunStats)>,
+    /// Its task buffer memory (`limits.buffer_memory_mib`).
+    pub buffers: crate::backing::pool::PoolStats,
 }
 
 /// The live statistics a reactor records into.
@@ -84,9 +86,14 @@ impl Stats {
         self.lun(lun).write.record(bytes, latency);
     }
 
-    pub fn snapshot(&self, reactor: usize, connections: usize) -> ReactorStats {
+    pub fn snapshot(
+        &self,
+        reactor: usize,
+        connections: usize,
+        buffers: crate::backing::pool::PoolStats,
+    ) -> ReactorStats {
         let luns = self.luns.iter().enumerate().filter_map(|(i, s)| s.as_ref().map(|s| (i as u64, (**s).clone())));
-        ReactorStats { reactor, connections, luns: luns.collect() }
+        ReactorStats { reactor, connections, luns: luns.collect(), buffers }
     }
 }
 
@@ -100,7 +107,7 @@ mod tests {
         a.record_read(3, 4096, Duration::from_micros(50));
         a.record_read(3, 4096, Duration::from_micros(150));
         a.record_write(0, 512, Duration::from_millis(2));
-        let snap = a.snapshot(1, 2);
+        let snap = a.snapshot(1, 2, Default::default());
         assert_eq!(snap.luns.len(), 2);
         let (id, l3) = &snap.luns[1];
         assert_eq!(*id, 3);

@@ -9,6 +9,9 @@ use std::time::Instant;
 /// What a task is waiting for or doing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    /// Waiting for buffer memory (the reactor's budget is spent): nothing solicited or
+    /// started yet; it resumes in order when room comes back (`Conn::grant_buffers`).
+    WaitBuf,
     /// Receiving Data-Out (immediate, unsolicited, then solicited by R2Ts).
     DataOut,
     /// A backing-store operation is in flight on the ring or on the offload pool.
@@ -48,6 +51,9 @@ pub struct Task {
     pub action: Action,
     /// The data buffer (Data-In source or Data-Out destination).
     pub buf: Option<AlignedBuf>,
+    /// Bytes of the reactor's buffer budget this task holds (its buffer's length), given
+    /// back when it ends even if the buffer itself did not come back.
+    pub charged: u32,
     /// Bytes the command itself transfers (from the CDB).
     pub needed: u32,
     /// Bytes that actually move: min(needed, expected_len).
@@ -92,6 +98,7 @@ impl Task {
             stage: Stage::DataOut,
             action: Action::Flush,
             buf: None,
+            charged: 0,
             needed: 0,
             xfer: 0,
             dout: DataOut::none(),

@@ -15,6 +15,7 @@ use crate::scsi::LunTable;
 use crate::session::{Msg, Shared, Waker};
 use crossbeam_channel::Receiver;
 use io_uring::{opcode, types, IoUring};
+use std::collections::VecDeque;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -179,6 +180,8 @@ struct Slot {
     /// The socket was shut down after the connection started closing.
     shut: bool,
     touched: bool,
+    /// In the reactor's queue of connections whose tasks wait for buffer memory.
+    buf_queued: bool,
 }
 
 impl Slot {
@@ -197,6 +200,8 @@ pub struct Reactor {
     free_slots: Vec<u32>,
     touched: Vec<u32>,
     pool: BufPool,
+    /// Connections whose tasks wait for buffer memory, in the order they started waiting.
+    buf_waiters: VecDeque<u32>,
     stats: stats::Stats,
     scratch: Box<[u8]>,
     io: Vec<IoReq>,
@@ -259,7 +264,8 @@ impl Reactor {
             conns: Vec::new(),
             free_slots: Vec::new(),
             touched: Vec::with_capacity(256),
-            pool: BufPool::new(),
+            pool: BufPool::new(shared.limits().buffer_memory_mib as usize * (1 << 20)),
+            buf_waiters: VecDeque::new(),
             stats: stats::Stats::default(),
             scratch: vec![0u8; SCRATCH].into_boxed_slice(),
             io: Vec::with_capacity(RING_ENTRIES as usize),
@@ -465,8 +471,15 @@ impl Reactor {
                         (self.conns.len() - 1) as u32
                     });
                     conn.slot = idx;
-                    self.conns[idx as usize] =
-                        Some(Slot { conn, stream, ring_ops: 0, recv_posted: false, shut: false, touched: true });
+                    self.conns[idx as usize] = Some(Slot {
+                        conn,
+                        stream,
+                        ring_ops: 0,
+                        recv_posted: false,
+                        shut: false,
+                        touched: true,
+                        buf_queued: false,
+                    });
                     self.touched.push(idx);
                 }
                 Msg::Close(token) => {
@@ -524,7 +537,7 @@ impl Reactor {
                 }
                 Msg::Stats(reply) => {
                     let live = self.conns.iter().flatten().count();
-                    let _ = reply.send(self.stats.snapshot(self.id, live));
+                    let _ = reply.send(self.stats.snapshot(self.id, live, self.pool.stats()));
                 }
                 Msg::Stop => {
                     self.stopping = true;
@@ -574,6 +587,9 @@ impl Reactor {
     /// Posts receives and sends for every connection touched in this iteration, submits the
     /// backing I/O they asked for, and frees connections that are done.
     fn after_events(&mut self) {
+        if self.pool.waiting() > 0 || !self.buf_waiters.is_empty() {
+            self.grant_buffers();
+        }
         let touched = std::mem::take(&mut self.touched);
         for &idx in &touched {
             // Commands held back by task attributes whose turn may have come (rare).
@@ -634,6 +650,44 @@ impl Reactor {
                     }
                 }
             }
+        }
+    }
+
+    /// Hands freed buffer memory to the tasks waiting for it: connection by connection in the
+    /// order they started waiting, each connection's tasks oldest first; stops at the first
+    /// that does not fit, so a large command is not starved by smaller ones behind it.
+    fn grant_buffers(&mut self) {
+        for i in 0..self.touched.len() {
+            let idx = self.touched[i];
+            if let Some(slot) = self.conns[idx as usize].as_mut() {
+                if !slot.buf_queued && slot.conn.waits_for_buffers() {
+                    slot.buf_queued = true;
+                    self.buf_waiters.push_back(idx);
+                }
+            }
+        }
+        while let Some(&idx) = self.buf_waiters.front() {
+            let Some(slot) = self.conns[idx as usize].as_mut().filter(|s| s.buf_queued) else {
+                self.buf_waiters.pop_front(); // gone (its slot may hold a newer connection)
+                continue;
+            };
+            // A closing connection's waiting tasks end at its teardown.
+            if !slot.conn.closing {
+                let mut env = conn_env!(self);
+                let still_waiting = slot.conn.grant_buffers(&mut env);
+                if !slot.touched {
+                    slot.touched = true;
+                    self.touched.push(idx);
+                }
+                self.submit_io(idx);
+                if still_waiting {
+                    return;
+                }
+            }
+            if let Some(slot) = self.conns[idx as usize].as_mut() {
+                slot.buf_queued = false;
+            }
+            self.buf_waiters.pop_front();
         }
     }
 

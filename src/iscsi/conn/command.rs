@@ -168,6 +168,28 @@ impl Conn {
                 return self.scsi_response(itt, status::GOOD, None, Residual::of(edtl, needed));
             }
         }
+        // Reads from a RAM LUN need no buffer: Data-In goes out straight from the store. Not
+        // with a data digest: it is computed when the PDU is queued, and a write landing
+        // before the kernel sends the bytes would make it wrong, so those reads copy first.
+        let from_ram = !self.data_digest
+            && matches!((action, &lun), (Action::Read { .. }, Some(l)) if matches!(l.backing, Backing::Mem(_)));
+        // Unsolicited data: immediate data, then (InitialR2T=No) Data-Out up to FirstBurstLength.
+        // F=1 on the command says no unsolicited Data-Out follows its immediate data.
+        let unsolicited = if initial_r2t || bhs.final_bit() { data.len() as u32 } else { edtl.min(first_burst) };
+        // The buffer comes out of the reactor's budget now, when it is needed. Without room, a
+        // command that has not started moving data waits in order; one whose data is already
+        // arriving has nowhere to put it and is answered TASK SET FULL (the initiator retries;
+        // the rest of its unsolicited Data-Out is dropped as data for an unknown task).
+        let mut buf = None;
+        if xfer > 0 && !from_ram {
+            buf = env.pool.take((xfer as usize).next_multiple_of(SECTOR as usize), false);
+            if buf.is_none() && is_out && unsolicited > 0 {
+                env.pool.refused();
+                self.log_buffers_spent(env.pool, "answering TASK SET FULL");
+                return self.scsi_response(itt, status::TASK_SET_FULL, None, Residual::None);
+            }
+        }
+        let wait = xfer > 0 && !from_ram && buf.is_none();
         let mut task = Task::new(env.now);
         task.itt = itt;
         task.lun_field = bhs.lun();
@@ -184,24 +206,22 @@ impl Conn {
         task.immediate = bhs.immediate();
         self.outside_window += u32::from(task.immediate);
         self.ordered_live += u32::from(task.ordered);
-        // Reads from a RAM LUN need no buffer: Data-In goes out straight from the store. Not
-        // with a data digest: it is computed when the PDU is queued, and a write landing
-        // before the kernel sends the bytes would make it wrong, so those reads copy first.
-        let from_ram = !self.data_digest
-            && matches!((action, &task.lun), (Action::Read { .. }, Some(l)) if matches!(l.backing, Backing::Mem(_)));
-        if xfer > 0 && !from_ram {
-            task.buf = Some(env.pool.get((xfer as usize).next_multiple_of(SECTOR as usize)));
-        }
+        task.charged = buf.as_ref().map_or(0, |b| b.len() as u32);
+        task.buf = buf;
         if is_out {
-            // Unsolicited data: immediate data, then (InitialR2T=No) Data-Out up to FirstBurstLength.
-            // F=1 on the command says no unsolicited Data-Out follows its immediate data.
-            let unsolicited = if initial_r2t || bhs.final_bit() { data.len() as u32 } else { edtl.min(first_burst) };
             task.dout = DataOut::new(data.len() as u32, unsolicited, unsolicited.max(xfer));
             task.r2t_next = unsolicited.min(xfer);
             task.stage = Stage::DataOut;
         }
+        if wait {
+            task.stage = Stage::WaitBuf;
+        }
         let slot = self.tasks.insert(task).expect("a free slot was checked for");
-        if is_out {
+        if wait {
+            self.buf_wait.push_back(slot);
+            env.pool.wait();
+            self.log_buffers_spent(env.pool, "commands wait for buffers in order");
+        } else if is_out {
             if !data.is_empty() {
                 self.store_data_out(slot, 0, data);
             }
@@ -210,6 +230,49 @@ impl Conn {
         } else {
             self.start_io(slot, env);
         }
+    }
+
+    /// Logs, once per connection, that the reactor's buffer budget is spent.
+    fn log_buffers_spent(&mut self, pool: &BufPool, what: &str) {
+        if self.limits_logged & limit::BUFFERS == 0 {
+            self.limits_logged |= limit::BUFFERS;
+            log::warn!(
+                "{}: the reactor's buffer memory (limits.buffer_memory_mib: {} MiB) is in use: {what}",
+                self.peer,
+                pool.stats().limit >> 20
+            );
+        }
+    }
+
+    /// Tasks waiting for buffer memory.
+    pub fn waits_for_buffers(&self) -> bool {
+        !self.buf_wait.is_empty()
+    }
+
+    /// Gives waiting tasks their buffers, oldest first, while the reactor's budget has room,
+    /// and starts them (R2Ts for writes, the read for reads). Returns whether some still wait.
+    pub fn grant_buffers(&mut self, env: &mut ConnEnv) -> bool {
+        while let Some(&slot) = self.buf_wait.front() {
+            let task = self.tasks.get(slot).expect("waiting tasks are live");
+            let Some(buf) = env.pool.take((task.xfer as usize).next_multiple_of(SECTOR as usize), true) else {
+                return true;
+            };
+            self.buf_wait.pop_front();
+            env.pool.unwait();
+            let task = self.tasks.get_mut(slot).expect("waiting tasks are live");
+            task.charged = buf.len() as u32;
+            task.buf = Some(buf);
+            // The Data-Out timeout counts from the first R2T, not from the command.
+            task.last_data = env.now;
+            if matches!(task.action, Action::Write { .. } | Action::SlowPath) {
+                task.stage = Stage::DataOut;
+                self.send_r2ts(slot);
+                self.maybe_data_complete(slot, env);
+            } else {
+                self.start_io(slot, env);
+            }
+        }
+        false
     }
 
     /// Sends Data-In from the scratch buffer (commands answered in place), with status.
@@ -705,9 +768,13 @@ impl Conn {
             self.outside_window -= u32::from(t.immediate || t.stage == Stage::Sending);
             // Run held commands from a safe point (the reactor's `after_events`), not here.
             self.order_release |= !self.order.is_empty();
-            if let Some(buf) = t.buf.take() {
-                pool.put(buf);
+            if t.stage == Stage::WaitBuf {
+                if let Some(i) = self.buf_wait.iter().position(|&s| s == slot) {
+                    self.buf_wait.remove(i);
+                }
+                pool.unwait();
             }
+            pool.give_back(t.buf.take(), t.charged as usize);
             if t.aborted {
                 self.tmf_progress(t.abort_tmf);
             }

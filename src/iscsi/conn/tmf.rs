@@ -35,15 +35,17 @@ impl Conn {
 
     /// The LUN table changed: tasks of a LUN that is gone (removed, or replaced by a new
     /// store) that still wait for Data-Out end now, so nothing they receive can reach the old
-    /// store and `remove_lun` need not wait for the initiator. Tasks with I/O in flight end
-    /// when it completes; the one whose data is being received straight into its buffer is
-    /// failed when that PDU is in ([`Self::maybe_data_complete`] checks again).
+    /// store and `remove_lun` need not wait for the initiator; so do those still waiting for
+    /// buffer memory. Tasks with I/O in flight end when it completes; the one whose data is
+    /// being received straight into its buffer is failed when that PDU is in
+    /// ([`Self::maybe_data_complete`] checks again).
     pub fn fence_removed_luns(&mut self, env: &mut ConnEnv) {
         let direct = self.direct.as_ref().map(|d| d.slot);
         let fenced: Vec<u16> = self
             .tasks
             .slots()
-            .filter(|&(s, t)| t.stage == Stage::DataOut && !t.aborted && Some(s) != direct && !lun_current(t, env.luns))
+            .filter(|&(s, t)| matches!(t.stage, Stage::DataOut | Stage::WaitBuf) && !t.aborted && Some(s) != direct)
+            .filter(|(_, t)| !lun_current(t, env.luns))
             .map(|(s, _)| s)
             .collect();
         for slot in fenced {
@@ -79,7 +81,7 @@ impl Conn {
             .collect();
         for slot in hit {
             let task = self.tasks.get_mut(slot).expect("live task");
-            if task.stage == Stage::DataOut && Some(slot) != direct {
+            if matches!(task.stage, Stage::DataOut | Stage::WaitBuf) && Some(slot) != direct {
                 self.free_task(slot, env.pool);
             } else {
                 // I/O in flight (or data arriving into its buffer): freed when it ends.
@@ -182,7 +184,7 @@ impl Conn {
             return 0; // an earlier TMF already waits for it
         }
         match task.stage {
-            Stage::DataOut => {
+            Stage::DataOut | Stage::WaitBuf => {
                 self.free_task(slot, pool);
                 0
             }

@@ -11,6 +11,7 @@
 //! The initiator side is built here from the crate's [`BhsBuf`] where request and response
 //! share a field's offset, and at byte offsets (RFC 7143 §11) where they do not.
 
+mod budget;
 mod cmdsn;
 mod dataout;
 mod ping;
@@ -289,13 +290,14 @@ impl Rig {
             lun(FILE_LUN, "file0", Backing::open_file(file.path(), false).expect("file store")),
         ]);
         let login = LoginConfig { target_name: TARGET.to_string(), ..LoginConfig::default() };
+        let pool = BufPool::new(limits.buffer_memory_mib as usize * (1 << 20));
         let shared = Shared::new(login, table.clone()).with_limits(limits);
         let (tx, mail) = crossbeam_channel::unbounded();
         shared.set_reactors(vec![Mailbox { tx, waker: Arc::new(Waker::new().expect("eventfd")) }]);
         Rig {
             shared,
             luns: Arc::new(table),
-            pool: BufPool::new(),
+            pool,
             scratch: vec![0; 256 << 10],
             io: Vec::new(),
             stats: Stats::default(),
@@ -373,6 +375,21 @@ impl Rig {
     fn settle(&mut self) {
         loop {
             let mut busy = self.pump();
+            // Tasks waiting for buffer memory: as the reactor does, connection by connection
+            // (it keeps the order they started waiting in; here index order), stopping at the
+            // first whose oldest waiting task still does not fit.
+            for c in 0..self.slots.len() {
+                let conn = &self.slots[c].conn;
+                if self.slots[c].gone || conn.closing || !conn.waits_for_buffers() {
+                    continue;
+                }
+                let before = self.pool.stats().waiting;
+                let still_waiting = self.with_conn(c, |conn, env| conn.grant_buffers(env));
+                busy |= self.pool.stats().waiting != before;
+                if still_waiting {
+                    break;
+                }
+            }
             for c in 0..self.slots.len() {
                 if self.slots[c].gone {
                     continue;
