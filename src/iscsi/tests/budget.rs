@@ -179,3 +179,29 @@ fn a_connection_lost_with_commands_waiting_gives_everything_back() {
     assert!(rig.gone(c));
     assert_all_given_back(&rig);
 }
+
+#[test]
+fn a_connection_past_its_share_waits_while_others_go_on() {
+    // 64 MiB per reactor: a quarter, 16 MiB, per connection.
+    let mut rig = Rig::with_limits(ConnLimits { buffer_memory_mib: 64, ..ConnLimits::default() });
+    let a = rig.logged_in(ISID_A, &Keys::default());
+    let b = rig.logged_in(ISID_B, &Keys::default());
+    spend_the_budget(&mut rig, a);
+    // A holds its share; its next read waits although the budget has 48 MiB left.
+    let late = file_read(&mut rig, a, 0, 4096);
+    assert_eq!((rig.pool.stats().waiting, rig.pending_io().len()), (1, 2));
+    // B is not held up behind A.
+    let other = file_read(&mut rig, b, 8, 4096);
+    assert_eq!(rig.pool.stats().waiting, 1, "B waited behind a connection over its own share");
+    let i = rig.pending_io().iter().position(|(c, _)| *c == b).expect("B's read started");
+    rig.complete_io(i);
+    assert_eq!(data_in_of(&rig.recv(b), other).1.status(), status::GOOD);
+    // One of A's reads ends: A's waiting read starts.
+    rig.complete_io(0);
+    assert_eq!(rig.pool.stats().waiting, 0);
+    while !rig.pending_io().is_empty() {
+        rig.complete_io(0);
+    }
+    assert_eq!(data_in_of(&rig.recv(a), late).1.status(), status::GOOD);
+    assert_all_given_back(&rig);
+}

@@ -20,7 +20,7 @@ mod reinstate;
 mod tmf;
 mod window;
 
-use super::conn::{Conn, ConnEnv, IoKind, IoReq};
+use super::conn::{Conn, ConnEnv, Grant, IoKind, IoReq};
 use super::stats::Stats;
 use crate::backing::pool::BufPool;
 use crate::backing::Backing;
@@ -377,16 +377,16 @@ impl Rig {
             let mut busy = self.pump();
             // Tasks waiting for buffer memory: as the reactor does, connection by connection
             // (it keeps the order they started waiting in; here index order), stopping at the
-            // first whose oldest waiting task still does not fit.
+            // first whose oldest waiting task does not fit in what the budget has left.
             for c in 0..self.slots.len() {
                 let conn = &self.slots[c].conn;
                 if self.slots[c].gone || conn.closing || !conn.waits_for_buffers() {
                     continue;
                 }
                 let before = self.pool.stats().waiting;
-                let still_waiting = self.with_conn(c, |conn, env| conn.grant_buffers(env));
+                let grant = self.with_conn(c, |conn, env| conn.grant_buffers(env));
                 busy |= self.pool.stats().waiting != before;
-                if still_waiting {
+                if grant == Grant::Budget {
                     break;
                 }
             }
