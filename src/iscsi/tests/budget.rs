@@ -205,3 +205,25 @@ fn a_connection_past_its_share_waits_while_others_go_on() {
     assert_eq!(data_in_of(&rig.recv(a), late).1.status(), status::GOOD);
     assert_all_given_back(&rig);
 }
+
+#[test]
+fn a_command_waiting_for_memory_on_a_removed_lun_is_failed_not_started() {
+    let mut rig = rig_with_16_mib();
+    let c = rig.logged_in(ISID_A, &Keys::default());
+    let held = spend_the_budget(&mut rig, c);
+    let itt = file_read(&mut rig, c, 0, 4096);
+    rig.remove_lun(FILE_LUN);
+    let rsp = rig.recv_one(c);
+    assert_eq!((rsp.opcode(), rsp.itt(), rsp.status()), (opcode::SCSI_RESPONSE, itt, status::CHECK_CONDITION));
+    assert_eq!(rsp.sense(), (0x05, 0x25, 0x00), "LOGICAL UNIT NOT SUPPORTED");
+    assert_eq!(rig.pool.stats().waiting, 0);
+    // The reads in flight end with their I/O; nothing else reaches the old store.
+    rig.complete_io(0);
+    rig.complete_io(0);
+    assert!(rig.pending_io().is_empty(), "the fenced read started once memory came back");
+    let pdus = rig.recv(c);
+    for h in held {
+        assert!(pdus.iter().any(|p| p.itt() == h && p.has_status()), "a read in flight got no status");
+    }
+    assert_all_given_back(&rig);
+}

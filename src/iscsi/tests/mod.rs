@@ -626,6 +626,21 @@ impl Rig {
         self.pending.iter().position(|(_, r)| r.offset == offset).expect("a pending request at that offset")
     }
 
+    /// Removes LUN `id` from the table, as `remove_lun` does: every connection sees the new
+    /// table and fences what it had on the old LUN (see `Reactor::refresh_luns`).
+    fn remove_lun(&mut self, id: u64) {
+        let kept: Vec<Arc<Lun>> = self.luns.iter().filter(|l| l.id != id).cloned().collect();
+        self.luns = Arc::new(LunTable::new(kept));
+        let luns = self.luns.clone();
+        for c in 0..self.slots.len() {
+            if !self.slots[c].gone {
+                self.slots[c].conn.luns_changed(&luns);
+                self.with_conn(c, |conn, env| conn.fence_removed_luns(env));
+            }
+        }
+        self.settle();
+    }
+
     fn lun(&self, id: u64) -> &Arc<Lun> {
         self.luns.get(id).expect("LUN")
     }
