@@ -2,7 +2,8 @@
 //! budget held by one session's 16 MiB READ that its initiator does not read, another
 //! session's READ waits (and completes, with the right data, once the memory comes back), its
 //! WRITE with immediate data is answered TASK SET FULL with nothing stored, `get_stats` shows
-//! it, and every byte is given back at the end.
+//! it, and every byte is given back at the end. A session that asks for the whole budget and
+//! reads none of its data holds only its share (a quarter), and other sessions go on.
 
 mod common;
 
@@ -46,17 +47,23 @@ fn login(t: &Target) -> Session {
     s
 }
 
-#[test]
-fn commands_past_the_buffer_budget_wait_or_get_task_set_full_and_memory_comes_back() {
+/// One reactor with a `mib` MiB buffer budget and a 64 MiB file LUN.
+fn start(mib: u32) -> (Target, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("budget.yaml");
-    std::fs::write(&cfg, "reactors: 1\nlimits:\n  buffer_memory_mib: 16\n").unwrap();
+    std::fs::write(&cfg, format!("reactors: 1\nlimits:\n  buffer_memory_mib: {mib}\n")).unwrap();
     let t = Target::start(&[
         "--config",
         cfg.to_str().unwrap(),
         "--lun",
         "name=disk0,file_path=disk0.img,size_mb=64,lun_id=0",
     ]);
+    (t, dir)
+}
+
+#[test]
+fn commands_past_the_buffer_budget_wait_or_get_task_set_full_and_memory_comes_back() {
+    let (t, _cfg) = start(16);
     let b0 = buffers(&t);
     assert_eq!(b0["limit_bytes"], 16 * MIB, "{b0}");
     let mut a = login(&t);
@@ -109,4 +116,38 @@ fn commands_past_the_buffer_budget_wait_or_get_task_set_full_and_memory_comes_ba
     assert!(s["cached_bytes"].as_u64().unwrap() <= 16 * MIB, "more cached than the budget: {s}");
     let log = t.stderr_text();
     assert_eq!(log.matches("limits.buffer_memory_mib").count(), 1, "logged once per connection:\n{log}");
+}
+
+#[test]
+fn a_session_that_does_not_read_its_data_holds_only_its_share() {
+    // 64 MiB: a quarter, 16 MiB, per connection.
+    let (t, _cfg) = start(64);
+    let mut a = login(&t);
+    let mut b = login(&t);
+    // A asks for the whole budget in four 16 MiB READs and reads none of its Data-In: one
+    // runs, three wait for A's own memory, and the rest of the budget stays free for others.
+    let mut reads: Vec<u32> =
+        (0..4).map(|i| a.submit(0, &cdb10(0x28, i * 32768, 32768), None, 16 << 20).unwrap()).collect();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let s = buffers(&t);
+            s["in_use_bytes"] == 16 * MIB && s["waiting"] == 3
+        }),
+        "A took more than its share: {}",
+        buffers(&t)
+    );
+    for i in 0..50 {
+        b.read10(0, i * 8, 8, BS).unwrap().check().unwrap();
+    }
+    let s = buffers(&t);
+    assert_eq!((s["in_use_bytes"].as_u64(), s["waiting"].as_u64()), (Some(16 * MIB), Some(3)), "{s}");
+    // A reads its data: its reads run one after another.
+    while !reads.is_empty() {
+        let (itt, r) = a.next_completion().unwrap();
+        assert!(r.is_good() && r.data.len() == 16 << 20, "A's read {itt:#x}: status {:#x}", r.status);
+        assert_eq!(itt, reads.remove(0), "A's reads ran out of order");
+    }
+    a.logout().unwrap();
+    b.logout().unwrap();
+    assert!(eventually(Duration::from_secs(5), || buffers(&t)["in_use_bytes"] == 0), "{}", buffers(&t));
 }

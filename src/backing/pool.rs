@@ -86,6 +86,23 @@ impl BufPool {
         pages.next_power_of_two().trailing_zeros() as usize
     }
 
+    /// Bytes a buffer for `len` bytes is charged (its size class).
+    pub fn charge_for(len: usize) -> usize {
+        Self::class_size(Self::class_of(len))
+    }
+
+    /// The most one connection may hold: a quarter of the budget (at least one largest
+    /// command), so a session that holds buffers without moving data (writes whose Data-Out
+    /// never comes, reads it does not read) cannot stall the others until its timeouts end.
+    pub fn share(&self) -> usize {
+        (self.limit / 4).max(MAX_BUF)
+    }
+
+    /// Whether a buffer for `len` bytes fits in what the budget has left.
+    pub fn fits(&self, len: usize) -> bool {
+        self.reserved + Self::charge_for(len) <= self.limit
+    }
+
     /// A buffer of at least `len` bytes (`len` ≤ [`MAX_BUF`]; contents unspecified), charged to
     /// the budget: its length is what the caller gives back. None when the budget has no room,
     /// or when others wait and `queued` is false (a new command does not overtake them).
@@ -192,6 +209,13 @@ mod tests {
         p.give_back(Some(b), MAX_BUF / 4);
         assert_eq!(p.stats().reserved, 0);
         assert!(p.take(MAX_BUF, false).is_some(), "everything given back: a whole-budget buffer fits");
+    }
+
+    #[test]
+    fn a_connections_share_is_a_quarter_of_the_budget_and_never_below_one_command() {
+        assert_eq!(BufPool::new(256 << 20).share(), 64 << 20);
+        assert_eq!(BufPool::new(MAX_BUF).share(), MAX_BUF);
+        assert_eq!(BufPool::charge_for(5000), 8192);
     }
 
     #[test]

@@ -190,6 +190,19 @@ pub struct Conn {
     limits_logged: u8,
     /// Tasks waiting for buffer memory ([`Stage::WaitBuf`]), oldest first.
     buf_wait: VecDeque<u16>,
+    /// Bytes of the reactor's buffer budget its tasks hold (at most [`BufPool::share`]).
+    buf_charged: usize,
+}
+
+/// What [`Conn::grant_buffers`] left waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// Every waiting task has its buffer.
+    Done,
+    /// The oldest waiting task does not fit in this connection's share: others may go first.
+    OwnShare,
+    /// The oldest waiting task does not fit in what the budget has left: everyone waits.
+    Budget,
 }
 
 /// Bits of [`Conn::limits_logged`].
@@ -254,6 +267,7 @@ impl Conn {
             held_back: false,
             limits_logged: 0,
             buf_wait: VecDeque::new(),
+            buf_charged: 0,
         }
     }
 

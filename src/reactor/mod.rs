@@ -9,7 +9,7 @@
 //! gone: the slot counts its receives and sends, the connection its backing work.
 
 use crate::backing::pool::BufPool;
-use crate::iscsi::conn::{Conn, ConnEnv, IoKind, IoReq, NOP_TIMEOUT};
+use crate::iscsi::conn::{Conn, ConnEnv, Grant, IoKind, IoReq, NOP_TIMEOUT};
 use crate::iscsi::stats;
 use crate::scsi::LunTable;
 use crate::session::{Msg, Shared, Waker};
@@ -655,7 +655,8 @@ impl Reactor {
 
     /// Hands freed buffer memory to the tasks waiting for it: connection by connection in the
     /// order they started waiting, each connection's tasks oldest first; stops at the first
-    /// that does not fit, so a large command is not starved by smaller ones behind it.
+    /// that does not fit in what the budget has left, so a large command is not starved by
+    /// smaller ones behind it (one over its connection's own share is passed over instead).
     fn grant_buffers(&mut self) {
         for i in 0..self.touched.len() {
             let idx = self.touched[i];
@@ -666,28 +667,37 @@ impl Reactor {
                 }
             }
         }
-        while let Some(&idx) = self.buf_waiters.front() {
+        let mut i = 0;
+        while i < self.buf_waiters.len() {
+            let idx = self.buf_waiters[i];
             let Some(slot) = self.conns[idx as usize].as_mut().filter(|s| s.buf_queued) else {
-                self.buf_waiters.pop_front(); // gone (its slot may hold a newer connection)
+                self.buf_waiters.remove(i); // gone (its slot may hold a newer connection)
                 continue;
             };
             // A closing connection's waiting tasks end at its teardown.
-            if !slot.conn.closing {
+            let grant = if slot.conn.closing {
+                Grant::Done
+            } else {
                 let mut env = conn_env!(self);
-                let still_waiting = slot.conn.grant_buffers(&mut env);
+                let grant = slot.conn.grant_buffers(&mut env);
                 if !slot.touched {
                     slot.touched = true;
                     self.touched.push(idx);
                 }
                 self.submit_io(idx);
-                if still_waiting {
-                    return;
+                grant
+            };
+            match grant {
+                Grant::Done => {
+                    if let Some(slot) = self.conns[idx as usize].as_mut() {
+                        slot.buf_queued = false;
+                    }
+                    self.buf_waiters.remove(i);
                 }
+                // Over its own share: the connections behind it may go first.
+                Grant::OwnShare => i += 1,
+                Grant::Budget => return,
             }
-            if let Some(slot) = self.conns[idx as usize].as_mut() {
-                slot.buf_queued = false;
-            }
-            self.buf_waiters.pop_front();
         }
     }
 

@@ -182,7 +182,7 @@ impl Conn {
         // the rest of its unsolicited Data-Out is dropped as data for an unknown task).
         let mut buf = None;
         if xfer > 0 && !from_ram {
-            buf = env.pool.take((xfer as usize).next_multiple_of(SECTOR as usize), false);
+            buf = self.take_buf(xfer, false, env.pool).ok();
             if buf.is_none() && is_out && unsolicited > 0 {
                 env.pool.refused();
                 self.log_buffers_spent(env.pool, "answering TASK SET FULL");
@@ -237,7 +237,8 @@ impl Conn {
         if self.limits_logged & limit::BUFFERS == 0 {
             self.limits_logged |= limit::BUFFERS;
             log::warn!(
-                "{}: the reactor's buffer memory (limits.buffer_memory_mib: {} MiB) is in use: {what}",
+                "{}: no buffer memory for a command (limits.buffer_memory_mib: {} MiB per reactor, a quarter \
+                 of it per connection): {what}",
                 self.peer,
                 pool.stats().limit >> 20
             );
@@ -249,13 +250,31 @@ impl Conn {
         !self.buf_wait.is_empty()
     }
 
-    /// Gives waiting tasks their buffers, oldest first, while the reactor's budget has room,
-    /// and starts them (R2Ts for writes, the read for reads). Returns whether some still wait.
-    pub fn grant_buffers(&mut self, env: &mut ConnEnv) -> bool {
+    /// A buffer for a task moving `xfer` bytes, within this connection's share of the budget
+    /// and what the budget has left (`queued`: for a task that waited, see [`BufPool::take`]).
+    /// Without one, says which limit stands in the way.
+    fn take_buf(&mut self, xfer: u32, queued: bool, pool: &mut BufPool) -> Result<AlignedBuf, Grant> {
+        let len = (xfer as usize).next_multiple_of(SECTOR as usize);
+        if !pool.fits(len) {
+            return Err(Grant::Budget);
+        }
+        if self.buf_charged + BufPool::charge_for(len) > pool.share() {
+            return Err(Grant::OwnShare);
+        }
+        // Room in both, but `take` still refuses a new command while others wait.
+        let buf = pool.take(len, queued).ok_or(Grant::Budget)?;
+        self.buf_charged += buf.len();
+        Ok(buf)
+    }
+
+    /// Gives waiting tasks their buffers, oldest first, while this connection's share and the
+    /// reactor's budget have room, and starts them (R2Ts for writes, the read for reads).
+    pub fn grant_buffers(&mut self, env: &mut ConnEnv) -> Grant {
         while let Some(&slot) = self.buf_wait.front() {
-            let task = self.tasks.get(slot).expect("waiting tasks are live");
-            let Some(buf) = env.pool.take((task.xfer as usize).next_multiple_of(SECTOR as usize), true) else {
-                return true;
+            let xfer = self.tasks.get(slot).expect("waiting tasks are live").xfer;
+            let buf = match self.take_buf(xfer, true, env.pool) {
+                Ok(buf) => buf,
+                Err(left) => return left,
             };
             self.buf_wait.pop_front();
             env.pool.unwait();
@@ -272,7 +291,7 @@ impl Conn {
                 self.start_io(slot, env);
             }
         }
-        false
+        Grant::Done
     }
 
     /// Sends Data-In from the scratch buffer (commands answered in place), with status.
@@ -774,6 +793,7 @@ impl Conn {
                 }
                 pool.unwait();
             }
+            self.buf_charged -= t.charged as usize;
             pool.give_back(t.buf.take(), t.charged as usize);
             if t.aborted {
                 self.tmf_progress(t.abort_tmf);

@@ -179,3 +179,51 @@ fn a_connection_lost_with_commands_waiting_gives_everything_back() {
     assert!(rig.gone(c));
     assert_all_given_back(&rig);
 }
+
+#[test]
+fn a_connection_past_its_share_waits_while_others_go_on() {
+    // 64 MiB per reactor: a quarter, 16 MiB, per connection.
+    let mut rig = Rig::with_limits(ConnLimits { buffer_memory_mib: 64, ..ConnLimits::default() });
+    let a = rig.logged_in(ISID_A, &Keys::default());
+    let b = rig.logged_in(ISID_B, &Keys::default());
+    spend_the_budget(&mut rig, a);
+    // A holds its share; its next read waits although the budget has 48 MiB left.
+    let late = file_read(&mut rig, a, 0, 4096);
+    assert_eq!((rig.pool.stats().waiting, rig.pending_io().len()), (1, 2));
+    // B is not held up behind A.
+    let other = file_read(&mut rig, b, 8, 4096);
+    assert_eq!(rig.pool.stats().waiting, 1, "B waited behind a connection over its own share");
+    let i = rig.pending_io().iter().position(|(c, _)| *c == b).expect("B's read started");
+    rig.complete_io(i);
+    assert_eq!(data_in_of(&rig.recv(b), other).1.status(), status::GOOD);
+    // One of A's reads ends: A's waiting read starts.
+    rig.complete_io(0);
+    assert_eq!(rig.pool.stats().waiting, 0);
+    while !rig.pending_io().is_empty() {
+        rig.complete_io(0);
+    }
+    assert_eq!(data_in_of(&rig.recv(a), late).1.status(), status::GOOD);
+    assert_all_given_back(&rig);
+}
+
+#[test]
+fn a_command_waiting_for_memory_on_a_removed_lun_is_failed_not_started() {
+    let mut rig = rig_with_16_mib();
+    let c = rig.logged_in(ISID_A, &Keys::default());
+    let held = spend_the_budget(&mut rig, c);
+    let itt = file_read(&mut rig, c, 0, 4096);
+    rig.remove_lun(FILE_LUN);
+    let rsp = rig.recv_one(c);
+    assert_eq!((rsp.opcode(), rsp.itt(), rsp.status()), (opcode::SCSI_RESPONSE, itt, status::CHECK_CONDITION));
+    assert_eq!(rsp.sense(), (0x05, 0x25, 0x00), "LOGICAL UNIT NOT SUPPORTED");
+    assert_eq!(rig.pool.stats().waiting, 0);
+    // The reads in flight end with their I/O; nothing else reaches the old store.
+    rig.complete_io(0);
+    rig.complete_io(0);
+    assert!(rig.pending_io().is_empty(), "the fenced read started once memory came back");
+    let pdus = rig.recv(c);
+    for h in held {
+        assert!(pdus.iter().any(|p| p.itt() == h && p.has_status()), "a read in flight got no status");
+    }
+    assert_all_given_back(&rig);
+}

@@ -20,7 +20,7 @@ mod reinstate;
 mod tmf;
 mod window;
 
-use super::conn::{Conn, ConnEnv, IoKind, IoReq};
+use super::conn::{Conn, ConnEnv, Grant, IoKind, IoReq};
 use super::stats::Stats;
 use crate::backing::pool::BufPool;
 use crate::backing::Backing;
@@ -377,16 +377,16 @@ impl Rig {
             let mut busy = self.pump();
             // Tasks waiting for buffer memory: as the reactor does, connection by connection
             // (it keeps the order they started waiting in; here index order), stopping at the
-            // first whose oldest waiting task still does not fit.
+            // first whose oldest waiting task does not fit in what the budget has left.
             for c in 0..self.slots.len() {
                 let conn = &self.slots[c].conn;
                 if self.slots[c].gone || conn.closing || !conn.waits_for_buffers() {
                     continue;
                 }
                 let before = self.pool.stats().waiting;
-                let still_waiting = self.with_conn(c, |conn, env| conn.grant_buffers(env));
+                let grant = self.with_conn(c, |conn, env| conn.grant_buffers(env));
                 busy |= self.pool.stats().waiting != before;
-                if still_waiting {
+                if grant == Grant::Budget {
                     break;
                 }
             }
@@ -624,6 +624,21 @@ impl Rig {
     /// Index in [`Self::pending_io`] of the request at byte `offset` of the file LUN.
     fn io_at(&self, offset: u64) -> usize {
         self.pending.iter().position(|(_, r)| r.offset == offset).expect("a pending request at that offset")
+    }
+
+    /// Removes LUN `id` from the table, as `remove_lun` does: every connection sees the new
+    /// table and fences what it had on the old LUN (see `Reactor::refresh_luns`).
+    fn remove_lun(&mut self, id: u64) {
+        let kept: Vec<Arc<Lun>> = self.luns.iter().filter(|l| l.id != id).cloned().collect();
+        self.luns = Arc::new(LunTable::new(kept));
+        let luns = self.luns.clone();
+        for c in 0..self.slots.len() {
+            if !self.slots[c].gone {
+                self.slots[c].conn.luns_changed(&luns);
+                self.with_conn(c, |conn, env| conn.fence_removed_luns(env));
+            }
+        }
+        self.settle();
     }
 
     fn lun(&self, id: u64) -> &Arc<Lun> {
