@@ -16,9 +16,14 @@ const MIB: u64 = 1 << 20;
 
 /// A target with a 64 MiB file LUN and the given YAML `limits` block (may be empty).
 fn start(limits: &str) -> (Target, tempfile::TempDir) {
+    start_with_config(&if limits.is_empty() { String::from("{}\n") } else { format!("limits:\n{limits}") })
+}
+
+/// A target with a 64 MiB file LUN and the YAML configuration `yaml`.
+fn start_with_config(yaml: &str) -> (Target, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("limits.yaml");
-    std::fs::write(&cfg, if limits.is_empty() { String::from("{}\n") } else { format!("limits:\n{limits}") }).unwrap();
+    std::fs::write(&cfg, yaml).unwrap();
     let t = Target::start(&[
         "--config",
         cfg.to_str().unwrap(),
@@ -231,16 +236,7 @@ fn buffers(t: &Target) -> Value {
 
 /// One reactor with a `mib` MiB buffer budget and a 64 MiB file LUN.
 fn start_budget(mib: u32) -> (Target, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("budget.yaml");
-    std::fs::write(&cfg, format!("reactors: 1\nlimits:\n  buffer_memory_mib: {mib}\n")).unwrap();
-    let t = Target::start(&[
-        "--config",
-        cfg.to_str().unwrap(),
-        "--lun",
-        "name=disk0,file_path=disk0.img,size_mb=64,lun_id=0",
-    ]);
-    (t, dir)
+    start_with_config(&format!("reactors: 1\nlimits:\n  buffer_memory_mib: {mib}\n"))
 }
 
 #[test]
