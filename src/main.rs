@@ -715,7 +715,28 @@ fn stats_table(stats: &Value) -> String {
     for r in stats["reactors"].as_array().into_iter().flatten() {
         push(format!("reactor {} ({} conns)", s(&r["reactor"]), s(&r["connections"])), r);
     }
-    table(&["WHAT", "OP", "OPS", "BYTES", "P50_US", "P99_US", "P99.9_US", "MAX_US"], &rows)
+    let ops = table(&["WHAT", "OP", "OPS", "BYTES", "P50_US", "P99_US", "P99.9_US", "MAX_US"], &rows);
+    // Each reactor's task buffer memory (limits.buffer_memory_mib).
+    let mib = |v: &Value| v.as_u64().map_or_else(|| "-".into(), |b| format!("{:.1}", b as f64 / (1u64 << 20) as f64));
+    let buffers: Vec<Vec<String>> = stats["reactors"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|r| {
+            let b = &r["buffers"];
+            vec![
+                s(&r["reactor"]),
+                mib(&b["limit_bytes"]),
+                mib(&b["in_use_bytes"]),
+                mib(&b["cached_bytes"]),
+                s(&b["waiting"]),
+                s(&b["waits"]),
+                s(&b["task_set_full"]),
+            ]
+        })
+        .collect();
+    let buf_headers = ["REACTOR", "BUFFER_MIB", "IN_USE_MIB", "CACHED_MIB", "WAITING", "WAITS", "TASK_SET_FULL"];
+    format!("{ops}\n{}", table(&buf_headers, &buffers))
 }
 
 fn sessions_table(sessions: &Value) -> String {

@@ -438,6 +438,8 @@ fn ctl_command_line() {
     assert!(ok && stats["luns"][0]["write"]["ops"].as_u64().unwrap() >= 1, "{stats}");
     let (ok, out, _) = ctl(&sock, &["stats"]);
     assert!(ok && out.contains("lun 0 d") && out.contains("reactor 0"), "{out}");
+    let budget = out.lines().skip_while(|l| !l.starts_with("REACTOR")).nth(1).unwrap_or_default().to_owned();
+    assert!(budget.split_whitespace().nth(1) == Some("256.0"), "the reactor's buffer budget row: {out}");
     assert_eq!(ctl(&sock, &["stop"]).1.trim(), "portal closed");
     assert!(Session::login(&t.addr(), &t.iqn, &LoginOptions::default()).is_err());
     assert_eq!(ctl(&sock, &["start"]).1.trim(), format!("portal open on {}", t.addr()));
