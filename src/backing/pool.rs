@@ -98,9 +98,10 @@ impl BufPool {
         (self.limit / 4).max(MAX_BUF)
     }
 
-    /// Whether a buffer for `len` bytes fits in what the budget has left.
-    pub fn fits(&self, len: usize) -> bool {
-        self.reserved + Self::charge_for(len) <= self.limit
+    /// Whether a charge of `size` bytes ([`BufPool::charge_for`]) fits in what the budget has
+    /// left.
+    pub fn fits(&self, size: usize) -> bool {
+        self.reserved + size <= self.limit
     }
 
     /// A buffer of at least `len` bytes (`len` ≤ [`MAX_BUF`]; contents unspecified), charged to
@@ -110,7 +111,7 @@ impl BufPool {
         assert!(len <= MAX_BUF, "I/O buffer of {len} bytes exceeds the pool's maximum");
         let class = Self::class_of(len);
         let size = Self::class_size(class);
-        if (!queued && self.waiting > 0) || self.reserved + size > self.limit {
+        if (!queued && self.waiting > 0) || !self.fits(size) {
             return None;
         }
         self.reserved += size;

@@ -180,8 +180,9 @@ impl Conn {
         // command that has not started moving data waits in order; one whose data is already
         // arriving has nowhere to put it and is answered TASK SET FULL (the initiator retries;
         // the rest of its unsolicited Data-Out is dropped as data for an unknown task).
+        let needs_buf = xfer > 0 && !from_ram;
         let mut buf = None;
-        if xfer > 0 && !from_ram {
+        if needs_buf {
             buf = self.take_buf(xfer, false, env.pool).ok();
             if buf.is_none() && is_out && unsolicited > 0 {
                 env.pool.refused();
@@ -189,7 +190,7 @@ impl Conn {
                 return self.scsi_response(itt, status::TASK_SET_FULL, None, Residual::None);
             }
         }
-        let wait = xfer > 0 && !from_ram && buf.is_none();
+        let wait = needs_buf && buf.is_none();
         let mut task = Task::new(env.now);
         task.itt = itt;
         task.lun_field = bhs.lun();
@@ -255,10 +256,11 @@ impl Conn {
     /// Without one, says which limit stands in the way.
     fn take_buf(&mut self, xfer: u32, queued: bool, pool: &mut BufPool) -> Result<AlignedBuf, Grant> {
         let len = (xfer as usize).next_multiple_of(SECTOR as usize);
-        if !pool.fits(len) {
+        let size = BufPool::charge_for(len);
+        if !pool.fits(size) {
             return Err(Grant::Budget);
         }
-        if self.buf_charged + BufPool::charge_for(len) > pool.share() {
+        if self.buf_charged + size > pool.share() {
             return Err(Grant::OwnShare);
         }
         // Room in both, but `take` still refuses a new command while others wait.
