@@ -21,6 +21,9 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod spin;
+use spin::{Arm, ArmChooser, SpinPolicy, SPIN};
+
 /// How a reactor waits for work (see the `poll_mode` configuration key).
 pub use crate::config::PollMode;
 
@@ -28,63 +31,6 @@ pub use crate::config::PollMode;
 const RING_ENTRIES: u32 = 1024;
 /// Data-In scratch: large enough for REPORT LUNS of every possible LUN.
 const SCRATCH: usize = 256 * 1024;
-/// How long an adaptive reactor keeps spinning after its last completion, at most.
-const SPIN: Duration = Duration::from_micros(50);
-/// An adaptive reactor spins only while the next completion typically comes sooner than this
-/// after the last: about a wake-up's latency here. Then the initiator is waiting on us in a
-/// tight loop (low queue depth, or a saturated queue) and sleeping would add more latency than
-/// the gap itself; longer gaps (a moderate, steady rate) are slept through, so such a reactor
-/// does not burn its core between commands. At 25 µs a QD1 initiator whose turnaround had
-/// grown to ~30 µs (a busier host) lost the spin: 10.7k IOPS, level with tgt, against 24.3k at
-/// 40 µs, while a 30k IOPS fixed rate costs no more CPU (fio's rate limiting sends in bursts).
-const SPIN_WORTH: Duration = Duration::from_micros(40);
-/// While sleeping through its gaps, an adaptive reactor still spins one idle period in this
-/// many, to notice when the gaps have become short again (a slept gap says nothing about that).
-const PROBE_EVERY: u32 = 16;
-
-/// Decides how long an adaptive reactor spins in each idle period before it sleeps.
-///
-/// Only periods ended while spinning teach it the true gap (one slept through lasts as long as
-/// the wake-up, whatever the gap was); a spin that runs out counts as a gap of [`SPIN`].
-#[derive(Debug)]
-struct SpinPolicy {
-    /// Exponentially weighted mean idle gap in nanoseconds (weight 1/8 per gap learnt).
-    mean_gap_ns: u64,
-    /// Idle periods slept through since the last probe spin.
-    slept: u32,
-}
-
-impl SpinPolicy {
-    fn new() -> Self {
-        Self { mean_gap_ns: 0, slept: 0 }
-    }
-
-    /// An idle period begins: how long to spin in it before sleeping.
-    fn begin_idle(&mut self) -> Duration {
-        if self.mean_gap_ns < SPIN_WORTH.as_nanos() as u64 {
-            return SPIN;
-        }
-        self.slept += 1;
-        if self.slept >= PROBE_EVERY {
-            self.slept = 0;
-            return SPIN;
-        }
-        Duration::ZERO
-    }
-
-    /// The idle period ended after `gap`; `spun` is what [`Self::begin_idle`] allowed and
-    /// `slept` whether the reactor went to sleep in it.
-    fn end_idle(&mut self, gap: Duration, spun: Duration, slept: bool) {
-        let learnt = match (slept, spun.is_zero()) {
-            (false, _) => gap,
-            (true, false) => spun,
-            (true, true) => return,
-        };
-        let g = u64::try_from(learnt.as_nanos()).unwrap_or(u64::MAX);
-        self.mean_gap_ns = self.mean_gap_ns - self.mean_gap_ns / 8 + g / 8;
-    }
-}
-
 /// What a ring operation is for, carried in its `user_data`: the completion is routed by it,
 /// never through a pointer. Connection and task are slab indices (the reactor's connection
 /// table, the connection's task table); a freed slot is only reused once every operation
@@ -217,6 +163,8 @@ pub struct Reactor {
     luns: Arc<LunTable>,
     lun_gen: u64,
     poll: PollMode,
+    /// Whether this adaptive reactor may spin at all, chosen by trying ([`spin`]).
+    idle: ArmChooser,
     stopping: bool,
 }
 
@@ -280,6 +228,7 @@ impl Reactor {
             luns,
             lun_gen,
             poll,
+            idle: ArmChooser::new(Instant::now()),
             stopping: false,
         })
     }
@@ -317,12 +266,11 @@ impl Reactor {
         let mut idle_spins = 0u32;
         let mut spin = SpinPolicy::new();
         let (mut spin_for, mut slept) = (SPIN, false);
+        let adaptive = self.poll == PollMode::Adaptive;
         loop {
             // Reading the clock every spin costs more than the spin: look every 64.
-            let wait = self.poll == PollMode::Adaptive
-                && idle_spins >= 64
-                && idle_spins.is_multiple_of(64)
-                && last_activity.elapsed() >= spin_for;
+            let wait =
+                adaptive && idle_spins >= 64 && idle_spins.is_multiple_of(64) && last_activity.elapsed() >= spin_for;
             slept |= wait;
             let res = if wait {
                 self.ring.submit_and_wait(1).map(Some)
@@ -340,7 +288,11 @@ impl Reactor {
             self.cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             if self.cqes.is_empty() {
                 if idle_spins == 0 {
-                    (spin_for, slept) = (spin.begin_idle(), false);
+                    spin_for = match self.idle.arm() {
+                        Arm::Spin => spin.begin_idle(),
+                        Arm::Sleep => Duration::ZERO,
+                    };
+                    slept = false;
                 }
                 idle_spins = idle_spins.wrapping_add(1);
             } else {
@@ -350,6 +302,9 @@ impl Reactor {
                 }
                 idle_spins = 0;
                 last_activity = now;
+                if adaptive {
+                    self.idle.at(now);
+                }
             }
             let cqes = std::mem::take(&mut self.cqes);
             for &(ud, res) in &cqes {
@@ -396,7 +351,13 @@ impl Reactor {
                 return;
             }
             Op::Cancel => return,
-            Op::Recv { conn } | Op::Send { conn } | Op::Io { conn, .. } => conn,
+            Op::Recv { conn } => {
+                if res > 0 {
+                    self.idle.received(res as usize);
+                }
+                conn
+            }
+            Op::Send { conn } | Op::Io { conn, .. } => conn,
         };
         let Some(Some(slot)) = self.conns.get_mut(idx as usize) else {
             panic!("completion {ud:#x} for a free connection slot");
@@ -760,62 +721,5 @@ mod tests {
         }
         assert_eq!(Op::from_user_data(0), None);
         assert_eq!(Op::from_user_data(0xFF), None);
-    }
-
-    use super::*;
-
-    /// Runs `n` idle periods of `gap` through the policy as the reactor loop would.
-    fn idle_periods(p: &mut SpinPolicy, gap: Duration, n: usize) -> usize {
-        let mut spun_periods = 0;
-        for _ in 0..n {
-            let spun = p.begin_idle();
-            if !spun.is_zero() {
-                spun_periods += 1;
-            }
-            // Caught while spinning only when the gap ends within the spin.
-            p.end_idle(gap, spun, gap > spun);
-        }
-        spun_periods
-    }
-
-    #[test]
-    fn adaptive_reactor_spins_while_work_comes_back_to_back() {
-        let mut p = SpinPolicy::new();
-        assert_eq!(idle_periods(&mut p, Duration::from_micros(2), 1000), 1000);
-    }
-
-    #[test]
-    fn adaptive_reactor_keeps_spinning_for_a_queue_depth_one_round_trip() {
-        let mut p = SpinPolicy::new();
-        assert_eq!(idle_periods(&mut p, Duration::from_micros(18), 1000), 1000);
-        // ... also when the initiator's turnaround is slower (a busy host).
-        assert_eq!(idle_periods(&mut p, Duration::from_micros(32), 1000), 1000);
-    }
-
-    #[test]
-    fn adaptive_reactor_sleeps_through_gaps_of_a_moderate_rate() {
-        let mut p = SpinPolicy::new();
-        // 22k IOPS spread evenly: a command every ~45 µs. After learning, only probes spin.
-        idle_periods(&mut p, Duration::from_micros(45), 100);
-        let spun = idle_periods(&mut p, Duration::from_micros(45), 1600);
-        assert_eq!(spun, 1600 / PROBE_EVERY as usize);
-        // Gaps longer than a spin: the probes run out and it stays asleep.
-        let spun = idle_periods(&mut p, Duration::from_millis(1), 1600);
-        assert_eq!(spun, 1600 / PROBE_EVERY as usize);
-    }
-
-    #[test]
-    fn adaptive_reactor_goes_back_to_spinning_when_gaps_shorten() {
-        let mut p = SpinPolicy::new();
-        idle_periods(&mut p, Duration::from_millis(5), 200);
-        assert_eq!(p.begin_idle(), Duration::ZERO);
-        // Slept periods teach nothing; the probes do, and a few dozen probes are enough.
-        let mut periods = 0;
-        while p.mean_gap_ns >= SPIN_WORTH.as_nanos() as u64 {
-            idle_periods(&mut p, Duration::from_micros(3), 1);
-            periods += 1;
-            assert!(periods < 64 * PROBE_EVERY as usize, "still asleep after {periods} short gaps");
-        }
-        assert_eq!(idle_periods(&mut p, Duration::from_micros(3), 100), 100);
     }
 }
