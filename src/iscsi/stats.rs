@@ -67,6 +67,8 @@ pub struct ReactorStats {
 pub struct Stats {
     /// Indexed by LUN id; a LUN's entry is created at its first I/O here.
     luns: Vec<Option<Box<LunStats>>>,
+    /// Reads and writes completed, all LUNs together.
+    ios: u64,
 }
 
 impl Stats {
@@ -79,11 +81,18 @@ impl Stats {
     }
 
     pub fn record_read(&mut self, lun: u64, bytes: u32, latency: Duration) {
+        self.ios += 1;
         self.lun(lun).read.record(bytes, latency);
     }
 
     pub fn record_write(&mut self, lun: u64, bytes: u32, latency: Duration) {
+        self.ios += 1;
         self.lun(lun).write.record(bytes, latency);
+    }
+
+    /// Reads and writes completed so far.
+    pub fn ios(&self) -> u64 {
+        self.ios
     }
 
     pub fn snapshot(

@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod spin;
-use spin::{Arm, ArmChooser, SpinPolicy, SPIN};
+use spin::{Arm, ArmChooser, SpinPolicy, BATCH_CQES, BATCH_WAIT, SPIN};
 
 /// How a reactor waits for work (see the `poll_mode` configuration key).
 pub use crate::config::PollMode;
@@ -206,6 +206,7 @@ impl Reactor {
             }
         }
         let (luns, lun_gen) = shared.lun_table();
+        let can_batch = ring.params().is_feature_min_timeout();
         Ok(Self {
             id,
             ring,
@@ -228,7 +229,7 @@ impl Reactor {
             luns,
             lun_gen,
             poll,
-            idle: ArmChooser::new(Instant::now()),
+            idle: ArmChooser::new(Instant::now(), can_batch),
             stopping: false,
         })
     }
@@ -272,7 +273,10 @@ impl Reactor {
             let wait =
                 adaptive && idle_spins >= 64 && idle_spins.is_multiple_of(64) && last_activity.elapsed() >= spin_for;
             slept |= wait;
-            let res = if wait {
+            let res = if wait && self.idle.arm() == Arm::Batch {
+                let args = types::SubmitArgs::new().min_wait_usec(BATCH_WAIT.as_micros() as u32);
+                self.ring.submitter().submit_with_args(BATCH_CQES, &args).map(Some)
+            } else if wait {
                 self.ring.submit_and_wait(1).map(Some)
             } else if self.needs_enter() {
                 self.ring.submit().map(Some)
@@ -280,7 +284,7 @@ impl Reactor {
                 Ok(None) // nothing to submit, no kernel work pending: poll the CQ only
             };
             if let Err(e) = res {
-                if e.raw_os_error() != Some(libc::EINTR) && e.raw_os_error() != Some(libc::EBUSY) {
+                if !matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::ETIME)) {
                     log::error!("reactor {}: io_uring_enter failed: {e}", self.id);
                 }
             }
@@ -290,7 +294,7 @@ impl Reactor {
                 if idle_spins == 0 {
                     spin_for = match self.idle.arm() {
                         Arm::Spin => spin.begin_idle(),
-                        Arm::Sleep => Duration::ZERO,
+                        Arm::Sleep | Arm::Batch => Duration::ZERO,
                     };
                     slept = false;
                 }
@@ -303,7 +307,7 @@ impl Reactor {
                 idle_spins = 0;
                 last_activity = now;
                 if adaptive {
-                    self.idle.at(now);
+                    self.idle.at(now, self.stats.ios());
                 }
             }
             let cqes = std::mem::take(&mut self.cqes);
