@@ -206,7 +206,8 @@ impl Reactor {
             }
         }
         let (luns, lun_gen) = shared.lun_table();
-        let can_batch = ring.params().is_feature_min_timeout();
+        // Batching adds latency: only where asked for (`frugal`) and the kernel has it.
+        let can_batch = poll == PollMode::Frugal && ring.params().is_feature_min_timeout();
         Ok(Self {
             id,
             ring,
@@ -267,7 +268,7 @@ impl Reactor {
         let mut idle_spins = 0u32;
         let mut spin = SpinPolicy::new();
         let (mut spin_for, mut slept) = (SPIN, false);
-        let adaptive = self.poll == PollMode::Adaptive;
+        let adaptive = self.poll != PollMode::Busy;
         loop {
             // Reading the clock every spin costs more than the spin: look every 64.
             let wait =

@@ -76,7 +76,7 @@ class ISCSI(Driver):
     control_socket: Optional[str] = None
     reactors: Optional[int] = None
     cpus: Optional[List[int]] = None
-    poll_mode: Literal["adaptive", "busy"] = "adaptive"
+    poll_mode: Literal["adaptive", "busy", "frugal"] = "adaptive"
     luns: List[Dict[str, Any]] = field(default_factory=list)
     offload_threads: Optional[int] = None
     limits: Optional[Dict[str, Any]] = None
