@@ -163,7 +163,8 @@ pub struct Reactor {
     luns: Arc<LunTable>,
     lun_gen: u64,
     poll: PollMode,
-    /// Whether this adaptive reactor may spin at all, chosen by trying ([`spin`]).
+    /// How this (non-busy) reactor waits when idle: spin, sleep or batch, chosen by trying
+    /// ([`spin`]).
     idle: ArmChooser,
     stopping: bool,
 }

@@ -7,9 +7,9 @@
 //! (queue depth 1, where sleeping adds a wake-up to every round trip and halves the IOPS) or
 //! sends on its own clock (a fixed rate, where spinning burns the whole gap and gains nothing).
 //! [`ArmChooser`] tells them apart the only sure way, by trying: now and then it runs one short
-//! epoch on the next cheaper way of waiting (spin, sleep, sleep in batches) or the next dearer
-//! one, and compares the load the initiators offered (bytes received) with the epochs around
-//! it. The cheapest way that costs the initiators nothing measurable wins.
+//! epoch on another way of waiting (spin, sleep, and with `poll_mode: frugal` sleep in
+//! batches) and compares the load the initiators offered (bytes received) with the epoch
+//! before. The cheapest way that costs the initiators nothing measurable wins.
 
 use std::time::{Duration, Instant};
 
@@ -85,8 +85,9 @@ pub(super) enum Arm {
 
 /// What a batching wait gathers at most, and for how long (`min_wait_usec` of
 /// `io_uring_enter`, kernel 6.12+): at a steady 30k commands/s a wake-up then handles about
-/// eight commands instead of three, which halves the reactor's CPU there. The added latency
-/// is bounded by this wait and only taken where the chooser measured it costing nothing.
+/// eight commands instead of three, and the reactor's CPU falls by a third or more
+/// (perf/RESULTS.md). The added latency is bounded by this wait, and fio sees it: hence
+/// only in `frugal`, where the chooser still keeps it only if it costs no throughput.
 pub(super) const BATCH_CQES: usize = 16;
 pub(super) const BATCH_WAIT: Duration = Duration::from_micros(400);
 /// Batching is tried only while reads and writes complete at least this often: below it
@@ -117,10 +118,10 @@ const CHEAPER_LOSS: f64 = 0.01;
 const DEARER_GAIN: f64 = 0.03;
 /// A cheaper arm is tried only while the steady epochs' rates stay this close to each other
 /// (mean relative change, each capped at 10% so that one change of load passes quickly,
-/// weight 1/4 per epoch). An initiator on its own clock (a fixed
-/// rate, or idle) offers a steady load; one that waits for us (any queue depth) offers what
-/// the host lets both sides do, which on a noisy host swings far more than the few percent
-/// sleeping costs, so that a single trial cannot be judged and the reactor keeps spinning.
+/// weight 1/4 per epoch). An initiator on its own clock (a fixed rate, or idle) offers a
+/// steady load; one that waits for us (any queue depth) offers what the host lets both sides
+/// do, which on a noisy host swings far more than the few percent sleeping costs, so that a
+/// single trial cannot be judged and the reactor keeps spinning.
 const QUIET: f64 = 0.02;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -151,7 +152,8 @@ pub(super) struct ArmChooser {
     chosen: Arm,
     phase: Phase,
     interval: u32,
-    /// Whether the kernel has `min_wait_usec` (else [`Arm::Batch`] is never used).
+    /// Whether [`Arm::Batch`] may be used: `poll_mode: frugal` and a kernel with
+    /// `min_wait_usec`.
     can_batch: bool,
     /// Trials take the other arms in turn: the next one tried is the first after this index.
     last_tried: usize,
@@ -229,22 +231,23 @@ impl ArmChooser {
     }
 
     fn steady(&mut self, left: u32, e: Epoch) -> Phase {
-        let changed = e.rate > 2.0 * self.last_rate || self.last_rate > 2.0 * e.rate;
         let top = e.rate.max(self.last_rate);
         let change = if top > 0.0 { (e.rate - self.last_rate).abs() / top } else { 0.0 };
         self.noise += (change.min(0.1) - self.noise) / 4.0;
         self.last_rate = e.rate;
-        if changed {
+        if change > 0.5 {
+            // The load more than doubled or halved: try again soon.
             self.interval = MIN_INTERVAL;
         }
         // Batching is for a busy reactor only: once the I/O rate falls, stop at once (a
         // queue-depth-1 initiator arriving now would wait out every batch).
         if self.chosen == Arm::Batch && e.iops < BATCH_MIN_IOPS {
-            self.switch(Arm::Sleep, "the I/O rate fell");
+            self.switch(Arm::Sleep, format_args!("{:.0} IOPS, under {BATCH_MIN_IOPS}", e.iops));
             return Phase::Steady { left: self.interval };
         }
-        if left.min(self.interval) > 0 {
-            return Phase::Steady { left: left.min(self.interval) - 1 };
+        let left = left.min(self.interval);
+        if left > 0 {
+            return Phase::Steady { left: left - 1 };
         }
         let batch_ok = self.can_batch && e.iops >= BATCH_MIN_IOPS;
         // Tried: the next cheaper arm (the rate only falls further beyond it: a longer wait
@@ -270,8 +273,7 @@ impl ArmChooser {
             trial > before * (1.0 + DEARER_GAIN)
         };
         if better {
-            self.switch(arm, "measured");
-            log::debug!("reactor idle: {trial:.0} B/s on {arm:?} against {before:.0} B/s");
+            self.switch(arm, format_args!("{trial:.0} B/s on it against {before:.0} B/s"));
         } else {
             self.lost += 1;
             if self.lost >= 2 {
@@ -280,7 +282,7 @@ impl ArmChooser {
         }
     }
 
-    fn switch(&mut self, arm: Arm, why: &str) {
+    fn switch(&mut self, arm: Arm, why: std::fmt::Arguments) {
         log::debug!("reactor idle: {:?} -> {arm:?} ({why})", self.chosen);
         self.chosen = arm;
         self.interval = MIN_INTERVAL;
