@@ -15,7 +15,7 @@ use crate::protocol::login::{Login, LoginOutcome, LoginRequest, Negotiated, Sess
 use crate::protocol::pdu::{self, opcode, reject, Bhs, BhsBuf, Layout, BHS_LEN, RESERVED_TAG};
 use crate::protocol::trace::{self, Dir};
 use crate::protocol::{digest, text};
-use crate::scsi::{self, lun, status, Disposition, LunTable, Nexus, Request, Sense};
+use crate::scsi::{self, lun, status, Disposition, LunRefs, LunTable, Nexus, Request, Sense};
 use crate::session::{SessionError, SessionInfo, Shared};
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -74,6 +74,8 @@ pub enum IoKind {
 /// What the reactor lends a connection while it handles an event.
 pub struct ConnEnv<'a> {
     pub luns: &'a Arc<LunTable>,
+    /// This reactor's handles on the LUNs of `luns`, which tasks hold.
+    pub lun_refs: &'a LunRefs,
     pub pool: &'a mut BufPool,
     /// Data-In scratch for commands answered in place (INQUIRY, MODE SENSE...).
     pub scratch: &'a mut [u8],

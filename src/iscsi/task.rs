@@ -2,8 +2,7 @@
 
 use crate::backing::AlignedBuf;
 use crate::iscsi::dataout::DataOut;
-use crate::scsi::Lun;
-use std::sync::Arc;
+use crate::scsi::LunRef;
 use std::time::Instant;
 
 /// What a task is waiting for or doing.
@@ -41,7 +40,7 @@ pub const MAX_CDB: usize = 32;
 pub struct Task {
     pub itt: u32,
     pub lun_field: [u8; 8],
-    pub lun: Option<Arc<Lun>>,
+    pub lun: Option<LunRef>,
     pub cdb: [u8; MAX_CDB],
     pub cdb_len: u8,
     pub expected_len: u32,

@@ -11,7 +11,7 @@
 use crate::backing::pool::BufPool;
 use crate::iscsi::conn::{Conn, ConnEnv, Grant, IoKind, IoReq, NOP_TIMEOUT};
 use crate::iscsi::stats;
-use crate::scsi::LunTable;
+use crate::scsi::{LunRefs, LunTable};
 use crate::session::{Msg, Shared, Waker};
 use crossbeam_channel::Receiver;
 use io_uring::{opcode, types, IoUring};
@@ -105,6 +105,7 @@ macro_rules! conn_env {
     ($r:expr) => {
         ConnEnv {
             luns: &$r.luns,
+            lun_refs: &$r.lun_refs,
             pool: &mut $r.pool,
             scratch: &mut $r.scratch,
             io: &mut $r.io,
@@ -161,6 +162,7 @@ pub struct Reactor {
     /// Wake read and tick timeout are posted (they reference wake_buf / tick_ts).
     aux_inflight: u32,
     luns: Arc<LunTable>,
+    lun_refs: LunRefs,
     lun_gen: u64,
     poll: PollMode,
     /// How this (non-busy) reactor waits when idle: spin, sleep or batch, chosen by trying
@@ -228,6 +230,7 @@ impl Reactor {
             wake_buf: Box::new(0),
             tick_ts: Box::new(types::Timespec::new().sec(1)),
             aux_inflight: 0,
+            lun_refs: LunRefs::new(&luns),
             luns,
             lun_gen,
             poll,
@@ -543,6 +546,7 @@ impl Reactor {
             return;
         }
         (self.luns, self.lun_gen) = self.shared.lun_table();
+        self.lun_refs = LunRefs::new(&self.luns);
         for slot in self.conns.iter_mut().flatten() {
             slot.conn.luns_changed(&self.luns);
             let mut env = conn_env!(self);

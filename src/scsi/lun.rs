@@ -5,6 +5,7 @@ use super::reservations::Reservations;
 use crate::backing::{Backing, BackingKind};
 use crate::offload::{Job, RangeLock};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -163,6 +164,33 @@ fn fnv1a64(data: &[u8]) -> u64 {
     data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
+/// A task's hold on its LUN: a reactor-local `Rc` around the table's `Arc`. Taking one per
+/// command touches only this reactor's memory, where cloning the `Arc<Lun>` itself would bounce
+/// its reference count, and the LUN fields beside it, between the reactors serving that LUN.
+pub type LunRef = Rc<Arc<Lun>>;
+
+/// A reactor's [`LunRef`]s on the LUNs of its current table, rebuilt when it swaps tables.
+#[derive(Default)]
+pub struct LunRefs {
+    /// Sorted by LUN number, like the table.
+    refs: Vec<LunRef>,
+}
+
+impl LunRefs {
+    pub fn new(table: &LunTable) -> Self {
+        Self { refs: table.iter().map(|l| Rc::new(l.clone())).collect() }
+    }
+
+    /// A handle on `lun`: a clone of the reactor's own when `lun` is in its current table (no
+    /// allocation, no atomic), a new one otherwise.
+    pub fn get(&self, lun: &Arc<Lun>) -> LunRef {
+        match self.refs.binary_search_by_key(&lun.id, |r| r.id) {
+            Ok(i) if Arc::ptr_eq(&self.refs[i], lun) => self.refs[i].clone(),
+            _ => Rc::new(lun.clone()),
+        }
+    }
+}
+
 /// An immutable snapshot of the LUNs a target exports, sorted by LUN number. Changes publish a
 /// new table; reactors swap their `Arc` between commands, so the I/O path takes no lock.
 #[derive(Default, Clone)]
@@ -263,6 +291,28 @@ mod tests {
         assert_eq!(a.naa, a2.naa);
         assert_ne!(a.naa, b.naa);
         assert_eq!(a.naa >> 60, 3);
+    }
+
+    #[test]
+    fn lun_refs_take_no_reference_on_the_shared_lun() {
+        let mk = |id| Arc::new(Lun::new(id, &format!("l{id}"), None, Backing::new_mem(4096).unwrap(), false, "t"));
+        let (a, b) = (mk(0), mk(3));
+        let table = LunTable::new(vec![b.clone(), a.clone()]);
+        let refs = LunRefs::new(&table);
+        let before = Arc::strong_count(&b);
+        let held: Vec<LunRef> = (0..100).map(|_| refs.get(table.get(3).unwrap())).collect();
+        assert_eq!(Arc::strong_count(&b), before, "a task's handle must not touch the shared count");
+        assert!(held.iter().all(|r| Arc::ptr_eq(r, &b)));
+        assert!(Arc::ptr_eq(&refs.get(&a), &a));
+        // A LUN of the same number that is not the table's (replaced) gets a handle of its own.
+        let replaced = mk(3);
+        let r = refs.get(&replaced);
+        assert!(Arc::ptr_eq(&r, &replaced) && !Arc::ptr_eq(&r, &b));
+        assert_eq!(Arc::strong_count(&replaced), 2);
+        drop(held);
+        drop(refs);
+        drop(table);
+        assert_eq!(Arc::strong_count(&b), 1, "handles hold the LUN only while they live");
     }
 
     #[test]

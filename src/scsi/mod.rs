@@ -17,7 +17,7 @@ pub mod reservations;
 pub mod sense;
 
 pub use commands::{execute, execute_data_out, execute_offloaded};
-pub use lun::{Lun, LunTable};
+pub use lun::{Lun, LunRef, LunRefs, LunTable};
 pub use nexus::Nexus;
 pub use sense::{Sense, SenseKey};
 

@@ -155,7 +155,7 @@ impl Conn {
             return self.scsi_response(itt, status::TASK_SET_FULL, None, Residual::None);
         }
         let xfer = needed.min(edtl);
-        let lun = req.lun.and_then(|id| Self::luns(&self.view, env.luns).get(id)).cloned();
+        let lun = req.lun.and_then(|id| Self::luns(&self.view, env.luns).get(id)).map(|l| env.lun_refs.get(l));
         // A write to a RAM LUN whose data all came as immediate data completes right here,
         // copied straight from the receive buffer: no task, no buffer, no second copy.
         if let (Action::Write { offset, .. }, Some(l)) = (action, &lun) {
@@ -611,7 +611,8 @@ impl Conn {
     /// task with ring I/O in flight.
     fn offload(&mut self, slot: u16, lock: Option<crate::offload::LbaRange>, env: &mut ConnEnv) {
         let task = self.tasks.get_mut(slot).expect("live task");
-        let lun = task.lun.clone().expect("offloaded commands run on an existing LUN");
+        // The worker thread needs the shared `Arc` (the task's `LunRef` stays on this reactor).
+        let lun = Arc::clone(task.lun.as_deref().expect("offloaded commands run on an existing LUN"));
         let (cdb, cdb_len, expected_len) = (task.cdb, usize::from(task.cdb_len), task.expected_len);
         let (read, write, xfer) = (task.read_bit, task.write_bit, task.xfer as usize);
         let buf = task.buf.take();

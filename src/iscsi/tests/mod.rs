@@ -28,7 +28,7 @@ use crate::config::ConnLimits;
 use crate::protocol::login::LoginConfig;
 use crate::protocol::pdu::{opcode, pad_len, Bhs, BhsBuf, BHS_LEN, RESERVED_TAG};
 use crate::protocol::text;
-use crate::scsi::{lun, status, Lun, LunTable};
+use crate::scsi::{lun, status, Lun, LunRefs, LunTable};
 use crate::session::{AbortReply, Mailbox, Msg, Shared, Waker};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -260,6 +260,7 @@ struct Slot {
 struct Rig {
     shared: Shared,
     luns: Arc<LunTable>,
+    lun_refs: LunRefs,
     pool: BufPool,
     scratch: Vec<u8>,
     io: Vec<IoReq>,
@@ -296,6 +297,7 @@ impl Rig {
         shared.set_reactors(vec![Mailbox { tx, waker: Arc::new(Waker::new().expect("eventfd")) }]);
         Rig {
             shared,
+            lun_refs: LunRefs::new(&table),
             luns: Arc::new(table),
             pool,
             scratch: vec![0; 256 << 10],
@@ -330,9 +332,19 @@ impl Rig {
     /// Runs `f` on connection `c` with the environment the reactor would lend it; the backing
     /// I/O it asks for joins the pending list.
     fn with_conn<R>(&mut self, c: usize, f: impl FnOnce(&mut Conn, &mut ConnEnv) -> R) -> R {
-        let Rig { shared, luns, pool, scratch, io, stats, slots, now, pending, .. } = self;
+        let Rig { shared, luns, lun_refs, pool, scratch, io, stats, slots, now, pending, .. } = self;
         assert!(!slots[c].gone, "connection {c} is gone");
-        let mut env = ConnEnv { luns: &*luns, pool, scratch, io, shared: &*shared, stats, reactor: 0, now: *now };
+        let mut env = ConnEnv {
+            luns: &*luns,
+            lun_refs: &*lun_refs,
+            pool,
+            scratch,
+            io,
+            shared: &*shared,
+            stats,
+            reactor: 0,
+            now: *now,
+        };
         let r = f(&mut slots[c].conn, &mut env);
         pending.extend(io.drain(..).map(|r| (c, r)));
         r
@@ -631,6 +643,7 @@ impl Rig {
     fn remove_lun(&mut self, id: u64) {
         let kept: Vec<Arc<Lun>> = self.luns.iter().filter(|l| l.id != id).cloned().collect();
         self.luns = Arc::new(LunTable::new(kept));
+        self.lun_refs = LunRefs::new(&self.luns);
         let luns = self.luns.clone();
         for c in 0..self.slots.len() {
             if !self.slots[c].gone {
