@@ -3,9 +3,12 @@
 
 mod common;
 
+use common::initiator::{LoginOptions, Session};
+use common::Target;
+use serde_json::json;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A classic-BPF seccomp filter that makes io_uring_setup fail with EPERM, as Docker's and
 /// containerd's default profiles do, and allows everything else.
@@ -91,4 +94,56 @@ fn the_seccomp_profile_is_the_default_plus_io_uring() {
     // Still the default's restrictions: namespaces and mounts need CAP_SYS_ADMIN.
     assert!(!allowed("mount") && !allowed("unshare") && !allowed("setns"));
     assert!(!allowed("socket"), "socket is allowed only with an argument filter (no AF_VSOCK)");
+}
+
+/// Bytes of a recognisable pattern.
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 9) as u8).collect()
+}
+
+/// Waits until the session's reactor serves LUN `lun` again after `add_lun`.
+fn wait_for_lun(s: &mut Session, lun: u16) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !common::past_ua(|| s.test_unit_ready(lun).unwrap()).is_good() {
+        assert!(Instant::now() < deadline, "LUN {lun} never came back");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn file_luns_go_through_fixed_buffers_and_a_new_image_reads_its_own_bytes() {
+    let t = Target::start(&["--lun", "name=disk,size_mb=4"]);
+    let lun = t.lun("disk");
+    let mut s = t.login(&LoginOptions::default());
+    // 4 KiB and 64 KiB buffers are registered; 512 KiB ones are larger than the pool registers.
+    for (lba, len, seed) in [(0u32, 4096usize, 1u8), (64, 64 << 10, 2), (1024, 512 << 10, 3), (8, 4096, 4)] {
+        let data = pattern(seed, len);
+        assert!(s.write10(lun, lba, &data, 512).unwrap().is_good(), "write at {lba}");
+        let r = s.read10(lun, lba, (len / 512) as u16, 512).unwrap();
+        assert!(r.is_good() && r.data == data, "read at {lba} differs from what was written");
+    }
+    let stats = t.control().ok("get_stats", json!(null));
+    let fixed: Vec<u64> = stats["reactors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["buffers"]["fixed_bytes"].as_u64().expect("fixed_bytes"))
+        .collect();
+    assert!(fixed.iter().all(|&b| b <= 8 << 20), "over the fixed-buffer cap: {fixed:?}");
+    if !t.stderr_text().contains("fixed buffers unavailable") {
+        assert!(fixed.iter().sum::<u64>() >= 4096, "no buffer was registered: {stats}");
+    }
+    // The LUN's file leaves the ring's fixed-file table with it: the image added under the
+    // same LUN number (and likely the same descriptor number) serves its own bytes.
+    let other = pattern(9, 1 << 20);
+    std::fs::write(t.root().join("other.img"), &other).unwrap();
+    let mut c = t.control();
+    c.ok("remove_lun", json!({"name": "disk"}));
+    c.ok("add_lun", json!({"name": "other", "file_path": "other.img", "lun_id": lun}));
+    wait_for_lun(&mut s, lun);
+    common::assert_lun_holds(&mut s, lun, &other);
+    let data = pattern(5, 8192);
+    assert!(s.write10(lun, 16, &data, 512).unwrap().is_good());
+    let on_disk = std::fs::read(t.root().join("other.img")).unwrap();
+    assert!(on_disk[16 * 512..16 * 512 + 8192] == data[..], "the write reached another file");
 }

@@ -11,8 +11,12 @@
 //! Accounting is by task: a task records the class size it was charged ([`BufPool::take`])
 //! and gives exactly that back when it ends ([`BufPool::give_back`]), whether or not its buffer
 //! came back with it (an offloaded job carries the buffer to a worker and back).
+//!
+//! The pool also decides which of its buffers the reactor registers with its ring as io_uring
+//! fixed buffers ([`FixedBufs`]): it sees every buffer made and dropped.
 
 use crate::backing::{AlignedBuf, IO_ALIGN};
+use std::collections::HashMap;
 
 /// The largest buffer the pool hands out: the largest SCSI transfer we accept.
 pub const MAX_BUF: usize = 16 << 20;
@@ -35,10 +39,13 @@ pub struct PoolStats {
     pub waits: u64,
     /// Commands answered TASK SET FULL for lack of buffer memory, since start.
     pub refused: u64,
+    /// Bytes of buffers registered with the ring as io_uring fixed buffers.
+    pub fixed: u64,
 }
 
 pub struct BufPool {
     free: [Vec<AlignedBuf>; CLASSES],
+    fixed: FixedBufs,
     limit: usize,
     reserved: usize,
     cached: usize,
@@ -63,6 +70,7 @@ impl BufPool {
         assert!(limit >= MAX_BUF, "a buffer budget of {limit} bytes cannot hold one {MAX_BUF}-byte command");
         Self {
             free: std::array::from_fn(|c| Vec::with_capacity(Self::keep(c))),
+            fixed: FixedBufs::default(),
             limit,
             reserved: 0,
             cached: 0,
@@ -124,9 +132,12 @@ impl BufPool {
             while self.reserved + self.cached > self.limit {
                 let Some(b) = self.free[c].pop() else { break };
                 self.cached -= b.len();
+                self.fixed.dropped(b.as_ptr() as usize);
             }
         }
-        Some(AlignedBuf::new(size))
+        let buf = AlignedBuf::new(size);
+        self.fixed.made(buf.as_ptr() as usize, buf.len());
+        Some(buf)
     }
 
     /// Ends a charge of `charged` bytes (the length of the buffer [`BufPool::take`] returned),
@@ -142,7 +153,48 @@ impl BufPool {
         {
             self.cached += buf.len();
             self.free[class].push(buf);
+        } else {
+            self.fixed.dropped(buf.as_ptr() as usize);
         }
+    }
+
+    /// The reactor registered a sparse table of [`FIXED_SLOTS`] buffers with its ring: from now
+    /// on new buffers get registered (see [`FixedBufs`]).
+    pub fn enable_fixed(&mut self) {
+        self.fixed.enabled = true;
+    }
+
+    /// The fixed-buffer index of the buffer at `ptr` (a task buffer's start), if registered.
+    pub fn fixed_index(&self, ptr: *const u8) -> Option<u16> {
+        self.fixed.by_addr.get(&(ptr as usize)).copied()
+    }
+
+    /// Registrations to apply to the ring, in order, before the next I/O is submitted.
+    pub fn fixed_updates(&mut self) -> Vec<FixedUpdate> {
+        std::mem::take(&mut self.fixed.updates)
+    }
+
+    /// Gives back the (emptied) vector [`BufPool::fixed_updates`] returned, for reuse.
+    pub fn fixed_updates_done(&mut self, mut done: Vec<FixedUpdate>) {
+        if self.fixed.updates.is_empty() {
+            done.clear();
+            self.fixed.updates = done;
+        }
+    }
+
+    /// The ring refused a registration (RLIMIT_MEMLOCK, say): that buffer stays unregistered
+    /// and no more are tried.
+    pub fn fixed_failed(&mut self, update: &FixedUpdate) {
+        self.fixed.enabled = false;
+        if update.len > 0 && self.fixed.by_addr.get(&update.addr) == Some(&update.slot) {
+            self.fixed.by_addr.remove(&update.addr);
+            self.fixed.release(update.slot);
+        }
+    }
+
+    /// Bytes in registered buffers now.
+    pub fn fixed_bytes(&self) -> usize {
+        self.fixed.bytes
     }
 
     /// A command starts waiting for room.
@@ -175,13 +227,166 @@ impl BufPool {
             waiting: self.waiting as u64,
             waits: self.waits,
             refused: self.refused,
+            fixed: self.fixed.bytes as u64,
         }
+    }
+}
+
+/// Fixed buffers a reactor's ring holds at most (a sparse table of this many slots).
+pub const FIXED_SLOTS: u32 = 1024;
+/// Bytes a reactor keeps registered at most: pinned memory counts against RLIMIT_MEMLOCK
+/// (8 MiB for an unprivileged user on Debian) unless the process may lock memory.
+const FIXED_BYTES: usize = 8 << 20;
+/// Larger buffers are not registered: pinning their pages per I/O is a small part of moving
+/// them, and a few of them would use up [`FIXED_BYTES`].
+const FIXED_MAX_BUF: usize = 256 << 10;
+
+/// One change to the ring's fixed-buffer table: register `len` bytes at `addr` in `slot`, or
+/// clear the slot when `len` is 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FixedUpdate {
+    pub slot: u16,
+    pub addr: usize,
+    pub len: usize,
+}
+
+/// Which pool buffers are io_uring fixed buffers. An O_DIRECT read or write into a fixed buffer
+/// skips pinning its pages on every I/O (`READ_FIXED` / `WRITE_FIXED`).
+///
+/// Safety rests on one rule: a slot is looked up by the exact address of a buffer the pool made,
+/// and every buffer the pool makes is (re)registered before it is used. A buffer that leaves
+/// the pool for good (dropped by an offload job that never ran) keeps its slot, pinning its old
+/// pages, until the pool makes a buffer at that address again: that one re-registers the slot,
+/// so an I/O through the slot always reaches the live buffer's pages.
+#[derive(Default)]
+struct FixedBufs {
+    enabled: bool,
+    by_addr: HashMap<usize, u16>,
+    /// Registered length per slot (0: free).
+    lens: Vec<usize>,
+    free: Vec<u16>,
+    bytes: usize,
+    updates: Vec<FixedUpdate>,
+}
+
+impl FixedBufs {
+    /// The pool made a buffer of `len` bytes at `addr`.
+    fn made(&mut self, addr: usize, len: usize) {
+        if !self.enabled || len > FIXED_MAX_BUF {
+            return;
+        }
+        let slot = match self.by_addr.get(&addr) {
+            // An earlier buffer at this address left the pool without coming back.
+            Some(&slot) => {
+                self.bytes -= self.lens[usize::from(slot)];
+                slot
+            }
+            None => {
+                if self.bytes + len > FIXED_BYTES {
+                    return;
+                }
+                let Some(slot) = self.free.pop().or_else(|| {
+                    (self.lens.len() < FIXED_SLOTS as usize).then(|| {
+                        self.lens.push(0);
+                        (self.lens.len() - 1) as u16
+                    })
+                }) else {
+                    return;
+                };
+                self.by_addr.insert(addr, slot);
+                slot
+            }
+        };
+        self.lens[usize::from(slot)] = len;
+        self.bytes += len;
+        self.updates.push(FixedUpdate { slot, addr, len });
+    }
+
+    /// The pool dropped its buffer at `addr`.
+    fn dropped(&mut self, addr: usize) {
+        if let Some(slot) = self.by_addr.remove(&addr) {
+            self.updates.push(FixedUpdate { slot, addr: 0, len: 0 });
+            self.release(slot);
+        }
+    }
+
+    fn release(&mut self, slot: u16) {
+        self.bytes -= std::mem::take(&mut self.lens[usize::from(slot)]);
+        self.free.push(slot);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_buffers_are_registered_once_and_cleared_when_dropped() {
+        let mut p = BufPool::new(MAX_BUF);
+        p.enable_fixed();
+        let a = p.take(4096, false).unwrap();
+        let big = p.take(FIXED_MAX_BUF * 2, false).unwrap();
+        let ups = p.fixed_updates();
+        assert_eq!(ups.len(), 1, "only the small buffer is registered: {ups:?}");
+        assert_eq!((ups[0].addr, ups[0].len), (a.as_ptr() as usize, 4096));
+        let slot = p.fixed_index(a.as_ptr()).unwrap();
+        assert_eq!(p.fixed_index(big.as_ptr()), None);
+        // Recycled: still registered, nothing to do.
+        let addr = a.as_ptr();
+        p.give_back(Some(a), 4096);
+        let a = p.take(4096, false).unwrap();
+        assert_eq!((a.as_ptr(), p.fixed_index(addr)), (addr, Some(slot)));
+        assert!(p.fixed_updates().is_empty());
+        // Dropped by the pool (a buffer of an odd size is never kept): the slot is cleared.
+        p.give_back(Some(AlignedBuf::new(3 * 4096)), 0);
+        assert!(p.fixed_updates().is_empty(), "not a pool buffer: nothing registered, nothing cleared");
+        p.give_back(Some(big), FIXED_MAX_BUF * 2);
+        let limit = p.stats().limit as usize;
+        // Fill the cache past the limit so the next miss evicts our 4 KiB buffer.
+        p.give_back(Some(a), 4096);
+        let _huge = p.take(limit - 4096, false).unwrap();
+        let ups = p.fixed_updates();
+        assert!(ups.contains(&FixedUpdate { slot, addr: 0, len: 0 }), "an evicted buffer's slot is cleared: {ups:?}");
+        assert_eq!(p.fixed_index(addr), None);
+        assert_eq!(p.fixed_bytes(), 0);
+    }
+
+    #[test]
+    fn a_buffer_made_where_a_lost_one_was_registers_its_own_pages() {
+        let mut f = FixedBufs { enabled: true, ..FixedBufs::default() };
+        let addr = 0x7f00_0000_0000;
+        f.made(addr, 8192);
+        let slot = f.by_addr[&addr];
+        f.updates.clear();
+        // That buffer left the pool for good (an offload job that never ran dropped it) and the
+        // allocator hands its address to the next buffer, of another size: the slot must now
+        // hold the new buffer's pages.
+        f.made(addr, 16384);
+        assert_eq!(f.by_addr[&addr], slot, "same slot");
+        assert_eq!(f.updates, [FixedUpdate { slot, addr, len: 16384 }], "re-registered");
+        assert_eq!(f.bytes, 16384, "the lost buffer's bytes are not counted twice");
+        f.dropped(addr);
+        assert_eq!(f.updates.last(), Some(&FixedUpdate { slot, addr: 0, len: 0 }));
+        assert_eq!((f.bytes, f.free.as_slice()), (0, &[slot][..]));
+    }
+
+    #[test]
+    fn fixed_registration_stops_at_its_byte_cap_and_after_a_refusal() {
+        let mut p = BufPool::new(64 << 20);
+        p.enable_fixed();
+        let bufs: Vec<_> = (0..40).map(|_| p.take(FIXED_MAX_BUF, false).unwrap()).collect();
+        assert_eq!(p.fixed_bytes(), FIXED_BYTES, "at most {FIXED_BYTES} bytes");
+        assert_eq!(bufs.iter().filter(|b| p.fixed_index(b.as_ptr()).is_some()).count(), FIXED_BYTES / FIXED_MAX_BUF);
+        let mut q = BufPool::default();
+        q.enable_fixed();
+        let b = q.take(4096, false).unwrap();
+        let ups = q.fixed_updates();
+        q.fixed_failed(&ups[0]);
+        assert_eq!((q.fixed_index(b.as_ptr()), q.fixed_bytes()), (None, 0));
+        let c = q.take(4096, false).unwrap();
+        assert_eq!(q.fixed_index(c.as_ptr()), None, "no more registrations after a refusal");
+        assert!(q.fixed_updates().is_empty());
+    }
 
     #[test]
     fn classes_round_up_and_recycle() {

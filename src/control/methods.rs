@@ -293,6 +293,7 @@ fn stats(target: &Target) -> Value {
                 "waiting": r.buffers.waiting,
                 "waits": r.buffers.waits,
                 "task_set_full": r.buffers.refused,
+                "fixed_bytes": r.buffers.fixed,
             },
             "read": op_json(&total.read),
             "write": op_json(&total.write),

@@ -21,7 +21,9 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod fixed;
 mod spin;
+use fixed::FixedFiles;
 use spin::{Arm, ArmChooser, SpinPolicy, BATCH_CQES, BATCH_WAIT, SPIN};
 
 /// How a reactor waits for work (see the `poll_mode` configuration key).
@@ -147,6 +149,7 @@ pub struct Reactor {
     free_slots: Vec<u32>,
     touched: Vec<u32>,
     pool: BufPool,
+    files: FixedFiles,
     /// Connections whose tasks wait for buffer memory, in the order they started waiting.
     buf_waiters: VecDeque<u32>,
     stats: stats::Stats,
@@ -209,6 +212,10 @@ impl Reactor {
             }
         }
         let (luns, lun_gen) = shared.lun_table();
+        let mut pool = BufPool::new(shared.limits().buffer_memory_mib as usize * (1 << 20));
+        fixed::enable_fixed_buffers(&ring.submitter(), &mut pool);
+        let mut files = FixedFiles::new(&ring.submitter());
+        files.sync(&backing_fds(&luns), &ring.submitter());
         // Batching adds latency: only where asked for (`frugal`) and the kernel has it.
         let can_batch = poll == PollMode::Frugal && ring.params().is_feature_min_timeout();
         Ok(Self {
@@ -217,7 +224,8 @@ impl Reactor {
             conns: Vec::new(),
             free_slots: Vec::new(),
             touched: Vec::with_capacity(256),
-            pool: BufPool::new(shared.limits().buffer_memory_mib as usize * (1 << 20)),
+            pool,
+            files,
             buf_waiters: VecDeque::new(),
             stats: stats::Stats::default(),
             scratch: vec![0u8; SCRATCH].into_boxed_slice(),
@@ -547,6 +555,7 @@ impl Reactor {
         }
         (self.luns, self.lun_gen) = self.shared.lun_table();
         self.lun_refs = LunRefs::new(&self.luns);
+        self.files.sync(&backing_fds(&self.luns), &self.ring.submitter());
         for slot in self.conns.iter_mut().flatten() {
             slot.conn.luns_changed(&self.luns);
             let mut env = conn_env!(self);
@@ -674,23 +683,52 @@ impl Reactor {
 
     /// Submits the backing I/O a connection asked for while handling one event.
     fn submit_io(&mut self, conn_idx: u32) {
+        fixed::apply_buffer_updates(&self.ring.submitter(), &mut self.pool);
         let reqs = std::mem::take(&mut self.io);
         for r in &reqs {
-            let fd = types::Fd(r.fd);
             let ud = Op::Io { conn: conn_idx, task: r.task }.user_data();
-            let e = match r.kind {
-                IoKind::Read => opcode::Read::new(fd, r.buf, r.len).offset(r.offset).build(),
-                IoKind::Write { dsync } => opcode::Write::new(fd, r.buf, r.len)
-                    .offset(r.offset)
-                    .rw_flags(if dsync { libc::RWF_DSYNC } else { 0 })
-                    .build(),
-                IoKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-            };
+            let e = self.io_entry(r);
             self.push(e.user_data(ud));
         }
         self.io = reqs;
         self.io.clear();
     }
+}
+
+impl Reactor {
+    /// The ring operation for a backing-store request: on the fixed file and through the fixed
+    /// buffer registered for it, where they are.
+    fn io_entry(&self, r: &IoReq) -> io_uring::squeue::Entry {
+        // A fixed file is named by its slot in the fd field, flagged FIXED_FILE.
+        let (fd, flags) = match self.files.slot(r.fd) {
+            Some(slot) => (types::Fd(slot as i32), io_uring::squeue::Flags::FIXED_FILE),
+            None => (types::Fd(r.fd), io_uring::squeue::Flags::empty()),
+        };
+        let fixed = if r.buf.is_null() { None } else { self.pool.fixed_index(r.buf) };
+        let dsync = |f| if f { libc::RWF_DSYNC } else { 0 };
+        match (r.kind, fixed) {
+            (IoKind::Read, Some(i)) => opcode::ReadFixed::new(fd, r.buf, r.len, i).offset(r.offset).build(),
+            (IoKind::Read, None) => opcode::Read::new(fd, r.buf, r.len).offset(r.offset).build(),
+            (IoKind::Write { dsync: d }, Some(i)) => {
+                opcode::WriteFixed::new(fd, r.buf, r.len, i).offset(r.offset).rw_flags(dsync(d)).build()
+            }
+            (IoKind::Write { dsync: d }, None) => {
+                opcode::Write::new(fd, r.buf, r.len).offset(r.offset).rw_flags(dsync(d)).build()
+            }
+            (IoKind::Flush, _) => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+        }
+        .flags(flags)
+    }
+}
+
+/// The descriptors of a LUN table's backing files.
+fn backing_fds(luns: &LunTable) -> Vec<i32> {
+    luns.iter()
+        .filter_map(|l| match &l.backing {
+            crate::backing::Backing::File(f) => Some(f.fd()),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Bounds how long sent data may stay unacknowledged before the kernel drops the connection:
