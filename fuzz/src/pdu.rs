@@ -36,7 +36,7 @@ use uringtgt::protocol::pdu::{opcode, pad_len, Bhs, BHS_LEN};
 use uringtgt::backing::pool::BufPool;
 use uringtgt::iscsi::conn::{Conn, ConnEnv, IoReq};
 use uringtgt::iscsi::stats::Stats;
-use uringtgt::scsi::{Lun, LunTable};
+use uringtgt::scsi::{Lun, LunRefs, LunTable};
 use uringtgt::session::Shared;
 
 /// The connection's view of the harness's reactor-side state, as the reactor builds it per
@@ -45,6 +45,7 @@ macro_rules! conn_env {
     ($h:ident) => {
         ConnEnv {
             luns: &$h.luns,
+            lun_refs: &$h.lun_refs,
             pool: &mut $h.pool,
             scratch: &mut $h.scratch,
             io: &mut $h.io,
@@ -306,6 +307,7 @@ struct Harness {
     shared: Shared,
     offloaded: Receiver<Completion>,
     luns: Arc<LunTable>,
+    lun_refs: LunRefs,
     conn: Conn,
     pool: BufPool,
     scratch: Vec<u8>,
@@ -371,6 +373,7 @@ pub fn run(input: &[u8]) {
     let mut h = Harness {
         shared,
         offloaded,
+        lun_refs: LunRefs::new(&luns),
         luns,
         conn,
         pool: BufPool::default(),

@@ -150,6 +150,8 @@ pub struct Reactor {
     touched: Vec<u32>,
     pool: BufPool,
     files: FixedFiles,
+    /// The LUN table changed and the fixed-file table has not caught up yet.
+    files_stale: bool,
     /// Connections whose tasks wait for buffer memory, in the order they started waiting.
     buf_waiters: VecDeque<u32>,
     stats: stats::Stats,
@@ -226,6 +228,7 @@ impl Reactor {
             touched: Vec::with_capacity(256),
             pool,
             files,
+            files_stale: false,
             buf_waiters: VecDeque::new(),
             stats: stats::Stats::default(),
             scratch: vec![0u8; SCRATCH].into_boxed_slice(),
@@ -301,6 +304,9 @@ impl Reactor {
                     log::error!("reactor {}: io_uring_enter failed: {e}", self.id);
                 }
             }
+            if self.files_stale {
+                self.sync_files();
+            }
             self.cqes.clear();
             self.cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
             if self.cqes.is_empty() {
@@ -335,6 +341,18 @@ impl Reactor {
             }
         }
         log::debug!("reactor {} stopped", self.id);
+    }
+
+    /// Brings the fixed-file table to the current LUN table, once every queued operation has
+    /// reached the kernel: those name their file by slot, and a slot cleared or refilled
+    /// under a queued operation would fail it or, worse, point it at another LUN's file.
+    /// (The kernel resolves a slot when it takes the operation, and keeps that file alive
+    /// until the operation ends.) Until then a new LUN's I/O uses its plain descriptor.
+    fn sync_files(&mut self) {
+        if self.files_stale && self.ring.submission().is_empty() {
+            self.files.sync(&backing_fds(&self.luns), &self.ring.submitter());
+            self.files_stale = false;
+        }
     }
 
     /// Whether the kernel must be entered: entries to submit, completion work it flagged, or
@@ -555,7 +573,9 @@ impl Reactor {
         }
         (self.luns, self.lun_gen) = self.shared.lun_table();
         self.lun_refs = LunRefs::new(&self.luns);
-        self.files.sync(&backing_fds(&self.luns), &self.ring.submitter());
+        self.files_stale = true;
+        let _ = self.ring.submit();
+        self.sync_files();
         for slot in self.conns.iter_mut().flatten() {
             slot.conn.luns_changed(&self.luns);
             let mut env = conn_env!(self);
@@ -700,7 +720,9 @@ impl Reactor {
     /// buffer registered for it, where they are.
     fn io_entry(&self, r: &IoReq) -> io_uring::squeue::Entry {
         // A fixed file is named by its slot in the fd field, flagged FIXED_FILE.
-        let (fd, flags) = match self.files.slot(r.fd) {
+        // While the table lags the LUNs (`sync_files`), its slots may name files that are gone.
+        let slot = if self.files_stale { None } else { self.files.slot(r.fd) };
+        let (fd, flags) = match slot {
             Some(slot) => (types::Fd(slot as i32), io_uring::squeue::Flags::FIXED_FILE),
             None => (types::Fd(r.fd), io_uring::squeue::Flags::empty()),
         };
