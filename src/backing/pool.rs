@@ -141,7 +141,9 @@ impl BufPool {
     }
 
     /// Ends a charge of `charged` bytes (the length of the buffer [`BufPool::take`] returned),
-    /// keeping `buf` for reuse when there is room.
+    /// keeping `buf` for reuse when there is room. `buf` must be one this pool made: fixed-buffer
+    /// slots are found by address ([`BufPool::fixed_index`]), and a foreign buffer kept here
+    /// could inherit the slot of a lost one at the same address.
     pub fn give_back(&mut self, buf: Option<AlignedBuf>, charged: usize) {
         debug_assert!(charged <= self.reserved, "gave back {charged} bytes, {} reserved", self.reserved);
         self.reserved -= charged;
