@@ -171,17 +171,10 @@ impl BufPool {
         self.fixed.by_addr.get(&(ptr as usize)).copied()
     }
 
-    /// Registrations to apply to the ring, in order, before the next I/O is submitted.
+    /// Registrations to apply to the ring, in order, before the next I/O is submitted (none
+    /// once the pool has warmed up: taking the empty list allocates nothing).
     pub fn fixed_updates(&mut self) -> Vec<FixedUpdate> {
         std::mem::take(&mut self.fixed.updates)
-    }
-
-    /// Gives back the (emptied) vector [`BufPool::fixed_updates`] returned, for reuse.
-    pub fn fixed_updates_done(&mut self, mut done: Vec<FixedUpdate>) {
-        if self.fixed.updates.is_empty() {
-            done.clear();
-            self.fixed.updates = done;
-        }
     }
 
     /// The ring refused a registration (RLIMIT_MEMLOCK, say): that buffer stays unregistered

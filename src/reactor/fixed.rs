@@ -7,7 +7,6 @@
 
 use crate::backing::pool::{BufPool, FIXED_SLOTS};
 use io_uring::Submitter;
-use std::collections::HashMap;
 
 /// Backing files a reactor's ring holds at most; LUNs beyond this use plain descriptors.
 const FILE_SLOTS: u32 = 256;
@@ -15,9 +14,8 @@ const FILE_SLOTS: u32 = 256;
 /// The backing files registered with a reactor's ring, by descriptor.
 pub(super) struct FixedFiles {
     enabled: bool,
-    /// The descriptor in each slot (-1: free).
+    /// The descriptor in each slot (-1: free). A few LUNs per target: a scan beats a map.
     slots: Vec<i32>,
-    by_fd: HashMap<i32, u32>,
 }
 
 impl FixedFiles {
@@ -31,12 +29,13 @@ impl FixedFiles {
                 false
             }
         };
-        Self { enabled, slots: Vec::new(), by_fd: HashMap::new() }
+        Self { enabled, slots: Vec::new() }
     }
 
     /// The fixed-file slot of `fd`, if registered.
     pub fn slot(&self, fd: i32) -> Option<u32> {
-        self.by_fd.get(&fd).copied()
+        // Free slots hold -1, which no open descriptor is.
+        (fd >= 0).then(|| self.slots.iter().position(|&f| f == fd)).flatten().map(|s| s as u32)
     }
 
     /// Makes the table hold exactly the descriptors of `fds` (the backing files of the
@@ -50,7 +49,6 @@ impl FixedFiles {
         for slot in 0..self.slots.len() {
             let fd = self.slots[slot];
             if fd >= 0 && !fds.contains(&fd) {
-                self.by_fd.remove(&fd);
                 self.slots[slot] = -1;
                 if let Err(e) = submitter.register_files_update(slot as u32, &[-1]) {
                     log::warn!("io_uring: clearing fixed file {slot}: {e}");
@@ -58,7 +56,7 @@ impl FixedFiles {
             }
         }
         for &fd in fds {
-            if self.by_fd.contains_key(&fd) {
+            if self.slots.contains(&fd) {
                 continue;
             }
             let slot = match self.slots.iter().position(|&f| f < 0) {
@@ -70,10 +68,7 @@ impl FixedFiles {
                 None => return,
             };
             match submitter.register_files_update(slot as u32, &[fd]) {
-                Ok(_) => {
-                    self.slots[slot] = fd;
-                    self.by_fd.insert(fd, slot as u32);
-                }
+                Ok(_) => self.slots[slot] = fd,
                 Err(e) => log::info!("io_uring: registering backing file {fd}: {e}; it uses its descriptor"),
             }
         }
@@ -92,8 +87,7 @@ pub(super) fn enable_fixed_buffers(submitter: &Submitter, pool: &mut BufPool) {
 /// Applies the pool's registrations to the ring, in order, before I/O that may use them is
 /// submitted.
 pub(super) fn apply_buffer_updates(submitter: &Submitter, pool: &mut BufPool) {
-    let updates = pool.fixed_updates();
-    for u in &updates {
+    for u in &pool.fixed_updates() {
         let iov = libc::iovec { iov_base: u.addr as *mut libc::c_void, iov_len: u.len };
         // SAFETY: a registration names a live pool buffer (the pool queued it when it made
         // the buffer, and a later drop queues the clearing after it); the pool hands out a
@@ -105,7 +99,6 @@ pub(super) fn apply_buffer_updates(submitter: &Submitter, pool: &mut BufPool) {
             pool.fixed_failed(u);
         }
     }
-    pool.fixed_updates_done(updates);
 }
 
 #[cfg(test)]

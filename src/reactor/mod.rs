@@ -713,9 +713,7 @@ impl Reactor {
         self.io = reqs;
         self.io.clear();
     }
-}
 
-impl Reactor {
     /// The ring operation for a backing-store request: on the fixed file and through the fixed
     /// buffer registered for it, where they are.
     fn io_entry(&self, r: &IoReq) -> io_uring::squeue::Entry {
@@ -726,7 +724,7 @@ impl Reactor {
             Some(slot) => (types::Fd(slot as i32), io_uring::squeue::Flags::FIXED_FILE),
             None => (types::Fd(r.fd), io_uring::squeue::Flags::empty()),
         };
-        let fixed = if r.buf.is_null() { None } else { self.pool.fixed_index(r.buf) };
+        let fixed = self.pool.fixed_index(r.buf);
         let dsync = |f| if f { libc::RWF_DSYNC } else { 0 };
         match (r.kind, fixed) {
             (IoKind::Read, Some(i)) => opcode::ReadFixed::new(fd, r.buf, r.len, i).offset(r.offset).build(),
